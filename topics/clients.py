@@ -1,0 +1,84 @@
+"""aiokafka producer, consumer and admin factories with chatbus's delivery settings.
+
+* Producer: idempotent, ``acks="all"``, ``linger_ms=1`` (token events are latency-bound: batch only
+  what is already waiting). Values are bytes (orjson-encoded events), keys are conversation ids.
+* Consumer: manual commits (``enable_auto_commit=False``): a worker commits an offset only after the
+  output of that message is acknowledged by the broker, which makes every stage at-least-once.
+  Short session timeouts so a crashed worker's partitions move within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from chatbus.config import Settings
+from topics.registry import REGISTRY, topic
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
+    opts: dict[str, object] = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=1,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=30_000,
+    )
+    opts.update(overrides)
+    return AIOKafkaProducer(**opts)
+
+
+def make_consumer(settings: Settings, *topics: str, group_id: str | None, **overrides: object) -> AIOKafkaConsumer:
+    opts: dict[str, object] = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6_000,
+        heartbeat_interval_ms=1_500,
+        max_poll_interval_ms=300_000,
+        fetch_max_wait_ms=20,
+        isolation_level="read_uncommitted",
+    )
+    opts.update(overrides)
+    return AIOKafkaConsumer(*topics, **opts)
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15_000)
+
+
+async def ensure_topics(settings: Settings, attempts: int = 30) -> list[str]:
+    """Create every registry topic that does not exist yet (idempotent). Returns the names created."""
+    admin = make_admin(settings)
+    for i in range(attempts):
+        try:
+            await admin.start()
+            break
+        except Exception as exc:  # broker still starting
+            if i == attempts - 1:
+                raise
+            log.info("waiting for Kafka at %s: %s", settings.kafka_bootstrap, exc)
+            await asyncio.sleep(1.0)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(name=topic(s.name, settings.topic_prefix), num_partitions=s.partitions, replication_factor=settings.kafka_replication_factor, topic_configs=s.config())
+            for s in REGISTRY
+            if topic(s.name, settings.topic_prefix) not in existing
+        ]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()

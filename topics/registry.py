@@ -1,0 +1,67 @@
+"""The topic registry: every topic chatbus uses, with its partitions, key, retention and purpose.
+
+Topics are created idempotently at start-up (:func:`topics.admin.ensure_topics`). Names may be
+prefixed with ``CHATBUS_TOPIC_PREFIX`` so several deployments (or test runs) share one cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    key: str
+    purpose: str
+    retention_ms: int = 7 * DAY_MS
+    compacted: bool = False
+    extra_config: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> dict[str, str]:
+        cfg = {"retention.ms": str(self.retention_ms)}
+        cfg["cleanup.policy"] = "compact,delete" if self.compacted else "delete"
+        cfg.update(self.extra_config)
+        return cfg
+
+
+CHAT_REQUESTS = "chat.requests"
+CHAT_SCREENED = "chat.screened"
+CHAT_GROUNDED = "chat.grounded"
+CHAT_REPLIES = "chat.replies"
+CHAT_CONTROL = "chat.control"
+CHAT_DLQ = "chat.dlq"
+KB_INGEST = "kb.ingest"
+
+REGISTRY: tuple[TopicSpec, ...] = (
+    TopicSpec(CHAT_REQUESTS, 6, "conversation_id", "chat turns as received by an edge or a batch job", DAY_MS),
+    TopicSpec(CHAT_SCREENED, 6, "conversation_id", "turns the safety worker allowed, PII masked, with the query embedding", DAY_MS),
+    TopicSpec(CHAT_GROUNDED, 6, "conversation_id", "turns with retrieved passages and the assembled prompt, ready for generation", DAY_MS),
+    TopicSpec(
+        CHAT_REPLIES,
+        8,
+        "conversation_id",
+        "token and completion events; each edge instance owns one partition (its reply_to)",
+        6 * HOUR_MS,
+        extra_config={"segment.ms": str(HOUR_MS)},
+    ),
+    TopicSpec(CHAT_CONTROL, 3, "conversation_id", "cancel events, read by every inference worker (no consumer group)", HOUR_MS),
+    TopicSpec(CHAT_DLQ, 1, "source key", "dead letters: undecodable or unprocessable messages with the reason", 14 * DAY_MS),
+    TopicSpec(KB_INGEST, 1, "source path", "embedded chunks for the retrieval worker (the Milvus owner) to upsert", 7 * DAY_MS),
+)
+
+
+def topic(name: str, prefix: str = "") -> str:
+    """The physical topic name for a registry name."""
+    return f"{prefix}{name}"
+
+
+def spec(name: str) -> TopicSpec:
+    for s in REGISTRY:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown topic {name!r}")
