@@ -48,6 +48,14 @@ class ChatMessage(_Model):
     content: str
 
 
+def last_user_text(messages: list[ChatMessage]) -> str:
+    """The text of the last user message (the query a turn is screened and grounded on)."""
+    for m in reversed(messages):
+        if m.role == "user":
+            return m.content
+    return messages[-1].content if messages else ""
+
+
 class SamplingParams(_Model):
     """Generation parameters, OpenAI-compatible meanings. ``max_tokens`` counts completion tokens."""
 

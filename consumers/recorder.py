@@ -1,0 +1,138 @@
+"""Recorder: persists conversations, turns, safety verdicts, retrieval sources and final answers.
+
+Consumer group ``chatbus-recorder`` on ``chat.requests``, ``chat.screened``, ``chat.grounded`` and
+``chat.replies`` (completions only; token events are skipped). Storage is any MongoDB API (MongoDB,
+FerretDB) through PyMongo's ``AsyncMongoClient``. Collections:
+
+* ``conversations`` — ``_id`` = conversation id; ``turn_ids``, ``title``, ``created_at``, ``updated_at``.
+* ``turns`` — ``_id`` = correlation id; masked ``messages``, ``sampling``, ``verdict``, ``retrieval``
+  (status, reason, sources), ``answer`` (text, finish_reason, usage, model), ``stages``, ``events``.
+* ``verdicts`` — ``_id`` = correlation id; the safety verdict with its conversation id.
+
+Every write is an upsert of fields derived only from the event (``$set``/``$setOnInsert``/``$addToSet``),
+so replaying an event — at-least-once delivery — changes nothing: idempotent by ``event_id``, and
+events of one turn may arrive in any order across topics. Text is PII-masked before it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from chatbus.config import Settings
+from consumers.stage import Outgoing, StageWorker
+from safety_workers.pii import mask_pii
+from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted, last_user_text
+from topics.registry import CHAT_GROUNDED, CHAT_REPLIES, CHAT_REQUESTS, CHAT_SCREENED
+
+log = logging.getLogger(__name__)
+
+GROUP = "chatbus-recorder"
+
+
+def masked_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": mask_pii(m.content)[0]} for m in messages]
+
+
+def turn_updates(event: AnyEvent) -> dict[str, Any] | None:
+    """The ``$set`` fields an event contributes to its turn document (None: nothing to record)."""
+    if isinstance(event, ChatTurnRequest):
+        return {
+            "conversation_id": event.conversation_id,
+            "model": event.model,
+            "messages": masked_messages(event.messages),
+            "sampling": event.sampling.model_dump(),
+            "source": event.source,
+            "created_at": event.created_at,
+        }
+    if isinstance(event, ScreenedTurn):
+        return {"conversation_id": event.conversation_id, "verdict": event.verdict.model_dump(), "messages": masked_messages(event.request.messages)}
+    if isinstance(event, GroundedTurn):
+        return {
+            "conversation_id": event.conversation_id,
+            "retrieval": {
+                "status": event.retrieval.status,
+                "reason": event.retrieval.reason,
+                "latency_ms": event.retrieval.latency_ms,
+                "sources": [p.model_dump(exclude={"text"}) for p in event.retrieval.passages],
+            },
+        }
+    if isinstance(event, TurnCompleted):
+        fields: dict[str, Any] = {
+            "conversation_id": event.conversation_id,
+            "answer": {
+                "text": mask_pii(event.text)[0],
+                "finish_reason": event.finish_reason,
+                "model": event.model,
+                "usage": event.usage.model_dump(),
+                "attempt": event.attempt,
+                "error": event.error,
+                "citations": [c.model_dump() for c in event.citations],
+                "completed_at": event.created_at,
+            },
+            "stages": event.stages,
+        }
+        if event.verdict is not None:
+            fields["verdict"] = event.verdict.model_dump()
+        return fields
+    return None
+
+
+class Recorder:
+    def __init__(self, settings: Settings, client: AsyncMongoClient[dict[str, Any]] | None = None) -> None:
+        self.settings = settings
+        self.client: AsyncMongoClient[dict[str, Any]] = client or AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=10_000)
+        self.db: AsyncDatabase[dict[str, Any]] = self.client[settings.mongo_db]
+
+    async def record(self, event: AnyEvent) -> bool:
+        if isinstance(event, TokenEvent):
+            return False
+        fields = turn_updates(event)
+        if fields is None:
+            return False
+        cid = event.correlation_id  # type: ignore[union-attr]
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(PyMongoError), stop=stop_after_attempt(5), wait=wait_exponential(0.2, max=5), reraise=True
+        ):
+            with attempt:
+                await self._write(event, cid, fields)
+        return True
+
+    async def _write(self, event: AnyEvent, cid: str, fields: dict[str, Any]) -> None:
+        conv = fields["conversation_id"]
+        await self.db.turns.update_one(
+            {"_id": cid}, {"$set": fields, "$addToSet": {"events": event.event_id}}, upsert=True  # type: ignore[union-attr]
+        )
+        conv_update: dict[str, Any] = {
+            "$setOnInsert": {"created_at": event.created_at},  # type: ignore[union-attr]
+            "$max": {"updated_at": event.created_at},  # type: ignore[union-attr]
+            "$addToSet": {"turn_ids": cid},
+        }
+        if isinstance(event, ChatTurnRequest):
+            conv_update["$setOnInsert"]["title"] = mask_pii(last_user_text(event.messages))[0][:80]
+            if event.user:
+                conv_update["$set"] = {"user": event.user}
+        await self.db.conversations.update_one({"_id": conv}, conv_update, upsert=True)
+        if "verdict" in fields:
+            await self.db.verdicts.update_one({"_id": cid}, {"$set": {**fields["verdict"], "conversation_id": conv}}, upsert=True)
+
+    async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
+        await self.record(event)
+        return []
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    recorder = Recorder(settings)
+    worker = StageWorker(settings, "recorder", GROUP, [CHAT_REQUESTS, CHAT_SCREENED, CHAT_GROUNDED, CHAT_REPLIES], recorder.handle, max_records=256)
+    try:
+        await worker.run(stop)
+    finally:
+        await recorder.client.close()

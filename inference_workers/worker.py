@@ -1,0 +1,315 @@
+"""Inference worker: generates grounded turns and streams token events to each turn's ``reply_to``.
+
+Consumer group ``chatbus-inference`` on ``chat.grounded``. Guarantee: **at-least-once per turn** — a
+request's offset is committed only after the turn's final event (``TurnCompleted``) is acknowledged
+by the broker, and offsets are committed in order per partition (:class:`OffsetTracker`), so a worker
+that dies mid-stream leaves the turn to be redelivered to another member of the group. A redelivered
+turn is a new *attempt*: it regenerates with the same seed (derived from the correlation id when the
+client gave none) and its token events carry ``text_offset``, so the edge splices it without repeating
+text already shown.
+
+Backpressure: at most ``CHATBUS_MAX_INFLIGHT_TURNS`` turns run at once; when full, the worker pauses
+its partitions (heartbeats go on, nothing more is fetched) and resumes when a turn finishes.
+
+Cancellation: every worker reads all of ``chat.control`` (no consumer group, from the end); a cancel
+for a running turn aborts it in the engine and completes it with ``finish_reason="cancelled"``; a
+cancel for a turn not yet dequeued is remembered for ten minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from chatbus.config import Settings
+from consumers.stage import dead_letter, produce_all
+from inference_workers.engines import Engine, GenerationRequest, make_engine
+from producers.replies import to_reply
+from schemas.events import CancelTurn, DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, decode, new_id
+from topics.clients import make_consumer, make_producer
+from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, topic
+
+log = logging.getLogger(__name__)
+
+GROUP = "chatbus-inference"
+CANCEL_MEMORY_S = 600.0
+
+
+class OffsetTracker:
+    """In-order commit points for out-of-order completion (per partition).
+
+    ``start`` registers an offset as in flight; ``finish`` marks it done and returns the offset that is
+    now safe to commit (Kafka's convention: the *next* offset to read), or None if it did not advance.
+    """
+
+    def __init__(self) -> None:
+        self.inflight: dict[TopicPartition, set[int]] = {}
+        self.highest_done: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        self.inflight.setdefault(tp, set()).add(offset)
+
+    def finish(self, tp: TopicPartition, offset: int) -> int | None:
+        pending = self.inflight.get(tp, set())
+        pending.discard(offset)
+        self.highest_done[tp] = max(self.highest_done.get(tp, -1), offset)
+        point = min(pending) if pending else self.highest_done[tp] + 1
+        if point > self.committed.get(tp, -1):
+            self.committed[tp] = point
+            return point
+        return None
+
+    def forget(self, tp: TopicPartition) -> None:
+        self.inflight.pop(tp, None)
+        self.highest_done.pop(tp, None)
+        self.committed.pop(tp, None)
+
+
+def derived_seed(correlation_id: str) -> int:
+    """A stable seed per turn, so a redelivered attempt samples the same tokens (same model and hardware)."""
+    return int(hashlib.sha256(correlation_id.encode()).hexdigest()[:8], 16)
+
+
+@dataclass
+class Running:
+    task: asyncio.Task[None]
+    tp: TopicPartition
+    offset: int
+    cancel_reason: str | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class _Revoker(ConsumerRebalanceListener):
+    def __init__(self, worker: InferenceWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.worker.drop_partitions(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("inference: assigned %s", sorted(tp.partition for tp in assigned))
+
+
+class InferenceWorker:
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or make_engine(settings)
+        self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
+        self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
+        self.producer: AIOKafkaProducer = make_producer(settings)
+        self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=GROUP, max_poll_records=settings.max_inflight_turns)
+        self.control: AIOKafkaConsumer = make_consumer(settings, group_id=None, auto_offset_reset="latest")
+        self.tracker = OffsetTracker()
+        self.running: dict[str, Running] = {}
+        self.cancelled: OrderedDict[str, float] = OrderedDict()  # correlation id -> when the cancel arrived
+        self.completed_turns = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.engine.start()
+        await self.producer.start()
+        try:
+            self.consumer.subscribe([self.in_topic], listener=_Revoker(self))
+            await self.consumer.start()
+            await self.control.start()
+            parts = self.control.partitions_for_topic(self.control_topic) or set()
+            self.control.assign([TopicPartition(self.control_topic, p) for p in parts])
+            await self.control.seek_to_end()
+            control_task = asyncio.create_task(self._control_loop(), name="control")
+            try:
+                await self._main_loop(stop)
+            finally:
+                control_task.cancel()
+                await asyncio.gather(control_task, return_exceptions=True)
+                await self._drain(timeout_s=10.0)
+                await self.control.stop()
+                await self.consumer.stop()
+        finally:
+            await self.producer.stop()
+            await self.engine.stop()
+
+    async def _main_loop(self, stop: asyncio.Event) -> None:
+        log.info("inference: consuming %s as group %s (max %d in flight)", self.in_topic, GROUP, self.settings.max_inflight_turns)
+        while not stop.is_set():
+            free = self.settings.max_inflight_turns - len(self.running)
+            assigned = self.consumer.assignment()
+            if free <= 0:
+                self.consumer.pause(*assigned)
+            elif self.consumer.paused():
+                self.consumer.resume(*assigned)
+            batches = await self.consumer.getmany(timeout_ms=100, max_records=max(free, 1))
+            for tp, records in batches.items():
+                for record in records:
+                    await self._admit(tp, record)
+
+    async def _drain(self, timeout_s: float) -> None:
+        """On shutdown: let running turns finish briefly, then abort the rest uncommitted (redelivered later)."""
+        tasks = [r.task for r in self.running.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def drop_partitions(self, revoked: set[TopicPartition]) -> None:
+        """Rebalance: abort turns of partitions we no longer own, without completing or committing them."""
+        victims = [r for r in self.running.values() if r.tp in revoked]
+        for r in victims:
+            r.task.cancel()
+        await asyncio.gather(*(r.task for r in victims), return_exceptions=True)
+        for tp in revoked:
+            self.tracker.forget(tp)
+
+    # --- control ---------------------------------------------------------------------------------------
+    async def _control_loop(self) -> None:
+        while True:
+            batches = await self.control.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        event = decode(record.value)
+                    except DecodeError as exc:
+                        log.warning("ignoring undecodable control message at %d: %s", record.offset, exc)
+                        continue
+                    if isinstance(event, CancelTurn):
+                        self.cancel(event.correlation_id, event.reason)
+
+    def cancel(self, correlation_id: str, reason: str) -> bool:
+        """Abort a running turn (True), or remember the cancel for when it arrives (False)."""
+        now = time.monotonic()
+        self.cancelled[correlation_id] = now
+        while self.cancelled and next(iter(self.cancelled.values())) < now - CANCEL_MEMORY_S:
+            self.cancelled.popitem(last=False)
+        running = self.running.get(correlation_id)
+        if running is None:
+            return False
+        log.info("cancelling turn %s (%s)", correlation_id, reason)
+        running.cancel_reason = reason
+        running.task.cancel()
+        return True
+
+    # --- turns -------------------------------------------------------------------------------------------
+    async def _admit(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        try:
+            event = decode(record.value)
+            if not isinstance(event, GroundedTurn):
+                raise DecodeError(f"expected chat.turn.grounded, got {event.event_type}")
+        except DecodeError as exc:
+            log.warning("inference: dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+            await produce_all(self.producer, [dead_letter(self.settings, record, "inference", str(exc))])
+            await self._commit(tp, record.offset, started=False)
+            return
+        event.mark("inference_dequeued")
+        cid = event.correlation_id
+        if cid in self.running:  # a duplicate delivery of a turn already running here
+            await self._commit(tp, record.offset, started=False)
+            return
+        self.tracker.start(tp, record.offset)
+        task = asyncio.create_task(self._run_turn(event, tp, record), name=f"turn-{cid}")
+        self.running[cid] = Running(task, tp, record.offset)
+
+    async def _commit(self, tp: TopicPartition, offset: int, started: bool = True) -> None:
+        if not started:
+            self.tracker.start(tp, offset)
+        point = self.tracker.finish(tp, offset)
+        if point is None:
+            return
+        try:
+            await self.consumer.commit({tp: point})
+        except (CommitFailedError, KafkaError) as exc:  # partition moved on a rebalance: the new owner redoes it
+            log.warning("commit of %s@%d failed: %s", tp, point, exc)
+
+    async def _run_turn(self, turn: GroundedTurn, tp: TopicPartition, record: ConsumerRecord) -> None:
+        cid = turn.correlation_id
+        request = turn.request
+        attempt = new_id()
+        common = dict(correlation_id=cid, conversation_id=turn.conversation_id, attempt=attempt)
+        futures: list[asyncio.Future[object]] = []
+        text, buffer, seq, tokens, prompt_tokens = "", "", 0, 0, 0
+        finish: FinishReason = "stop"
+        error: str | None = None
+        stages = turn.stages
+
+        async def flush() -> None:
+            nonlocal text, buffer, seq
+            if buffer:
+                ev = TokenEvent(seq=seq, delta=buffer, text_offset=len(text), completion_tokens=tokens, **common)
+                if seq == 0:
+                    ev.stages = dict(stages)
+                out = to_reply(request, ev.to_bytes())
+                futures.append(await self.producer.send(out.topic, out.value, key=out.key, partition=out.partition))
+                text += buffer
+                buffer, seq = "", seq + 1
+
+        try:
+            if cid in self.cancelled:
+                finish = "cancelled"
+            else:
+                gen = GenerationRequest(
+                    request_id=f"{cid}:{attempt}",
+                    messages=[m.model_dump() for m in turn.prompt_messages],
+                    max_tokens=min(request.sampling.max_tokens, self.settings.max_model_len),
+                    temperature=request.sampling.temperature,
+                    top_p=request.sampling.top_p,
+                    stop=list(request.sampling.stop),
+                    seed=request.sampling.seed if request.sampling.seed is not None else derived_seed(cid),
+                )
+                last_flush = time.monotonic()
+                flushed_tokens = 0
+                async for delta in self.engine.generate(gen):
+                    if "first_token" not in stages and (delta.text or delta.finish_reason):
+                        stages["first_token"] = time.time()
+                    buffer += delta.text
+                    tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
+                    elapsed_ms = (time.monotonic() - last_flush) * 1000
+                    if seq == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens:
+                        await flush()
+                        last_flush, flushed_tokens = time.monotonic(), tokens
+                    if delta.finish_reason:
+                        finish = "length" if delta.finish_reason == "length" else "stop"
+                await flush()
+                stages["last_token"] = time.time()
+        except asyncio.CancelledError:
+            running = self.running.get(cid)
+            if running is None or running.cancel_reason is None:
+                self.running.pop(cid, None)
+                raise  # shutdown or rebalance: leave it uncommitted, another attempt will redo it
+            finish = "cancelled"
+            await flush()
+        except Exception as exc:  # the engine failed on this turn: answer with an error, keep serving
+            log.exception("generation failed for %s", cid)
+            finish, error = "error", f"{type(exc).__name__}: {exc}"[:500]
+            letter = dead_letter(self.settings, record, "inference", error, cid)
+            futures.append(await self.producer.send(letter.topic, letter.value, key=letter.key))
+        done = TurnCompleted(
+            seq=seq,
+            finish_reason=finish,
+            text=text,
+            model=self.engine.model_name,
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens),
+            citations=turn.citations,
+            verdict=turn.verdict,
+            retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
+            error=error,
+            stages=dict(stages),
+            **common,
+        )
+        out = to_reply(request, done.to_bytes())
+        futures.append(await self.producer.send(out.topic, out.value, key=out.key, partition=out.partition))
+        await asyncio.gather(*futures)
+        self.running.pop(cid, None)
+        self.completed_turns += 1
+        log.info("turn %s %s: %d tokens", cid, finish, tokens)
+        await self._commit(tp, record.offset)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    await InferenceWorker(settings).run(stop)

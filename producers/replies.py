@@ -1,0 +1,48 @@
+"""Building the events that travel on a turn's ``reply_to`` (token events and the completion)."""
+
+from __future__ import annotations
+
+from consumers.stage import Outgoing
+from schemas.events import ChatTurnRequest, Citation, FinishReason, SafetyVerdict, TokenEvent, TurnCompleted, Usage, new_id
+
+
+def to_reply(request: ChatTurnRequest, value: bytes) -> Outgoing:
+    """An event produced to the partition the turn's edge instance reads."""
+    return Outgoing(request.reply_to.topic, value, key=request.conversation_id.encode(), partition=request.reply_to.partition)
+
+
+def whole_reply(
+    request: ChatTurnRequest,
+    text: str,
+    finish_reason: FinishReason,
+    model: str,
+    *,
+    stages: dict[str, float],
+    verdict: SafetyVerdict | None = None,
+    citations: list[Citation] | None = None,
+    usage: Usage | None = None,
+    error: str | None = None,
+    retrieval_status: str = "",
+) -> list[Outgoing]:
+    """A complete answer in one go (a refusal, an error): one token event and the completion."""
+    attempt = new_id()
+    common = dict(correlation_id=request.correlation_id, conversation_id=request.conversation_id, attempt=attempt, stages=dict(stages))
+    out: list[Outgoing] = []
+    seq = 0
+    if text:
+        out.append(to_reply(request, TokenEvent(seq=0, delta=text, text_offset=0, **common).to_bytes()))
+        seq = 1
+    done = TurnCompleted(
+        seq=seq,
+        finish_reason=finish_reason,
+        text=text,
+        model=model,
+        usage=usage or Usage(),
+        citations=citations or [],
+        verdict=verdict,
+        error=error,
+        retrieval_status=retrieval_status,
+        **common,
+    )
+    out.append(to_reply(request, done.to_bytes()))
+    return out

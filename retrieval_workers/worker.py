@@ -1,0 +1,109 @@
+"""Retrieval worker: grounds each screened turn in the knowledge base, and owns the Milvus collection.
+
+Two consumer groups in one process (milvus-lite may be opened by one process only):
+
+* ``chatbus-retrieval`` on ``chat.screened``: top-k search with the query embedding the safety stage
+  computed (embedding again only if it is missing), prompt assembly with numbered citations, then
+  ``chat.grounded``. If the search fails or exceeds ``CHATBUS_RETRIEVAL_BUDGET_MS``, the turn goes on
+  with ``retrieval.status="skipped"`` and the reason instead of stalling.
+* ``chatbus-retrieval-ingest`` on ``kb.ingest``: upserts embedded chunks (idempotent by content hash).
+
+Both are at-least-once (:mod:`consumers.stage`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from aiokafka import ConsumerRecord
+
+from chatbus.config import Settings
+from consumers.stage import Outgoing, StageWorker
+from retrieval_workers.embeddings import Embedder, get_embedder
+from retrieval_workers.prompt import assemble
+from retrieval_workers.store import KnowledgeBase
+from retrieval_workers.ingest import INGEST_GROUP
+from schemas.events import AnyEvent, GroundedTurn, KbIngest, RetrievalResult, ScreenedTurn, last_user_text
+from topics.registry import CHAT_GROUNDED, CHAT_SCREENED, KB_INGEST, topic
+
+log = logging.getLogger(__name__)
+
+GROUP = "chatbus-retrieval"
+
+
+class RetrievalStage:
+    def __init__(self, settings: Settings, kb: KnowledgeBase | None = None, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        self.kb = kb or KnowledgeBase(settings.resolved_milvus_uri, settings.milvus_collection)
+        self._embedder = embedder
+        self.milvus = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")  # one caller at a time
+        self.out_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = get_embedder(self.settings.embedding_model)
+        return self._embedder
+
+    async def retrieve(self, turn: ScreenedTurn) -> RetrievalResult:
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        budget = self.settings.retrieval_budget_ms / 1000
+        try:
+            vector = turn.query_embedding
+            if vector is None:
+                query = last_user_text(turn.request.messages)
+                vector = (await asyncio.wait_for(asyncio.to_thread(self.embedder.encode, [query]), budget))[0].tolist()
+            remaining = max(budget - (time.perf_counter() - t0), 0.001)
+            search = loop.run_in_executor(
+                self.milvus, self.kb.search, vector, self.settings.retrieval_top_k, self.settings.retrieval_min_score
+            )
+            passages = await asyncio.wait_for(search, remaining)
+        except TimeoutError:
+            return RetrievalResult(status="skipped", reason=f"timeout after {self.settings.retrieval_budget_ms:.0f} ms", latency_ms=_ms(t0))
+        except Exception as exc:  # Milvus down, collection missing …: answer without sources
+            log.warning("retrieval failed for %s: %s", turn.correlation_id, exc)
+            return RetrievalResult(status="skipped", reason=f"error: {type(exc).__name__}: {exc}"[:500], latency_ms=_ms(t0))
+        return RetrievalResult(status="ok", passages=passages, latency_ms=_ms(t0))
+
+    async def handle_turn(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
+        if not isinstance(event, ScreenedTurn):
+            raise TypeError(f"unexpected {event.event_type} on {record.topic}")
+        event.mark("retrieval_start")
+        result = await self.retrieve(event)
+        prompt, citations = assemble(event.request.messages, result.passages)
+        event.mark("retrieval_end")
+        grounded = GroundedTurn(
+            correlation_id=event.correlation_id,
+            conversation_id=event.conversation_id,
+            stages=dict(event.stages),
+            request=event.request,
+            verdict=event.verdict,
+            retrieval=result,
+            prompt_messages=prompt,
+            citations=citations,
+        )
+        return [Outgoing(self.out_topic, grounded.to_bytes(), key=grounded.key)]
+
+    async def handle_ingest(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
+        if not isinstance(event, KbIngest):
+            raise TypeError(f"unexpected {event.event_type} on {record.topic}")
+        n = await asyncio.get_running_loop().run_in_executor(self.milvus, self.kb.upsert, event.chunks)
+        log.info("upserted %d chunks", n)
+        return []
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    stage = RetrievalStage(settings)
+    turns = StageWorker(settings, "retrieval", GROUP, [CHAT_SCREENED], stage.handle_turn)
+    ingest = StageWorker(settings, "retrieval-ingest", INGEST_GROUP, [KB_INGEST], stage.handle_ingest, max_records=8)
+    await asyncio.gather(turns.run(stop), ingest.run(stop))
+    stage.kb.close()

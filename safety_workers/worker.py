@@ -1,0 +1,92 @@
+"""Safety worker: screens every turn on ``chat.requests`` before anything else sees it.
+
+Consumer group ``chatbus-safety``; at-least-once (see :mod:`consumers.stage`).
+
+For each turn: PII in every message is masked (:mod:`safety_workers.pii`); the last user message is
+embedded once (all-MiniLM-L6-v2) and screened against the policy's deny patterns, per-category
+exemplar similarity and prompt-injection heuristics (:mod:`safety_workers.screen`). An allowed turn
+goes on to ``chat.screened`` with its masked messages, its verdict and the query embedding (so retrieval
+need not embed again). A blocked turn never reaches generation: a refusal and a completion with
+``finish_reason="content_filter"`` go straight to the turn's ``reply_to``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from aiokafka import ConsumerRecord
+
+from chatbus.config import Settings
+from consumers.stage import Outgoing, StageWorker
+from producers.replies import whole_reply
+from retrieval_workers.embeddings import Embedder, get_embedder
+from safety_workers.pii import mask_pii
+from safety_workers.policy import load_policy
+from safety_workers.screen import Screener
+from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
+from topics.registry import CHAT_REQUESTS, CHAT_SCREENED, topic
+
+log = logging.getLogger(__name__)
+
+GROUP = "chatbus-safety"
+
+
+class SafetyStage:
+    def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        self.policy = load_policy(settings.safety_policy)
+        self.embedder = embedder or get_embedder(settings.embedding_model)
+        self.screener = Screener(self.policy, self.embedder.encode, default_threshold=settings.safety_similarity_threshold)
+        self.out_topic = topic(CHAT_SCREENED, settings.topic_prefix)
+
+    def screen(self, request: ChatTurnRequest) -> tuple[ChatTurnRequest, SafetyVerdict, list[float]]:
+        t0 = time.perf_counter()
+        masked: list[ChatMessage] = []
+        kinds: set[str] = set()
+        for m in request.messages:
+            text, found = mask_pii(m.content)
+            kinds.update(found)
+            masked.append(ChatMessage(role=m.role, content=text))
+        query = last_user_text(masked)
+        embedding = self.embedder.encode([query])[0]
+        result = self.screener.screen(query, embedding)
+        verdict = SafetyVerdict(
+            allowed=result.allowed,
+            category=result.category,
+            score=round(float(result.score), 4),
+            policy_version=self.policy.version,
+            latency_ms=round((time.perf_counter() - t0) * 1000, 3),
+            pii=sorted(kinds),
+            flags=list(result.flags),
+            reason=result.reason,
+        )
+        return request.model_copy(update={"messages": masked}), verdict, embedding.tolist()
+
+    async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
+        if not isinstance(event, ChatTurnRequest):
+            raise TypeError(f"unexpected {event.event_type} on {record.topic}")
+        event.mark("safety_start")
+        masked, verdict, embedding = await asyncio.to_thread(self.screen, event)
+        masked.mark("safety_end")
+        if not verdict.allowed:
+            log.info("turn %s blocked: category=%s score=%.3f", event.correlation_id, verdict.category, verdict.score)
+            return whole_reply(
+                masked, self.screener.refusal_text(verdict.category), "content_filter", event.model, stages=masked.stages, verdict=verdict
+            )
+        screened = ScreenedTurn(
+            correlation_id=event.correlation_id,
+            conversation_id=event.conversation_id,
+            stages=dict(masked.stages),
+            request=masked,
+            verdict=verdict,
+            query_embedding=embedding,
+        )
+        return [Outgoing(self.out_topic, screened.to_bytes(), key=screened.key)]
+
+
+def build_worker(settings: Settings) -> StageWorker:
+    stage = SafetyStage(settings)
+    return StageWorker(settings, "safety", GROUP, [CHAT_REQUESTS], stage.handle)
