@@ -17,10 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHATBUS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CHATBUS_", extra="ignore", populate_by_name=True)
 
     # --- where things live -------------------------------------------------------------------
-    state_dir: Path = ROOT / ".state"
+    state_dir: Path = ROOT / ".state"  # runtime data: broker log dirs, databases, logs, pid files
+    build_dir: Path = ROOT / ".build"  # built artifacts: Kafka jars, the FerretDB binary, the tiny model
+    log_level: str = "INFO"
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
     kafka_replication_factor: int = 1  # 3 on the compose cluster
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_model(self) -> str:
-        return self.model or str(self.state_dir / "tiny-model")
+        return self.model or str(self.build_dir / "tiny-model")
 
     @property
     def model_name(self) -> str:
@@ -79,6 +81,19 @@ class Settings(BaseSettings):
         if self.served_model_name:
             return self.served_model_name
         return "chatbus-tiny" if not self.model else self.model.rstrip("/").rsplit("/", 1)[-1]
+
+    def child_env(self) -> dict[str, str]:
+        """These settings as ``CHATBUS_*`` variables, for the processes the stack starts."""
+        env: dict[str, str] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            key = field.validation_alias if isinstance(field.validation_alias, str) else f"CHATBUS_{name.upper()}"
+            env[key] = str(value)
+        return env
 
     @property
     def resolved_milvus_uri(self) -> str:

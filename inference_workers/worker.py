@@ -33,7 +33,7 @@ from consumers.stage import dead_letter, produce_all
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from producers.replies import to_reply
 from schemas.events import CancelTurn, DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, decode, new_id
-from topics.clients import make_consumer, make_producer
+from topics.clients import make_consumer, make_producer, partitions_of
 from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, topic
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,7 @@ class InferenceWorker:
             self.consumer.subscribe([self.in_topic], listener=_Revoker(self))
             await self.consumer.start()
             await self.control.start()
-            parts = self.control.partitions_for_topic(self.control_topic) or set()
-            self.control.assign([TopicPartition(self.control_topic, p) for p in parts])
+            self.control.assign(await partitions_of(self.control, self.control_topic))
             await self.control.seek_to_end()
             control_task = asyncio.create_task(self._control_loop(), name="control")
             try:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from chatbus.config import Settings
 from topics.registry import REGISTRY, topic
@@ -49,6 +49,20 @@ def make_consumer(settings: Settings, *topics: str, group_id: str | None, **over
     )
     opts.update(overrides)
     return AIOKafkaConsumer(*topics, **opts)
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, name: str, timeout_s: float = 10.0) -> list[TopicPartition]:
+    """Every partition of ``name``, fetching metadata if the consumer has none yet (manual assignment)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(name)
+        if parts:
+            return [TopicPartition(name, p) for p in sorted(parts)]
+        if asyncio.get_running_loop().time() > deadline:
+            raise KafkaError(f"no metadata for topic {name!r}")
+        consumer._client.add_topic(name)  # noqa: SLF001 - aiokafka's only way to ask metadata for one topic
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        await asyncio.sleep(0.05)
 
 
 def make_admin(settings: Settings) -> AIOKafkaAdminClient:

@@ -1,0 +1,58 @@
+# chatbus: two commands from a fresh clone — `make run` (everything, foreground) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUILD := .build
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run up down status test lint clean docs-corpus
+
+setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json docs-corpus
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# Apache Kafka (KRaft) jars from Maven Central.
+$(BUILD)/kafka-libs/.done: tools/kafka/pom.xml
+	rm -rf $(BUILD)/kafka-libs
+	mvn -q -B -f tools/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(BUILD)/kafka-libs
+	touch $@
+
+# FerretDB v1 (SQLite backend) from the Go module proxy.
+$(BUILD)/bin/chatbus-ferretdb: tools/ferretdb/main.go tools/ferretdb/go.mod tools/ferretdb/go.sum
+	cd tools/ferretdb && go build -o $(CURDIR)/$@ .
+
+$(BUILD)/tiny-model/config.json: $(VENV)/.installed chatbus/tiny_model.py
+	$(PY) -m chatbus.cli make-tiny-model $(BUILD)/tiny-model
+
+# The default knowledge base: Python 3.11 docs from Debian (best effort; README.md is the fallback corpus).
+docs-corpus:
+	@test -d /usr/share/doc/python3.11/html/tutorial || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null) \
+	      || echo "warning: python3.11-doc not installed; the default corpus falls back to README.md"; \
+	  else echo "note: install Debian's python3.11-doc for the default corpus"; fi; }
+
+run: setup
+	$(PY) -m chatbus.cli stack run
+
+up: setup
+	$(PY) -m chatbus.cli stack up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m chatbus.cli stack down; fi
+
+status:
+	$(PY) -m chatbus.cli stack status
+
+test: setup
+	$(PY) -m pytest
+
+clean: down
+	rm -rf .state

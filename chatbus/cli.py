@@ -1,0 +1,259 @@
+"""The ``chatbus`` command line (click).
+
+Users: ``chat``, ``ingest``. Operators: ``stack up|down|run|status``, ``topics``, ``lag``, ``dlq``.
+Processes: ``edge``, ``worker safety|retrieval|inference|recorder`` (what the stack and compose.yaml
+start). Builders: ``make-tiny-model``. Configuration comes from ``CHATBUS_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from chatbus.config import Settings, get_settings
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiokafka", "kafka", "httpx", "pymongo", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group()
+def main() -> None:
+    """chatbus: event-driven LLM chat over Kafka."""
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["safety", "retrieval", "inference", "recorder"]))
+def worker(kind: str) -> None:
+    """Run one pipeline worker until SIGTERM/SIGINT."""
+    settings = get_settings()
+    _setup_logging(settings)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from consumers.stage import run_forever
+
+    if kind == "safety":
+        from safety_workers.worker import build_worker
+
+        run_forever(lambda stop: build_worker(settings).run(stop))
+    elif kind == "retrieval":
+        from retrieval_workers.worker import run
+
+        run_forever(lambda stop: run(settings, stop))
+    elif kind == "inference":
+        from inference_workers.worker import run as run_inference
+
+        run_forever(lambda stop: run_inference(settings, stop))
+    else:
+        from consumers.recorder import run as run_recorder
+
+        run_forever(lambda stop: run_recorder(settings, stop))
+
+
+@main.command()
+def edge() -> None:
+    """Run the SSE edge (OpenAI-compatible HTTP) with uvicorn."""
+    import uvicorn
+
+    from edge.app import create_app
+
+    settings = get_settings()
+    _setup_logging(settings)
+    uvicorn.run(create_app(settings), host=settings.edge_host, port=settings.edge_port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+# --- stack ----------------------------------------------------------------------------------------------------
+
+
+@main.group()
+def stack() -> None:
+    """Start and stop the local stack (Kafka, FerretDB, workers, edge) without Docker."""
+
+
+@stack.command("up")
+@click.option("--ingest-default/--no-ingest-default", default=True, help="Ingest the default corpus if the knowledge base is empty.")
+def stack_up(ingest_default: bool) -> None:
+    """Start everything in the background; return once /readyz is 200."""
+    from chatbus.stack import Stack
+
+    settings = get_settings()
+    _setup_logging(settings)
+    s = Stack(settings)
+    s.up()
+    if ingest_default:
+        _ingest_default(settings)
+    click.echo(f"chatbus is up: {s.edge_url}/v1 (model {settings.model_name}); logs in {s.paths.logs}")
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop every process this stack started (and nothing else)."""
+    from chatbus.stack import Stack
+
+    settings = get_settings()
+    _setup_logging(settings)
+    stopped = Stack(settings).down()
+    click.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@stack.command("run")
+def stack_run() -> None:
+    """Start everything in the foreground; Ctrl-C stops all of it."""
+    from chatbus.stack import Stack
+
+    settings = get_settings()
+    _setup_logging(settings)
+    s = Stack(settings)
+    try:
+        s.up()
+        _ingest_default(settings)
+        click.echo(f"chatbus is running: {s.edge_url}/v1 — Ctrl-C stops everything")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        click.echo("stopping…")
+        s.down()
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Which services run (pid) and which do not."""
+    from chatbus.stack import Stack
+
+    for name, pid in Stack(get_settings()).status().items():
+        click.echo(f"{name:10s} {'running (pid %d)' % pid if pid else 'stopped'}")
+
+
+def default_corpus() -> list[Path]:
+    """The default knowledge base: the Python 3.11 tutorial from Debian's python3.11-doc, else the docs here."""
+    tutorial = Path("/usr/share/doc/python3.11/html/tutorial")
+    if tutorial.is_dir():
+        return [tutorial]
+    from chatbus.config import ROOT
+
+    return [ROOT / "README.md"]
+
+
+def _ingest_default(settings: Settings) -> None:
+    from retrieval_workers.ingest import ingest as do_ingest
+
+    marker = settings.state_dir / "default-corpus-ingested"
+    if marker.exists():
+        return
+    paths = default_corpus()
+    n = asyncio.run(do_ingest(paths, settings, wait=True))
+    marker.write_text(f"{n} chunks from {', '.join(map(str, paths))}\n")
+    click.echo(f"ingested {n} chunks from {', '.join(map(str, paths))}")
+
+
+# --- users ----------------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("question")
+@click.option("--url", default=None, help="Edge base URL (default: the configured edge).")
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--conversation", default=None, help="Conversation id to continue.")
+def chat(question: str, url: str | None, max_tokens: int, conversation: str | None) -> None:
+    """Ask a question through the edge and stream the answer."""
+    from openai import OpenAI
+
+    settings = get_settings()
+    base = url or f"http://{settings.edge_host}:{settings.edge_port}/v1"
+    key = (settings.api_key_list() or ["none"])[0]
+    client = OpenAI(base_url=base, api_key=key)
+    extra = {"conversation_id": conversation} if conversation else None
+    stream = client.chat.completions.create(
+        model=settings.model_name,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+    )
+    citations = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            click.echo(chunk.choices[0].delta.content, nl=False)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            click.echo(f"\n[finish_reason: {chunk.choices[0].finish_reason}]")
+            citations = (chunk.model_extra or {}).get("citations") or []
+        if chunk.usage:
+            click.echo(f"[usage: {chunk.usage.prompt_tokens} prompt + {chunk.usage.completion_tokens} completion tokens]")
+    for c in citations:
+        click.echo(f"[{c['index']}] {c['source']}#{c['position']} (score {c['score']:.2f})")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--wait/--no-wait", default=True, help="Return once the chunks are searchable.")
+def ingest(paths: tuple[Path, ...], wait: bool) -> None:
+    """Chunk, embed and publish text/Markdown/HTML files to the knowledge base."""
+    from retrieval_workers.ingest import ingest as do_ingest
+
+    settings = get_settings()
+    _setup_logging(settings)
+    n = asyncio.run(do_ingest(list(paths), settings, wait=wait))
+    click.echo(f"{n} chunks {'indexed' if wait else 'published'}")
+
+
+# --- operators ------------------------------------------------------------------------------------------------
+
+
+@main.command()
+def topics() -> None:
+    """Topics in the registry: partitions, end offsets, retention and purpose."""
+    from chatbus.ops import describe_topics
+
+    for row in asyncio.run(describe_topics(get_settings())):
+        click.echo(row)
+
+
+@main.command()
+def lag() -> None:
+    """Consumer lag per group and partition (end offset minus committed offset)."""
+    from chatbus.ops import consumer_lag
+
+    for row in asyncio.run(consumer_lag(get_settings())):
+        click.echo(row)
+
+
+@main.command()
+@click.option("-n", "limit", default=20, show_default=True, help="How many of the latest dead letters.")
+def dlq(limit: int) -> None:
+    """Show the latest dead letters with their reasons."""
+    from chatbus.ops import tail_dlq
+
+    for row in asyncio.run(tail_dlq(get_settings(), limit)):
+        click.echo(row)
+
+
+@main.command("make-tiny-model")
+@click.argument("out_dir", type=click.Path(path_type=Path), required=False)
+def make_tiny_model(out_dir: Path | None) -> None:
+    """Build a small random-weight Llama with a locally trained tokenizer (its output is noise)."""
+    from chatbus.tiny_model import build_tiny_model
+
+    target = out_dir or Path(get_settings().resolved_model)
+    click.echo(str(build_tiny_model(target)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Operator views of the bus: topics with offsets, consumer lag per group, the latest dead letters."""
+
+from __future__ import annotations
+
+from aiokafka import TopicPartition
+
+from chatbus.config import Settings
+from schemas.events import DeadLetter, DecodeError, decode
+from topics.clients import make_admin, make_consumer, partitions_of
+from topics.registry import CHAT_DLQ, REGISTRY, topic
+
+GROUPS = {
+    "chatbus-safety": ["chat.requests"],
+    "chatbus-retrieval": ["chat.screened"],
+    "chatbus-retrieval-ingest": ["kb.ingest"],
+    "chatbus-inference": ["chat.grounded"],
+    "chatbus-recorder": ["chat.requests", "chat.screened", "chat.grounded", "chat.replies"],
+}
+
+
+async def end_offsets(settings: Settings, names: list[str]) -> dict[TopicPartition, int]:
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        tps = [tp for n in names for tp in await partitions_of(consumer, n)]
+        return await consumer.end_offsets(tps) if tps else {}
+    finally:
+        await consumer.stop()
+
+
+async def describe_topics(settings: Settings) -> list[str]:
+    names = [topic(s.name, settings.topic_prefix) for s in REGISTRY]
+    ends = await end_offsets(settings, names)
+    rows = [f"{'topic':28s} {'parts':>5s} {'messages':>10s} {'retention':>10s}  purpose"]
+    for s, name in zip(REGISTRY, names, strict=True):
+        total = sum(off for tp, off in ends.items() if tp.topic == name)
+        parts = sum(1 for tp in ends if tp.topic == name)
+        rows.append(f"{name:28s} {parts:5d} {total:10d} {s.retention_ms // 3_600_000:>9d}h  {s.purpose}")
+    return rows
+
+
+async def consumer_lag(settings: Settings) -> list[str]:
+    """Rows ``group topic partition committed end lag`` for every stage's consumer group."""
+    names = sorted({topic(t, settings.topic_prefix) for ts in GROUPS.values() for t in ts})
+    ends = await end_offsets(settings, names)
+    admin = make_admin(settings)
+    await admin.start()
+    rows = [f"{'group':26s} {'topic':20s} {'part':>4s} {'committed':>10s} {'end':>10s} {'lag':>8s}"]
+    try:
+        for group, ts in GROUPS.items():
+            tps = [tp for tp in ends if tp.topic in {topic(t, settings.topic_prefix) for t in ts}]
+            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+            for tp in sorted(tps):
+                meta = committed.get(tp)
+                pos = meta.offset if meta is not None and meta.offset >= 0 else 0
+                rows.append(f"{group:26s} {tp.topic:20s} {tp.partition:4d} {pos:10d} {ends[tp]:10d} {ends[tp] - pos:8d}")
+    finally:
+        await admin.close()
+    return rows
+
+
+async def read_dead_letters(settings: Settings, limit: int = 20) -> list[DeadLetter]:
+    """The last ``limit`` dead letters (oldest first)."""
+    name = topic(CHAT_DLQ, settings.topic_prefix)
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        tps = await partitions_of(consumer, name)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(ends[tp] - limit, 0))
+        letters: list[DeadLetter] = []
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batches = await consumer.getmany(timeout_ms=500)
+            if not batches:
+                break
+            for tp, records in batches.items():
+                for r in records:
+                    try:
+                        ev = decode(r.value)
+                    except DecodeError:
+                        continue
+                    if isinstance(ev, DeadLetter):
+                        letters.append(ev)
+                    if r.offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+        return letters[-limit:]
+    finally:
+        await consumer.stop()
+
+
+async def tail_dlq(settings: Settings, limit: int) -> list[str]:
+    return [f"{d.source_topic}[{d.partition}]@{d.offset} {d.worker}: {d.reason}" for d in await read_dead_letters(settings, limit)]

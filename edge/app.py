@@ -1,0 +1,261 @@
+"""The SSE edge: an OpenAI-compatible HTTP front for the bus (Starlette + sse-starlette).
+
+Routes: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``, ``GET /healthz``
+(process alive), ``GET /readyz`` (broker reachable, reply relay running, and every stage's consumer
+group has a live member).
+
+A request is validated and only then published to ``chat.requests`` keyed by conversation id, with
+``reply_to`` this instance's reply partition. The response is built from the token events the relay
+routes back. A client that disconnects mid-stream causes a ``chat.turn.cancel`` on ``chat.control``, so
+generation stops. Once a stream has begun, an error becomes one error chunk and the stream still ends
+with ``data: [DONE]`` (as vLLM's server does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from chatbus.config import Settings, get_settings
+from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, completion_body, parse_request
+from edge.relay import ReplyRelay, TurnStream, TurnTimeout
+from schemas.events import CancelTurn, ChatTurnRequest, ReplyTo
+from topics.clients import make_admin, make_producer
+from topics.compat import describe_groups
+from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, topic
+
+log = logging.getLogger(__name__)
+
+STAGE_GROUPS = ("chatbus-safety", "chatbus-retrieval", "chatbus-inference", "chatbus-recorder")
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(err: APIError) -> Response:
+    return ORJSONResponse(err.body(), status_code=err.status)
+
+
+class ChatService:
+    """Publishes turns and turns their reply events into OpenAI responses."""
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, relay: ReplyRelay) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.relay = relay
+        self.requests_topic = topic(CHAT_REQUESTS, settings.topic_prefix)
+        self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
+        self.reply_to = ReplyTo(topic=topic(CHAT_REPLIES, settings.topic_prefix), partition=settings.reply_partition)
+
+    def build_turn(self, req: ChatCompletionRequest, received_at: float) -> ChatTurnRequest:
+        if req.model != self.settings.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist.", type="NotFoundError", param="model", code="model_not_found")
+        turn = ChatTurnRequest(
+            correlation_id=f"chatcmpl-{uuid.uuid4().hex}",
+            conversation_id=req.conversation_id or f"conv-{uuid.uuid4().hex}",
+            model=req.model,
+            messages=req.chat_messages(),
+            sampling=req.sampling(self.settings.default_max_tokens),
+            reply_to=self.reply_to,
+            user=req.user,
+        )
+        turn.mark("edge_received", received_at)
+        return turn
+
+    async def publish(self, turn: ChatTurnRequest) -> TurnStream:
+        stream = self.relay.open(turn.correlation_id)
+        turn.mark("edge_published")
+        try:
+            await self.producer.send_and_wait(self.requests_topic, turn.to_bytes(), key=turn.key)
+        except Exception as exc:
+            self.relay.close(turn.correlation_id)
+            log.exception("publishing turn %s failed", turn.correlation_id)
+            raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc
+        return stream
+
+    async def cancel(self, turn: ChatTurnRequest, reason: str) -> None:
+        ev = CancelTurn(correlation_id=turn.correlation_id, conversation_id=turn.conversation_id, reason=reason)
+        try:
+            await self.producer.send_and_wait(self.control_topic, ev.to_bytes(), key=ev.key)
+            log.info("turn %s cancelled: %s", turn.correlation_id, reason)
+        except Exception:
+            log.exception("could not publish cancel for %s", turn.correlation_id)
+
+    async def stream_events(self, turn: ChatTurnRequest, stream: TurnStream, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+        chunks = ChunkBuilder(turn.correlation_id, turn.model, include_usage)
+        try:
+            yield _data(chunks.role())
+            async for piece in stream.pieces(self.settings.turn_timeout_s):
+                yield _data(chunks.content(piece))
+            done = stream.done
+            assert done is not None
+            if done.finish_reason == "error":
+                yield _data(APIError(500, "generation failed", type="internal_error").body())
+            else:
+                yield _data(chunks.finish(done))
+                if include_usage:
+                    yield _data(chunks.usage(done.usage))
+        except TurnTimeout as exc:
+            await self.cancel(turn, "timeout")
+            yield _data(APIError(504, str(exc), type="timeout").body())
+        except asyncio.CancelledError:
+            # the client went away (sse-starlette cancels the generator): stop generation over the bus
+            await asyncio.shield(self.cancel(turn, "client_disconnected"))
+            raise
+        finally:
+            self.relay.close(turn.correlation_id)
+        yield {"data": "[DONE]"}
+
+    async def complete(self, turn: ChatTurnRequest, stream: TurnStream) -> dict[str, Any]:
+        text: list[str] = []
+        try:
+            async for piece in stream.pieces(self.settings.turn_timeout_s):
+                text.append(piece)
+        except TurnTimeout as exc:
+            await self.cancel(turn, "timeout")
+            raise APIError(504, str(exc), type="timeout") from None
+        finally:
+            self.relay.close(turn.correlation_id)
+        done = stream.done
+        assert done is not None
+        if done.finish_reason == "error":
+            raise APIError(500, "generation failed", type="internal_error")
+        return completion_body(turn.correlation_id, turn.model, "".join(text), done)
+
+
+def _data(obj: dict[str, Any]) -> dict[str, str]:
+    return {"data": orjson.dumps(obj).decode()}
+
+
+# --- routes ----------------------------------------------------------------------------------------------
+
+
+def _check_auth(request: Request) -> None:
+    keys: list[str] = request.app.state.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else ""
+    if not any(secrets.compare_digest(token, k) for k in keys):
+        raise APIError(401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key")
+
+
+async def chat_completions(request: Request) -> Response:
+    received = time.time()
+    service: ChatService = request.app.state.service
+    try:
+        _check_auth(request)
+        try:
+            payload = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            raise APIError(400, "request body is not valid JSON") from None
+        req = parse_request(payload)
+        if len(req.messages) > service.settings.max_request_messages:
+            raise APIError(400, f"at most {service.settings.max_request_messages} messages", param="messages")
+        turn = service.build_turn(req, received)
+        stream = await service.publish(turn)
+    except APIError as err:
+        return error_response(err)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventSourceResponse(
+            service.stream_events(turn, stream, include_usage),
+            ping=int(service.settings.sse_ping_s),
+            sep="\n",
+            headers={"X-Correlation-Id": turn.correlation_id},
+        )
+    try:
+        body = await service.complete(turn, stream)
+    except APIError as err:
+        return error_response(err)
+    return ORJSONResponse(body, headers={"X-Correlation-Id": turn.correlation_id})
+
+
+async def list_models(request: Request) -> Response:
+    try:
+        _check_auth(request)
+    except APIError as err:
+        return error_response(err)
+    settings: Settings = request.app.state.settings
+    model = {"id": settings.model_name, "object": "model", "created": request.app.state.started, "owned_by": "chatbus"}
+    return ORJSONResponse({"object": "list", "data": [model]})
+
+
+async def healthz(request: Request) -> Response:
+    return ORJSONResponse({"status": "ok"})
+
+
+async def readiness(settings: Settings, relay: ReplyRelay) -> dict[str, Any]:
+    """Broker reachable, relay running, and a live member in every stage's consumer group."""
+    checks: dict[str, Any] = {"relay": relay.alive}
+    admin = make_admin(settings)
+    try:
+        await asyncio.wait_for(admin.start(), 5)
+        groups = await asyncio.wait_for(describe_groups(admin, list(STAGE_GROUPS)), 5)
+        checks["broker"] = True
+        for group_id, g in groups.items():
+            checks[group_id] = g["state"] == "Stable" and g["members"] > 0
+    except Exception as exc:
+        checks["broker"] = False
+        checks["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    for g in STAGE_GROUPS:
+        checks.setdefault(g, False)
+    checks["ready"] = all(v is True for k, v in checks.items() if k not in ("error", "ready"))
+    return checks
+
+
+async def readyz(request: Request) -> Response:
+    checks = await readiness(request.app.state.settings, request.app.state.relay)
+    return ORJSONResponse(checks, status_code=200 if checks["ready"] else 503)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        producer = make_producer(settings)
+        relay = ReplyRelay(settings)
+        await producer.start()
+        await relay.start()
+        app.state.relay = relay
+        app.state.service = ChatService(settings, producer, relay)
+        log.info("edge %s ready: reply partition %d, model %s", settings.edge_id, settings.reply_partition, settings.model_name)
+        try:
+            yield
+        finally:
+            await relay.stop()
+            await producer.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.api_keys = settings.api_key_list()
+    app.state.started = int(time.time())
+    return app

@@ -1,0 +1,173 @@
+"""OpenAI-compatible request and response shapes for ``POST /v1/chat/completions``.
+
+Follows the OpenAI Chat Completions API (https://platform.openai.com/docs/api-reference/chat) as vLLM's
+OpenAI server does: ``chat.completion`` for non-streaming, ``chat.completion.chunk`` events then
+``data: [DONE]`` for streaming, errors as ``{"error": {"message", "type", "param", "code"}}``.
+chatbus adds one field, ``citations`` (the knowledge-base sources of the answer), which OpenAI
+clients ignore.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.events import ChatMessage, Citation, SamplingParams, TurnCompleted, Usage
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class RequestMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's parameters chatbus honours; unknown parameters are ignored like vLLM does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[RequestMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = Field(None, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    conversation_id: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatCompletionRequest:
+        if not any(m.role == "user" and m.text().strip() for m in self.messages):
+            raise ValueError("messages must contain a non-empty user message")
+        return self
+
+    def chat_messages(self) -> list[ChatMessage]:
+        return [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            stop=list(self.stop or []),
+            seed=self.seed,
+        )
+
+
+def parse_request(payload: object) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; raises :class:`APIError` (400) naming the offending parameter."""
+    if not isinstance(payload, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "str", "list["))]
+        param = loc[0] if loc else None
+        where = ".".join(loc)
+        raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=param) from None
+
+
+# --- responses ---------------------------------------------------------------------------------------
+
+
+def usage_dict(u: Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+
+
+def citations_list(cs: list[Citation]) -> list[dict[str, Any]]:
+    return [c.model_dump() for c in cs]
+
+
+def public_finish_reason(done: TurnCompleted) -> str:
+    # "cancelled" is internal (the client asked to stop); OpenAI clients know "stop".
+    return "stop" if done.finish_reason == "cancelled" else done.finish_reason
+
+
+class ChunkBuilder:
+    """Builds the ``chat.completion.chunk`` objects of one streamed turn."""
+
+    def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
+        self.id, self.model, self.include_usage = completion_id, model, include_usage
+        self.created = int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        c: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage:
+            c["usage"] = None
+        c.update(extra)
+        return c
+
+    def role(self) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+
+    def content(self, text: str) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+
+    def finish(self, done: TurnCompleted) -> dict[str, Any]:
+        return self._chunk(
+            [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": public_finish_reason(done)}],
+            citations=citations_list(done.citations),
+        )
+
+    def usage(self, u: Usage) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [], "usage": usage_dict(u)}
+
+
+def completion_body(completion_id: str, model: str, text: str, done: TurnCompleted) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(done.created_at),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": public_finish_reason(done)}
+        ],
+        "usage": usage_dict(done.usage),
+        "citations": citations_list(done.citations),
+    }

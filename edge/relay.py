@@ -1,0 +1,131 @@
+"""The edge's reply relay: reads this edge instance's reply partition and routes events to open turns.
+
+Each edge instance owns one partition of ``chat.replies`` (``CHATBUS_REPLY_PARTITION``) and puts it in
+every request's ``reply_to``. The relay reads that partition without a consumer group (manual
+assignment, starting at the end) and hands each token or completion event to the turn waiting for
+its correlation id; events for turns nobody waits for (a client gone) are dropped.
+
+A turn redelivered to another inference worker after a crash arrives as a new *attempt* whose token
+events restart at ``text_offset`` 0: :class:`TurnStream` passes on only text past what the client has
+already received, so the client sees each character once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from chatbus.config import Settings
+from schemas.events import DecodeError, TokenEvent, TurnCompleted, decode
+from topics.clients import make_consumer
+from topics.registry import CHAT_REPLIES, topic
+
+log = logging.getLogger(__name__)
+
+
+class TurnTimeout(Exception):
+    pass
+
+
+class TurnStream:
+    """The events of one turn, in order, as text pieces followed by the completion."""
+
+    def __init__(self, correlation_id: str) -> None:
+        self.correlation_id = correlation_id
+        self.queue: asyncio.Queue[TokenEvent | TurnCompleted] = asyncio.Queue()
+        self.delivered = 0  # characters of the completion already handed out
+        self.done: TurnCompleted | None = None
+        self.first_event_at: float | None = None
+
+    def splice(self, ev: TokenEvent) -> str:
+        """The part of ``ev.delta`` the client has not seen yet ('' if none)."""
+        end = ev.text_offset + len(ev.delta)
+        if end <= self.delivered:
+            return ""
+        piece = ev.delta[max(0, self.delivered - ev.text_offset) :]
+        self.delivered = end
+        return piece
+
+    async def pieces(self, timeout_s: float) -> AsyncIterator[str]:
+        """Yield new text until the completion arrives (then ``self.done`` is set). Raises TurnTimeout."""
+        while True:
+            try:
+                ev = await asyncio.wait_for(self.queue.get(), timeout_s)
+            except TimeoutError:
+                raise TurnTimeout(f"no reply for turn {self.correlation_id} within {timeout_s:.0f}s") from None
+            if isinstance(ev, TokenEvent):
+                piece = self.splice(ev)
+                if piece:
+                    yield piece
+                continue
+            self.done = ev
+            if len(ev.text) > self.delivered:  # anything a lost token event did not carry
+                rest = ev.text[self.delivered :]
+                self.delivered = len(ev.text)
+                yield rest
+            return
+
+
+class ReplyRelay:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tp = TopicPartition(topic(CHAT_REPLIES, settings.topic_prefix), settings.reply_partition)
+        self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None, auto_offset_reset="latest", fetch_max_wait_ms=5)
+        self.turns: dict[str, TurnStream] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.relayed = 0
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self.consumer.assign([self.tp])
+        await self.consumer.seek_to_end(self.tp)
+        await self.consumer.position(self.tp)  # resolve now, so no reply produced after start() is missed
+        self._task = asyncio.create_task(self._loop(), name="reply-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.consumer.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def open(self, correlation_id: str) -> TurnStream:
+        stream = TurnStream(correlation_id)
+        self.turns[correlation_id] = stream
+        return stream
+
+    def close(self, correlation_id: str) -> None:
+        self.turns.pop(correlation_id, None)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                batches = await self.consumer.getmany(timeout_ms=200)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reply relay fetch failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self._dispatch(record.value)
+
+    def _dispatch(self, raw: bytes | None) -> None:
+        try:
+            ev = decode(raw)
+        except DecodeError as exc:
+            log.warning("undecodable reply event dropped: %s", exc)
+            return
+        if not isinstance(ev, TokenEvent | TurnCompleted):
+            return
+        stream = self.turns.get(ev.correlation_id)
+        if stream is not None:
+            stream.queue.put_nowait(ev)
+            self.relayed += 1

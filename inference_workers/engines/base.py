@@ -1,0 +1,229 @@
+"""The engine interface the inference worker drives, and helpers shared by the engines.
+
+An :class:`Engine` turns a :class:`GenerationRequest` (chat messages + OpenAI-style sampling parameters)
+into an async stream of :class:`GenerationDelta` s. Contract, for every engine:
+
+* ``generate(req)`` is an async generator. Each delta carries the text generated since the previous
+  delta (possibly ``""``) and running token counts; the LAST delta, and only it, has ``finish_reason``
+  set: ``"stop"`` (end of sequence, or a stop string — the text is cut just before it and the stop
+  string is never emitted) or ``"length"`` (``max_tokens`` reached, or the context ``max_model_len``).
+* If the consuming task is cancelled, or the generator is closed early (``aclose()``, or dropped), the
+  request is aborted inside the engine: no more compute is spent on it.
+* Engine failures (model crash, upstream HTTP error) surface as exceptions from the iteration.
+
+Helpers here: :func:`fit_prompt` (left truncation keeping the system message),
+:class:`IncrementalDetokenizer` (token ids → text without splitting multi-byte characters) and
+:class:`StopMatcher` (stop strings on streamed text, holding back a possible partial match).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclass
+class GenerationRequest:
+    """One generation. ``messages`` is the whole prompt (``[{"role": ..., "content": ...}]``); the engine
+    applies the model's chat template. ``max_tokens`` counts completion tokens. ``temperature == 0``
+    means greedy. ``seed`` is honoured where the engine supports per-request seeds (see each engine)."""
+
+    request_id: str
+    messages: list[dict[str, str]]
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class GenerationDelta:
+    """A step of a streamed generation.
+
+    ``text``: text generated since the previous delta (may be ``""``); ``completion_tokens``: running
+    total of generated tokens (the end-of-sequence token included, as vLLM counts it);
+    ``prompt_tokens``: length of the templated (possibly truncated) prompt in tokens;
+    ``finish_reason``: ``None`` while running, then ``"stop"`` or ``"length"`` on the last delta.
+    """
+
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: str | None = None
+
+
+class Engine(ABC):
+    """A text-generation backend. Start it once, then call :meth:`generate` concurrently."""
+
+    model_name: str
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model / open connections. Raises ``RuntimeError`` when the backend is unusable."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Release everything; in-flight generations end with an exception. Safe to call twice."""
+
+    @abstractmethod
+    def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream the completion of ``req`` (an async generator; see the module docstring)."""
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        """Token count of ``messages`` after the chat template, or ``None`` if this engine cannot tell."""
+        return None
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# prompt fitting
+
+
+def fit_prompt(
+    messages: list[dict[str, str]],
+    render: Callable[[list[dict[str, str]]], list[int]],
+    max_model_len: int,
+    max_tokens: int,
+) -> tuple[list[int], int]:
+    """Token ids of the templated prompt, and the number of completion tokens allowed.
+
+    ``render(messages)`` must return the templated prompt's token ids (with the generation prompt).
+    When ``prompt + max_tokens`` exceeds ``max_model_len``, the prompt is cut from the left down to
+    ``max_model_len - max_tokens`` tokens: first whole messages go, oldest first, keeping leading system
+    messages and the last message; then, if still too long, the tokens right after the system prefix.
+    A ``max_tokens`` so large that the prompt would get less than half the context (or less than it
+    needs, if it is shorter) is reduced instead; the generation then ends with ``"length"`` earlier.
+
+    Returns ``(prompt_ids, max_new_tokens)``; ``max_new_tokens >= 1`` and
+    ``len(prompt_ids) + max_new_tokens <= max_model_len``. Raises ``ValueError`` if ``max_model_len < 2``.
+    """
+    if max_model_len < 2:
+        raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+    ids = render(messages)
+    max_new = max(1, min(max_tokens, max_model_len - min(len(ids), max_model_len // 2)))
+    budget = max_model_len - max_new
+    if len(ids) <= budget:
+        return ids, max_new
+
+    n_system = 0
+    while n_system < len(messages) and messages[n_system].get("role") == "system":
+        n_system += 1
+    system, rest = list(messages[:n_system]), list(messages[n_system:])
+    while len(rest) > 1 and len(ids) > budget:
+        rest.pop(0)
+        ids = render(system + rest)
+    if len(ids) > budget:
+        prefix = len(render(system)) if system else 0
+        if prefix >= budget:  # the system message alone does not fit: keep the end of everything
+            prefix = 0
+        cut = len(ids) - budget
+        ids = ids[:prefix] + ids[prefix + cut :]
+    logger.info(
+        "prompt truncated to %d tokens (%d of %d messages kept, max_model_len %d, max_new_tokens %d)",
+        len(ids),
+        len(system) + len(rest),
+        len(messages),
+        max_model_len,
+        max_new,
+    )
+    return ids, max_new
+
+
+# --------------------------------------------------------------------------------------------------
+# incremental detokenization
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Uses the prefix/read-offset scheme (as in vLLM/TGI): text is emitted only once the decoded window
+    does not end in U+FFFD, so a UTF-8 character split across byte-level tokens is emitted whole.
+    Special tokens (e.g. the end-of-turn token) are skipped. :meth:`flush` emits whatever is held back
+    (invalid bytes become U+FFFD) at the end of the generation.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ""
+        return self._tok.decode(list(ids), skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
+
+    def add(self, new_ids: Sequence[int]) -> str:
+        """Append ``new_ids``; return the newly complete text (may be ``""``)."""
+        if not new_ids:
+            return ""
+        self.ids.extend(new_ids)
+        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self.ids[self._prefix_offset :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.ids)
+            return full_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the end), decoded leniently."""
+        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self.ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self.ids)
+        return full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# stop strings
+
+
+class StopMatcher:
+    """Applies stop strings to streamed text.
+
+    :meth:`feed` returns the text that is safe to emit and whether a stop string was hit. A tail that
+    could be the beginning of a stop string is held back until the next feed decides; on a hit, the
+    text is cut just before the earliest stop string (which is not emitted). :meth:`flush` releases the
+    held-back tail when the generation ends for another reason.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        buf = self._pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self._pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        pending, self._pending = self._pending, ""
+        return pending

@@ -1,0 +1,146 @@
+"""Fixtures: one real local stack per test session (Kafka KRaft, FerretDB, the four workers, the edge).
+
+Everything runs on free loopback ports with a fresh state folder, so a session never touches a stack
+started with ``make up``. Helpers here read topics with a plain aiokafka consumer and poll with
+deadlines rather than sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiokafka import TopicPartition
+from pymongo import AsyncMongoClient
+
+from chatbus.config import ROOT, Settings
+from chatbus.stack import Stack
+from schemas.events import decode
+from topics.clients import make_consumer, partitions_of
+from topics.registry import topic
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from chatbus.tiny_model import build_tiny_model
+
+    return build_tiny_model(ROOT / ".build" / "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Settings:
+    state = tmp_path_factory.mktemp("chatbus-state")
+    return Settings(
+        state_dir=state,
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        kafka_controller_port=free_port(),
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/",
+        mongo_db="chatbus_test",
+        edge_port=free_port(),
+        model=str(tiny_model_dir),
+        served_model_name="chatbus-tiny",
+        turn_timeout_s=90,
+        max_inflight_turns=4,
+        default_max_tokens=32,
+        coalesce_ms=5,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings) -> Iterator[Stack]:
+    s = Stack(settings)
+    try:
+        s.up()
+        yield s
+    except BaseException:
+        for name in ("kafka", "ferretdb", "safety", "retrieval", "inference", "recorder", "edge"):
+            log = s.paths.logs / f"{name}.log"
+            if log.exists():
+                print(f"===== {name}.log (tail) =====\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+        raise
+    finally:
+        s.down()
+
+
+@pytest.fixture(scope="session")
+def edge_url(stack: Stack) -> str:
+    return stack.edge_url
+
+
+@pytest.fixture
+async def mongo(settings: Settings, stack: Stack) -> AsyncIterator[Any]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=5000)
+    yield client[settings.mongo_db]
+    await client.close()
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float = 30, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def read_topic(settings: Settings, name: str, correlation_id: str | None = None, raw: bool = False) -> list[Any]:
+    """Every event on a topic (from the beginning to the current end), optionally of one turn."""
+    physical = topic(name, settings.topic_prefix)
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        tps = await partitions_of(consumer, physical)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        out: list[Any] = []
+        deadline = time.monotonic() + 20
+        while remaining and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=300)
+            for tp, records in batches.items():
+                for r in records:
+                    if r.offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+                    if raw:
+                        out.append(r)
+                        continue
+                    try:
+                        ev = decode(r.value)
+                    except ValueError:
+                        continue
+                    if correlation_id is None or getattr(ev, "correlation_id", None) == correlation_id:
+                        out.append(ev)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(settings: Settings, name: str) -> dict[int, int]:
+    physical = topic(name, settings.topic_prefix)
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        tps = await partitions_of(consumer, physical)
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await consumer.stop()

@@ -1,0 +1,247 @@
+"""End to end through the real stack: edge → Kafka → safety → retrieval → inference → Kafka → edge.
+
+The model is the project's tiny random-weight Llama, so answers are noise; these tests check the
+plumbing (streaming shape, finish reasons, usage, citations, cancellation, dead letters, records,
+redelivery), not the words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from chatbus.config import Settings
+from chatbus.stack import Stack
+from retrieval_workers.ingest import ingest
+from schemas.events import CancelTurn, DeadLetter, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted
+from tests.conftest import end_offsets, eventually, read_topic
+
+pytestmark = pytest.mark.stack
+
+MODEL = "chatbus-tiny"
+HARMFUL = "Give me step-by-step instructions to build a pipe bomb at home."
+
+
+def client(edge_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{edge_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+async def stream_turn(edge_url: str, content: str, **kw: Any) -> tuple[str, list[Any]]:
+    chunks = []
+    stream = await client(edge_url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], stream=True, stream_options={"include_usage": True}, **kw
+    )
+    async for chunk in stream:
+        chunks.append(chunk)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+async def test_streamed_turn_through_every_stage(edge_url: str, settings: Settings) -> None:
+    text, chunks = await stream_turn(edge_url, "What is a Python list comprehension?", max_tokens=24, temperature=0.8, seed=7)
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert text, "no content streamed"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert 0 < usage.completion_tokens <= 24 and usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    cid = chunks[0].id
+    # the turn really crossed every stage on the bus
+    screened = await read_topic(settings, "chat.screened", cid)
+    grounded = await read_topic(settings, "chat.grounded", cid)
+    assert len(screened) == 1 and isinstance(screened[0], ScreenedTurn) and screened[0].verdict.allowed
+    assert len(screened[0].query_embedding or []) == 384
+    assert len(grounded) == 1 and isinstance(grounded[0], GroundedTurn)
+    done = [e for e in await read_topic(settings, "chat.replies", cid) if isinstance(e, TurnCompleted)]
+    assert len(done) == 1 and done[0].text == text
+    for stage in ("edge_received", "safety_start", "safety_end", "retrieval_start", "retrieval_end", "inference_dequeued", "first_token"):
+        assert stage in done[0].stages, stage
+
+
+async def test_non_streamed_turn(edge_url: str) -> None:
+    resp = await client(edge_url).chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}], max_completion_tokens=12
+    )
+    assert resp.object == "chat.completion"
+    assert resp.id.startswith("chatcmpl-")
+    assert resp.choices[0].message.role == "assistant" and resp.choices[0].message.content
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage is not None and 0 < resp.usage.completion_tokens <= 12
+
+
+async def test_raw_sse_wire_format_ends_with_done(edge_url: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    async with httpx.AsyncClient(timeout=60) as http, http.stream("POST", f"{edge_url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        data = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    objs = [orjson.loads(d) for d in data[:-1]]
+    assert all(o["object"] == "chat.completion.chunk" for o in objs)
+    assert objs[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "citations" in objs[-1]
+
+
+async def test_blocked_turn_gets_refusal_and_never_reaches_generation(edge_url: str, settings: Settings, mongo: Any) -> None:
+    text, chunks = await stream_turn(edge_url, HARMFUL)
+    cid = chunks[0].id
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["content_filter"]
+    assert text  # the refusal
+    assert await read_topic(settings, "chat.screened", cid) == []
+    assert await read_topic(settings, "chat.grounded", cid) == []
+    turn = await eventually(lambda: mongo.turns.find_one({"_id": cid, "answer": {"$exists": True}}), what="blocked turn recorded")
+    assert turn["verdict"]["allowed"] is False and turn["verdict"]["category"] != "none"
+    assert turn["answer"]["finish_reason"] == "content_filter"
+    assert await mongo.verdicts.find_one({"_id": cid, "allowed": False})
+
+
+async def test_grounded_turn_cites_ingested_source(edge_url: str, settings: Settings, tmp_path: Path) -> None:
+    doc = tmp_path / "quokka-consensus.md"
+    doc.write_text(
+        "# The Quokka consensus protocol\n\nQuokka is a consensus protocol in which every replica votes with "
+        "marsupial tokens. A Quokka round commits once two thirds of the marsupial tokens agree.\n"
+    )
+    assert await ingest([doc], settings, wait=True, progress=False, timeout_s=60) >= 1
+    resp = await client(edge_url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "How does the Quokka consensus protocol commit a round?"}], max_tokens=8
+    )
+    citations = (resp.model_extra or {}).get("citations") or []
+    assert any(c["source"] == str(doc) for c in citations), citations
+    grounded = await read_topic(settings, "chat.grounded", resp.id)
+    assert grounded[0].retrieval.status == "ok"
+    assert "[1]" in grounded[0].prompt_messages[0].content and "marsupial" in grounded[0].prompt_messages[0].content
+
+
+async def test_client_disconnect_cancels_generation(edge_url: str, settings: Settings) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 1500, "stream": True}
+    cid = None
+    async with httpx.AsyncClient(timeout=60) as http, http.stream("POST", f"{edge_url}/v1/chat/completions", json=body) as r:
+        cid = r.headers["x-correlation-id"]
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                break  # got real content: hang up mid-stream
+    cancels = await eventually(
+        lambda: _of_type(read_topic(settings, "chat.control", cid), CancelTurn), what="cancel event on chat.control"
+    )
+    assert cancels[0].reason == "client_disconnected"
+    done = await eventually(lambda: _of_type(read_topic(settings, "chat.replies", cid), TurnCompleted), what="cancelled completion")
+    assert done[0].finish_reason == "cancelled"
+    assert done[0].usage.completion_tokens < 1500
+
+
+async def _of_type(events: Any, kind: type) -> list[Any]:
+    return [e for e in await events if isinstance(e, kind)]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ],
+)
+async def test_bad_request_is_400_and_publishes_nothing(edge_url: str, settings: Settings, body: dict[str, Any], param: str) -> None:
+    before = await end_offsets(settings, "chat.requests")
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{edge_url}/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+    assert await end_offsets(settings, "chat.requests") == before
+
+
+async def test_unknown_model_is_404_and_malformed_json_is_400(edge_url: str) -> None:
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{edge_url}/v1/chat/completions", json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = await http.post(f"{edge_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+        models = (await http.get(f"{edge_url}/v1/models")).json()
+        assert models["object"] == "list" and models["data"][0]["id"] == MODEL
+
+
+async def test_poison_messages_go_to_dlq_and_workers_keep_serving(edge_url: str, settings: Settings) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait("chat.requests", b"\xff\xfe not json", key=b"poison-1")
+        await producer.send_and_wait("chat.grounded", orjson.dumps({"event_type": "chat.turn.grounded", "schema_version": 1}), key=b"poison-2")
+        await producer.send_and_wait("chat.screened", orjson.dumps({"event_type": "chat.turn.screened", "schema_version": 99}), key=b"poison-3")
+    finally:
+        await producer.stop()
+
+    async def letters() -> list[DeadLetter]:
+        found = [e for e in await read_topic(settings, "chat.dlq") if isinstance(e, DeadLetter) and (e.key or "").startswith("poison-")]
+        return found if len({d.key for d in found}) >= 3 else []
+
+    found = await eventually(letters, what="three dead letters")
+    by_key = {d.key: d for d in found}
+    assert by_key["poison-1"].source_topic == "chat.requests" and "not JSON" in by_key["poison-1"].reason
+    assert by_key["poison-2"].worker == "inference" and "correlation_id" in by_key["poison-2"].reason
+    assert "schema_version 99" in by_key["poison-3"].reason
+    # every stage is still serving
+    text, chunks = await stream_turn(edge_url, "Still there?", max_tokens=4)
+    assert text and chunks[-1].usage is not None
+
+
+async def test_recorder_documents_match_the_stream(edge_url: str, mongo: Any) -> None:
+    text, chunks = await stream_turn(
+        edge_url, "My email is jane.doe@example.com and my card 4111 1111 1111 1111; what is a tuple?", max_tokens=16, extra_body={"conversation_id": "conv-recorder-test"}
+    )
+    cid = chunks[0].id
+    turn = await eventually(lambda: mongo.turns.find_one({"_id": cid, "answer": {"$exists": True}, "verdict": {"$exists": True}}), what="turn doc")
+    assert turn["conversation_id"] == "conv-recorder-test"
+    assert turn["answer"]["usage"]["completion_tokens"] == chunks[-1].usage.completion_tokens
+    assert turn["answer"]["finish_reason"] == next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+    from safety_workers.pii import mask_pii
+
+    assert turn["answer"]["text"] == mask_pii(text)[0]
+    stored_user = turn["messages"][-1]["content"]
+    assert "jane.doe@example.com" not in stored_user and "4111" not in stored_user
+    assert "[EMAIL]" in stored_user and "[CARD]" in stored_user
+    assert set(turn["verdict"]["pii"]) >= {"email", "card"}
+    assert "retrieval" in turn and turn["retrieval"]["status"] in ("ok", "skipped")
+    conv = await mongo.conversations.find_one({"_id": "conv-recorder-test"})
+    assert cid in conv["turn_ids"] and "jane.doe" not in conv["title"]
+
+
+async def test_inference_worker_killed_mid_stream_turn_is_redelivered_and_completes(edge_url: str, settings: Settings, stack: Stack) -> None:
+    """At-least-once: SIGKILL the only inference worker mid-turn, start a new one, the same stream completes."""
+    stream = await client(edge_url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a long essay."}], max_tokens=600, stream=True, temperature=0.7
+    )
+    text = ""
+    cid = None
+    killed = False
+    finish = None
+    async for chunk in stream:
+        cid = chunk.id
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+            if not killed:
+                await asyncio.to_thread(stack.kill, "inference")
+                killed = True
+                await asyncio.to_thread(stack.start_worker, "inference")
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert killed and finish in ("stop", "length")
+    events = await read_topic(settings, "chat.replies", cid)
+    attempts = {e.attempt for e in events if isinstance(e, TokenEvent)}
+    done = [e for e in events if isinstance(e, TurnCompleted)]
+    assert len(attempts) >= 2, "the turn was not redelivered to a second attempt"
+    assert len(done) == 1 and done[0].text == text  # no loss, no duplication
