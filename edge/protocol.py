@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from schemas.events import ChatMessage, Citation, SamplingParams, TurnCompleted, Usage
 
@@ -29,7 +29,7 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class TextPart(BaseModel):
@@ -65,7 +65,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = Field(None, max_length=256)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     conversation_id: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -107,7 +107,8 @@ def parse_request(payload: object) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "str", "list["))]
+        # drop pydantic's union-branch tags ("str", "list[TextPart]", "function-after[…]") from the path
+        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and (p in {"str", "int", "float", "bool"} or "[" in p))]
         param = loc[0] if loc else None
         where = ".".join(loc)
         raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=param) from None

@@ -56,6 +56,7 @@ class OffsetTracker:
 
     def start(self, tp: TopicPartition, offset: int) -> None:
         self.inflight.setdefault(tp, set()).add(offset)
+        self.committed.setdefault(tp, offset)  # the group's position when we began: nothing to commit below it
 
     def finish(self, tp: TopicPartition, offset: int) -> int | None:
         pending = self.inflight.get(tp, set())

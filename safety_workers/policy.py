@@ -3,6 +3,9 @@
 File shape (the packaged default is ``safety_workers/policy.yaml``)::
 
     version: "2026-11-21.1"          # required, non-empty; copied into every SafetyVerdict
+    allow_margin: 0.08               # optional, default 0.08 (see "Semantics")
+    allow_exemplars:                 # optional: ordinary requests that sit near a category's topic
+      - "How does malware infect computers and how can I protect against it?"
     macros:                          # optional: name -> regex, used in patterns as {{name}}
       intent: '(?:how\\s+to\\s+|help\\s+me\\s+)'
     categories:                      # required, at least one; names match [a-z][a-z0-9_]*
@@ -21,7 +24,11 @@ File shape (the packaged default is ``safety_workers/policy.yaml``)::
 Semantics (applied by :class:`safety_workers.screen.Screener`): a pattern hit in a ``block`` category
 blocks with score 1.0; in a ``flag`` category the hits' weights combine as a noisy-OR
 (``1 - prod(1 - w)``, default weight 0.5) into the category score. Exemplar similarity at or above the
-category's threshold triggers the category's action.
+category's threshold triggers the category's action, unless the message is about as close to one of
+the top-level ``allow_exemplars`` (similarity to the best allow exemplar + ``allow_margin`` > the
+category's similarity): a sentence embedding captures topic more than intent, so "how do antivirus
+programs detect malware" sits as close to the malware exemplars as a real request does, and the allow
+exemplars are what tell the two apart.
 
 Errors: :func:`load_policy` raises :class:`PolicyError` (a ``ValueError``) naming the file, the category
 and, for a bad regex, the pattern, e.g.
@@ -41,12 +48,13 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Category", "Pattern", "Policy", "PolicyError", "load_policy", "DEFAULT_FLAG_WEIGHT"]
+__all__ = ["DEFAULT_ALLOW_MARGIN", "DEFAULT_FLAG_WEIGHT", "Category", "Pattern", "Policy", "PolicyError", "load_policy", "parse_policy"]
 
 DEFAULT_FLAG_WEIGHT = 0.5
+DEFAULT_ALLOW_MARGIN = 0.08
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _MACRO_RE = re.compile(r"\{\{\s*([a-z][a-z0-9_]*)\s*\}\}")
-_TOP_KEYS = {"version", "description", "macros", "categories"}
+_TOP_KEYS = {"version", "description", "macros", "categories", "allow_exemplars", "allow_margin"}
 _CATEGORY_KEYS = {"description", "action", "patterns", "exemplars", "threshold", "block_above", "refusal"}
 _PATTERN_KEYS = {"pattern", "weight"}
 Action = Literal["block", "flag"]
@@ -80,6 +88,8 @@ class Category:
 class Policy:
     version: str
     categories: dict[str, Category]  # in file order
+    allow_exemplars: tuple[str, ...] = ()
+    allow_margin: float = DEFAULT_ALLOW_MARGIN  # cosine similarity units, 0..1
     source: str = ""  # where it was loaded from, for logs
 
     def category(self, name: str) -> Category | None:
@@ -211,7 +221,20 @@ def parse_policy(data: Any, source: str = "<policy>") -> Policy:
     if not isinstance(raw_categories, dict) or not raw_categories:
         raise PolicyError(f"{source}: categories must be a non-empty mapping")
     categories = {name: _parse_category(name, body, macros, source) for name, body in raw_categories.items()}
-    return Policy(version=version.strip(), categories=categories, source=source)
+
+    raw_allow = data.get("allow_exemplars") or []
+    if not isinstance(raw_allow, list) or not all(isinstance(e, str) and e.strip() for e in raw_allow):
+        raise PolicyError(f"{source}: allow_exemplars must be a list of non-empty strings")
+    margin = data.get("allow_margin", DEFAULT_ALLOW_MARGIN)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= float(margin) <= 1.0:
+        raise PolicyError(f"{source}: allow_margin must be a number in [0, 1], got {margin!r}")
+    return Policy(
+        version=version.strip(),
+        categories=categories,
+        allow_exemplars=tuple(e.strip() for e in raw_allow),
+        allow_margin=float(margin),
+        source=source,
+    )
 
 
 def load_policy(path: Path | None = None) -> Policy:
@@ -234,11 +257,12 @@ def load_policy(path: Path | None = None) -> Policy:
         raise PolicyError(f"{source}: not valid YAML: {exc}") from None
     policy = parse_policy(data, source)
     log.info(
-        "safety policy %s loaded from %s: %d categories, %d patterns, %d exemplars",
+        "safety policy %s loaded from %s: %d categories, %d patterns, %d exemplars, %d allow exemplars",
         policy.version,
         source,
         len(policy.categories),
         sum(len(c.patterns) for c in policy.categories.values()),
         sum(len(c.exemplars) for c in policy.categories.values()),
+        len(policy.allow_exemplars),
     )
     return policy

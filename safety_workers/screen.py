@@ -10,7 +10,11 @@ Decision, per message (PII masking is separate: :mod:`safety_workers.pii`):
    computes it once and passes it, else the screener embeds the text itself) is compared with every
    exemplar; a category's similarity is its best cosine similarity. At or above the category's
    threshold (its own, else the screener's default) the category triggers: a ``block`` category
-   blocks, a ``flag`` category flags.
+   blocks, a ``flag`` category flags. Unless the message is nearly as close to one of the policy's
+   ``allow_exemplars`` (ordinary questions on the same topics: "how do antivirus programs detect
+   malware"): a category only triggers when its similarity exceeds the best allow similarity by the
+   policy's ``allow_margin``. A sentence embedding captures topic more than intent, and this is what
+   lets the threshold sit low enough to catch paraphrases without blocking the topic.
 3. **Flags.** A triggered ``flag`` category (e.g. ``prompt_injection``) is reported in ``flags`` and
    does not block, unless its score reaches its ``block_above``.
 
@@ -39,7 +43,9 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_SIMILARITY_THRESHOLD", "ScreenResult", "Screener", "normalise"]
 
 # Measured on all-MiniLM-L6-v2 with the packaged exemplars: see tests/test_safety_rules.py.
-DEFAULT_SIMILARITY_THRESHOLD = 0.62
+DEFAULT_SIMILARITY_THRESHOLD = 0.48
+
+_ALLOW = "_allow"  # key of the allow exemplars' similarity; not a valid category name
 
 GENERIC_REFUSAL = "I'm sorry, but I can't help with that request because it may violate our usage policy."
 
@@ -80,10 +86,12 @@ class _Signal:
     pattern_score: float = 0.0  # noisy-OR of hit weights (1.0 for a hit in a block category)
     similarity: float = 0.0  # best cosine similarity to the category's exemplars, clipped to 0..1
     threshold: float = 1.0
+    allow_similarity: float = 0.0  # best similarity to the policy's allow exemplars
+    margin: float = 0.0
 
     @property
     def similar(self) -> bool:
-        return self.similarity >= self.threshold
+        return self.similarity >= self.threshold and self.similarity - self.allow_similarity >= self.margin
 
     @property
     def score(self) -> float:
@@ -111,7 +119,10 @@ class Screener:
         for cat in policy.categories.values():
             names.extend([cat.name] * len(cat.exemplars))
             texts.extend(cat.exemplars)
+        names.extend([_ALLOW] * len(policy.allow_exemplars))
+        texts.extend(policy.allow_exemplars)
         self._matrices: dict[str, np.ndarray] = {}
+        self._allow: np.ndarray | None = None
         self.dim = 0
         if texts:
             vecs = _normalise_rows(np.asarray(embed(texts), dtype=np.float32))
@@ -122,12 +133,15 @@ class Screener:
             for cat in policy.categories.values():
                 if cat.exemplars:
                     self._matrices[cat.name] = np.ascontiguousarray(vecs[idx == cat.name])
+            if policy.allow_exemplars:
+                self._allow = np.ascontiguousarray(vecs[idx == _ALLOW])
         log.info(
-            "screener ready: policy %s, %d exemplars embedded (dim %d), default threshold %.2f",
+            "screener ready: policy %s, %d exemplars embedded (dim %d), default threshold %.2f, allow margin %.2f",
             policy.version,
             len(texts),
             self.dim,
             default_threshold,
+            policy.allow_margin,
         )
 
     # -- similarity ----------------------------------------------------------------------------------
@@ -137,14 +151,21 @@ class Screener:
         return cat.threshold if cat.threshold is not None else self.default_threshold
 
     def similarities(self, query_embedding: np.ndarray) -> dict[str, float]:
-        """Best cosine similarity (-1..1) of one embedding (shape ``(d,)`` or ``(1, d)``) per category."""
+        """Best cosine similarity (-1..1) of one embedding (shape ``(d,)`` or ``(1, d)``) per category.
+
+        The best similarity to the allow exemplars comes under the key ``"_allow"`` (absent when the
+        policy has none). Raises ``ValueError`` when the dimension differs from the exemplars'.
+        """
         q = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
         if self.dim and q.shape[0] != self.dim:
             raise ValueError(f"query embedding has {q.shape[0]} dimensions, exemplars have {self.dim}")
         norm = float(np.linalg.norm(q))
         if norm > 0.0:
             q = q / norm
-        return {name: float(np.max(m @ q)) for name, m in self._matrices.items()}
+        out = {name: float(np.max(m @ q)) for name, m in self._matrices.items()}
+        if self._allow is not None:
+            out[_ALLOW] = float(np.max(self._allow @ q))
+        return out
 
     def embed_query(self, text: str) -> np.ndarray:
         """The text's embedding, shape ``(d,)``, via the screener's embedder."""
@@ -155,7 +176,10 @@ class Screener:
     def screen(self, text: str, query_embedding: np.ndarray | None = None) -> ScreenResult:
         """Screen one message; see the module docstring for the rules. Never raises on odd text."""
         norm = normalise(text)
-        signals = {name: _Signal(cat, threshold=self.threshold(name)) for name, cat in self.policy.categories.items()}
+        margin = self.policy.allow_margin
+        signals = {
+            name: _Signal(cat, threshold=self.threshold(name), margin=margin) for name, cat in self.policy.categories.items()
+        }
         for sig in signals.values():
             sig.pattern_score = _pattern_score(sig.category, norm)
 
@@ -173,8 +197,11 @@ class Screener:
         if self._matrices and norm:
             if query_embedding is None:
                 query_embedding = self.embed_query(text)
-            for name, sim in self.similarities(query_embedding).items():
+            sims = self.similarities(query_embedding)
+            allow = sims.pop(_ALLOW, 0.0)
+            for name, sim in sims.items():
                 signals[name].similarity = min(max(sim, 0.0), 1.0)
+                signals[name].allow_similarity = allow
 
         blocking: list[tuple[float, _Signal]] = []
         for sig in signals.values():

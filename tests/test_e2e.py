@@ -185,15 +185,18 @@ async def test_poison_messages_go_to_dlq_and_workers_keep_serving(edge_url: str,
     finally:
         await producer.stop()
 
-    async def letters() -> list[DeadLetter]:
-        found = [e for e in await read_topic(settings, "chat.dlq") if isinstance(e, DeadLetter) and (e.key or "").startswith("poison-")]
-        return found if len({d.key for d in found}) >= 3 else []
+    # each consumer group that reads a poison message dead-letters it once, naming itself
+    expected = {("poison-1", "safety"), ("poison-2", "inference"), ("poison-3", "retrieval")}
 
-    found = await eventually(letters, what="three dead letters")
-    by_key = {d.key: d for d in found}
-    assert by_key["poison-1"].source_topic == "chat.requests" and "not JSON" in by_key["poison-1"].reason
-    assert by_key["poison-2"].worker == "inference" and "correlation_id" in by_key["poison-2"].reason
-    assert "schema_version 99" in by_key["poison-3"].reason
+    async def letters() -> dict[tuple[str | None, str], DeadLetter]:
+        found = {(e.key, e.worker): e for e in await read_topic(settings, "chat.dlq") if isinstance(e, DeadLetter)}
+        return found if expected <= found.keys() else {}
+
+    found = await eventually(letters, what="dead letters from safety, inference and retrieval")
+    assert found[("poison-1", "safety")].source_topic == "chat.requests" and "not JSON" in found[("poison-1", "safety")].reason
+    assert "correlation_id" in found[("poison-2", "inference")].reason
+    assert "schema_version 99" in found[("poison-3", "retrieval")].reason
+    assert ("poison-1", "recorder") in found  # the recorder reads chat.requests too
     # every stage is still serving
     text, chunks = await stream_turn(edge_url, "Still there?", max_tokens=4)
     assert text and chunks[-1].usage is not None

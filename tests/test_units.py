@@ -1,0 +1,95 @@
+"""Unit tests of single functions: offset tracking, reply splicing, chunking, prompt assembly, request parsing."""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka import TopicPartition
+
+from edge.protocol import APIError, parse_request
+from edge.relay import TurnStream
+from inference_workers.worker import OffsetTracker, derived_seed
+from retrieval_workers.chunking import chunk_text
+from retrieval_workers.prompt import assemble
+from schemas.events import ChatMessage, Passage, TokenEvent, TurnCompleted
+
+TP = TopicPartition("chat.grounded", 0)
+
+
+def test_offset_tracker_commits_in_order() -> None:
+    t = OffsetTracker()
+    for off in (10, 11, 12):
+        t.start(TP, off)
+    assert t.finish(TP, 12) is None  # 10 and 11 still running
+    assert t.finish(TP, 10) == 11
+    assert t.finish(TP, 11) == 13
+    t.start(TP, 13)
+    assert t.finish(TP, 13) == 14
+
+
+def test_derived_seed_is_stable() -> None:
+    assert derived_seed("chatcmpl-x") == derived_seed("chatcmpl-x") != derived_seed("chatcmpl-y")
+
+
+def tok(attempt: str, seq: int, delta: str, offset: int) -> TokenEvent:
+    return TokenEvent(correlation_id="c", conversation_id="v", attempt=attempt, seq=seq, delta=delta, text_offset=offset)
+
+
+def test_splice_skips_text_a_redelivered_attempt_repeats() -> None:
+    s = TurnStream("c")
+    assert s.splice(tok("a1", 0, "Hello", 0)) == "Hello"
+    assert s.splice(tok("a1", 1, " wor", 5)) == " wor"
+    # the worker died; attempt 2 starts over
+    assert s.splice(tok("a2", 0, "Hel", 0)) == ""
+    assert s.splice(tok("a2", 1, "lo world", 3)) == "ld"
+    assert s.splice(tok("a2", 2, "!", 11)) == "!"
+
+
+async def test_pieces_finish_with_what_the_completion_adds() -> None:
+    s = TurnStream("c")
+    s.queue.put_nowait(tok("a", 0, "Hi", 0))
+    s.queue.put_nowait(TurnCompleted(correlation_id="c", conversation_id="v", attempt="a", seq=2, finish_reason="stop", text="Hi there", model="m"))
+    assert [p async for p in s.pieces(1)] == ["Hi", " there"]
+    assert s.done is not None and s.done.finish_reason == "stop"
+
+
+def test_chunks_overlap_and_ids_are_content_hashes() -> None:
+    text = " ".join(f"Sentence {i} talks about topic {i}." for i in range(120))
+    a = chunk_text(text, "doc.md", size=300, overlap=60)
+    b = chunk_text(text, "doc.md", size=300, overlap=60)
+    assert [c.chunk_id for c in a] == [c.chunk_id for c in b]
+    assert all(len(c.text) <= 300 for c in a) and len(a) > 5
+    assert [c.position for c in a] == list(range(len(a)))
+    # consecutive chunks share text (the overlap)
+    assert a[1].text[:20] in a[0].text
+    with pytest.raises(ValueError):
+        chunk_text(text, "d", size=100, overlap=100)
+
+
+def test_prompt_numbers_sources_and_keeps_the_system_message() -> None:
+    msgs = [ChatMessage(role="system", content="Be terse."), ChatMessage(role="user", content="q?")]
+    passages = [Passage(chunk_id="1", text="alpha", source="a.md", position=0, score=0.9), Passage(chunk_id="2", text="beta", source="b.md", position=3, score=0.5)]
+    prompt, cites = assemble(msgs, passages)
+    assert prompt[0].role == "system" and prompt[0].content.startswith("Be terse.")
+    assert "[1] (a.md#0)\nalpha" in prompt[0].content and "[2] (b.md#3)\nbeta" in prompt[0].content
+    assert prompt[1:] == msgs[1:]
+    assert [(c.index, c.source) for c in cites] == [(1, "a.md"), (2, "b.md")]
+    assert assemble(msgs, []) == (msgs, [])
+
+
+def test_parse_request_maps_openai_parameters() -> None:
+    req = parse_request(
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_completion_tokens": 9, "stop": "END", "seed": 3}
+    )
+    sp = req.sampling(256)
+    assert (sp.max_tokens, sp.stop, sp.seed, sp.temperature) == (9, ["END"], 3, 1.0)
+    assert req.chat_messages()[0].content == "hi"
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [([], None), ({"model": "m", "messages": [{"role": "system", "content": "x"}]}, None), ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p")],
+)
+def test_parse_request_errors(payload: object, param: str | None) -> None:
+    with pytest.raises(APIError) as exc:
+        parse_request(payload)
+    assert exc.value.status == 400 and exc.value.param == param
