@@ -218,11 +218,18 @@ def ingest(paths: tuple[Path, ...], wait: bool) -> None:
 
 
 @main.command()
-def topics() -> None:
+@click.option("--create", is_flag=True, help="First create the registry's topics that are missing (idempotent).")
+def topics(create: bool) -> None:
     """Topics in the registry: partitions, end offsets, retention and purpose."""
     from chatbus.ops import describe_topics
 
-    for row in asyncio.run(describe_topics(get_settings())):
+    settings = get_settings()
+    if create:
+        from topics.clients import ensure_topics
+
+        created = asyncio.run(ensure_topics(settings))
+        click.echo(f"created: {', '.join(created) if created else 'none (all exist)'}")
+    for row in asyncio.run(describe_topics(settings)):
         click.echo(row)
 
 
