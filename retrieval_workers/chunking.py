@@ -45,7 +45,7 @@ def load_text(path: Path) -> str:
             tag.decompose()
         for tag in soup.select("div.related, div.sphinxsidebar, div.footer"):
             tag.decompose()
-        raw = soup.get_text("\n")
+        raw = soup.get_text()
     raw = re.sub(r"[ \t\u00a0]+", " ", raw)
     return re.sub(r"\n\s*\n+", "\n\n", raw).strip()
 
