@@ -69,7 +69,7 @@ class Settings(BaseSettings):
 
     # --- safety --------------------------------------------------------------------------------------
     safety_policy: Path | None = None  # YAML; default: safety_workers/policy.yaml
-    safety_similarity_threshold: float = 0.62
+    safety_similarity_threshold: float = 0.48  # with the policy allow_margin; see safety_workers/policy.yaml
 
     @property
     def resolved_model(self) -> str:

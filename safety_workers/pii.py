@@ -1,28 +1,27 @@
 """PII masking for chat text: emails, phone numbers, payment cards, IBANs and national ids.
 
-:func:`mask_pii` replaces each finding with a fixed placeholder and reports the kinds it found:
+:func:`mask_pii` replaces each finding with a fixed placeholder and reports the kinds it found.
+Each kind is found by a candidate regex, then confirmed by a validator:
 
-=============  ================  ===========================================================
-kind           placeholder       how it is found (candidate regex, then a validator)
-=============  ================  ===========================================================
-``email``      ``[EMAIL]``       pragmatic regex (local@domain.tld)
-``iban``       ``[IBAN]``        ``CC00`` + 11..30 alphanumerics, spaces allowed; ``stdnum.iban``
-``card``       ``[CARD]``        13..19 digits starting 2..6, spaces/dashes allowed; ``stdnum.luhn``
-``national_id`` ``[NATIONAL_ID]`` US SSN ``ddd-dd-dddd`` (``stdnum.us.ssn``); UK NINO (HMRC
-                                 prefix/suffix rules, no stdnum module exists); French NIR
-                                 (``stdnum.fr.nir``); German Steuer-IdNr (``stdnum.de.idnr``,
-                                 only in its grouped form or next to a tax-id keyword)
-``phone``      ``[PHONE]``       ``phonenumbers.PhoneNumberMatcher`` (``Leniency.VALID``) for the
-                                 given region; ``+``-prefixed numbers of any country are found too
-=============  ================  ===========================================================
+* ``email`` → ``[EMAIL]``: a pragmatic regex (local@domain.tld); no validator.
+* ``iban`` → ``[IBAN]``: ``CC00`` + 11..30 capitals/digits, single spaces allowed; ``stdnum.iban``
+  (country length and mod-97 check digits).
+* ``card`` → ``[CARD]``: 13..19 digits starting 2..6 (issuer ranges), unseparated or grouped as cards
+  are printed (4-4-4-4, 4-6-5 …) with spaces or dashes; ``stdnum.luhn``.
+* ``national_id`` → ``[NATIONAL_ID]``: US SSN ``ddd-dd-dddd`` (``stdnum.us.ssn``: no 000/666/9xx
+  areas, no known-public numbers); UK NINO (HMRC prefix and suffix rules; python-stdnum has no NINO
+  module); French NIR (``stdnum.fr.nir``, mod-97 key); German Steuer-IdNr (``stdnum.de.idnr``, only in
+  its grouped ``dd ddd ddd ddd`` form or right after a tax-id keyword, since 11-digit runs are common).
+* ``phone`` → ``[PHONE]``: ``phonenumbers.PhoneNumberMatcher`` with ``Leniency.VALID`` for the given
+  region; ``+``-prefixed numbers of any country are found too.
 
 The passes run in that order: a placeholder holds no digits, so a card number masked first can not be
 re-found as a phone number, and an IBAN's digits are never seen by the card pass. Candidates that fail
 their validator are left as they are, so order numbers, timestamps and other digit runs survive.
 
-Cost: about 20-100 µs for a 500-character message without numbers; ``PhoneNumberMatcher`` only runs
-on digit runs that could be a phone number (7+ digits), which keeps messages with numbers well under
-1 ms.
+Cost: ~5 µs for a 500-character message without digits, 0.1-0.4 ms with numbers and PII (measured
+on a 2-core VM); ``PhoneNumberMatcher`` only runs on digit runs that could be a phone number (7+
+digits).
 """
 
 from __future__ import annotations
@@ -53,7 +52,8 @@ MASKS: dict[str, str] = {
 KINDS: tuple[str, ...] = tuple(MASKS)
 
 _EMAIL_RE = re.compile(
-    r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b"
+    r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b"
 )
 # Country code, check digits, then 11..30 alphanumerics with optional single spaces (groups of 4 in print).
 _IBAN_RE = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
@@ -65,7 +65,9 @@ _NINO_RE = re.compile(r"\b([A-Z]{2}) ?(\d{2}) ?(\d{2}) ?(\d{2}) ?([A-D])\b", re.
 _NIR_RE = re.compile(r"(?<![\d])[1-478] ?\d{2} ?\d{2} ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}(?![\d])", re.IGNORECASE)
 _IDNR_GROUPED_RE = re.compile(r"(?<![\d])[1-9]\d \d{3} \d{3} \d{3}(?![\d])")
 _IDNR_PLAIN_RE = re.compile(r"(?<![\d])[1-9]\d{10}(?![\d])")
-_IDNR_CONTEXT_RE = re.compile(r"\b(?:steuer|idnr|id-nr|identifikationsnummer|tax\s*id|tin)\W{0,3}\s*\S{0,12}\s*$", re.IGNORECASE)
+_IDNR_CONTEXT_RE = re.compile(
+    r"\b(?:steuer|idnr|id-nr|identifikationsnummer|tax\s*id|tin)\W{0,3}\s*\S{0,12}\s*$", re.IGNORECASE
+)
 # A run that could hold a phone number: optional +, then digits and separators, 7+ digits in all.
 _PHONE_CANDIDATE_RE = re.compile(r"\+?\(?\d[\d \t().\-/]{5,}\d")
 _DIGIT_RE = re.compile(r"\d")
