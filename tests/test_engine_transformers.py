@@ -146,6 +146,22 @@ async def test_long_prompt_is_truncated_to_fit(engine: TransformersEngine) -> No
     assert deltas[-1].prompt_tokens <= engine.max_model_len - 3
 
 
+@pytest.mark.parametrize("mode", ["continuous_batching", "threads"])
+async def test_stop_fails_in_flight_requests(tiny_model_dir: Path, mode: str) -> None:
+    eng = TransformersEngine(str(tiny_model_dir), device="cpu", mode=mode, max_concurrency=2)
+    await eng.start()
+    stream = eng.generate(GenerationRequest("t-stop-engine", USER, max_tokens=1900))
+    try:
+        await asyncio.wait_for(anext(stream), 10)
+        await eng.stop()
+        with pytest.raises(RuntimeError):
+            async for _ in stream:
+                pass
+    finally:
+        await stream.aclose()
+        await eng.stop()
+
+
 async def test_generate_before_start_fails(tiny_model_dir: Path) -> None:
     eng = TransformersEngine(str(tiny_model_dir), device="cpu")
     with pytest.raises(RuntimeError, match="not started"):
