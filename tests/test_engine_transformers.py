@@ -121,10 +121,8 @@ async def test_stop_string_truncates(engine: TransformersEngine) -> None:
     base = await collect(engine, GenerationRequest("t-stop-a", USER, max_tokens=30, temperature=0.0))
     full = "".join(d.text for d in base)
     # A stop string from the middle of the greedy continuation: greedy decoding repeats it.
-    stop = next(
-        (full[i : i + 3] for i in range(4, len(full) - 3) if full[i : i + 3].strip() and "\ufffd" not in full[i : i + 3]),
-        None,
-    )
+    candidates = (full[i : i + 3] for i in range(4, len(full) - 3))
+    stop = next((c for c in candidates if "\ufffd" not in c and full.find(c) > 0), None)
     assert stop is not None, f"greedy text too short to pick a stop string: {full!r}"
     cut = full.find(stop)
     deltas = await collect(engine, GenerationRequest("t-stop-b", USER, max_tokens=30, temperature=0.0, stop=[stop]))
@@ -139,7 +137,8 @@ async def test_stop_string_truncates(engine: TransformersEngine) -> None:
 async def test_long_prompt_is_truncated_to_fit(engine: TransformersEngine) -> None:
     history = [{"role": "system", "content": "SYSTEM RULES"}]
     for i in range(60):
-        history.append({"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " + "lorem ipsum " * 12})
+        role = "user" if i % 2 == 0 else "assistant"
+        history.append({"role": role, "content": f"message {i} " + "lorem ipsum " * 12})
     assert engine.count_prompt_tokens(history) > engine.max_model_len  # would not fit at all
     deltas = await collect(engine, GenerationRequest("t-trunc", history, max_tokens=3, temperature=0.0))
     assert deltas[-1].finish_reason == "length"
@@ -300,7 +299,8 @@ async def test_openai_engine_streams_and_reports_usage() -> None:
     assert (deltas[-1].completion_tokens, deltas[-1].prompt_tokens) == (3, 7)
     sent = server.bodies[0]
     assert sent["model"] == "up" and sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
-    assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["stop"], sent["seed"]) == (9, 0.5, 0.9, ["\n"], 3)
+    sampling = (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["stop"], sent["seed"])
+    assert sampling == (9, 0.5, 0.9, ["\n"], 3)
     assert eng.model_name == "shown" and eng.active_requests == 0
 
 
@@ -350,7 +350,8 @@ async def test_vllm_engine_without_vllm_says_so(tmp_path: Path) -> None:
         pass
     else:
         pytest.skip("vllm is installed")
-    eng = make_engine(Settings(engine="vllm", model="org/m", vllm_speculative_config='{"method": "ngram"}', state_dir=tmp_path))
+    settings = Settings(engine="vllm", model="org/m", vllm_speculative_config='{"method": "ngram"}', state_dir=tmp_path)
+    eng = make_engine(settings)
     assert eng.speculative_config == {"method": "ngram"}  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="'vllm' package"):
         await eng.start()

@@ -26,8 +26,9 @@ ENGINES = ("transformers", "vllm", "openai")
 def make_engine(settings: Settings) -> Engine:
     """Build (not start) the engine named by ``settings.engine``.
 
-    * ``transformers``: ``settings.resolved_model`` on ``settings.device``. When ``settings.model`` is
-      empty the default tiny random model under ``state_dir`` is built first if missing (a few seconds).
+    * ``transformers``: ``settings.resolved_model`` on ``settings.device``, up to
+      ``settings.max_inflight_turns`` requests generating at once. When ``settings.model`` is empty the
+      default tiny random model under ``state_dir`` is built first if missing (a few seconds).
     * ``vllm``: ``settings.resolved_model`` with the ``vllm_*`` settings (needs a GPU and vLLM).
     * ``openai``: ``settings.openai_base_url`` / ``openai_api_key``, asking the upstream for
       ``settings.model`` (required).
@@ -47,6 +48,7 @@ def make_engine(settings: Settings) -> Engine:
             device=settings.device,
             max_model_len=settings.max_model_len,
             model_name=settings.model_name,
+            max_concurrency=max(1, settings.max_inflight_turns),
         )
     if kind == "vllm":
         from inference_workers.engines.vllm_engine import VllmEngine
