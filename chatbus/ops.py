@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from aiokafka import TopicPartition
+import asyncio
+
+from aiokafka import ConsumerRecord, TopicPartition
 
 from chatbus.config import Settings
 from schemas.events import DeadLetter, DecodeError, decode
@@ -59,9 +61,8 @@ async def consumer_lag(settings: Settings) -> list[str]:
     return rows
 
 
-async def read_dead_letters(settings: Settings, limit: int = 20) -> list[DeadLetter]:
-    """The last ``limit`` dead letters (oldest first)."""
-    name = topic(CHAT_DLQ, settings.topic_prefix)
+async def read_records(settings: Settings, name: str, last: int | None = None, timeout_s: float = 20.0) -> list[ConsumerRecord]:
+    """The records of a topic up to its current end: all of them, or the ``last`` N of each partition."""
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
@@ -69,26 +70,31 @@ async def read_dead_letters(settings: Settings, limit: int = 20) -> list[DeadLet
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         for tp in tps:
-            consumer.seek(tp, max(ends[tp] - limit, 0))
-        letters: list[DeadLetter] = []
+            consumer.seek(tp, 0 if last is None else max(ends[tp] - last, 0))
+        out: list[ConsumerRecord] = []
         remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
-            batches = await consumer.getmany(timeout_ms=500)
-            if not batches:
-                break
-            for tp, records in batches.items():
-                for r in records:
-                    try:
-                        ev = decode(r.value)
-                    except DecodeError:
-                        continue
-                    if isinstance(ev, DeadLetter):
-                        letters.append(ev)
-                    if r.offset + 1 >= ends[tp]:
-                        remaining.discard(tp)
-        return letters[-limit:]
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while remaining and asyncio.get_running_loop().time() < deadline:
+            for tp, records in (await consumer.getmany(timeout_ms=300)).items():
+                out.extend(r for r in records if r.offset < ends[tp])
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    remaining.discard(tp)
+        return out
     finally:
         await consumer.stop()
+
+
+async def read_dead_letters(settings: Settings, limit: int = 20) -> list[DeadLetter]:
+    """The last ``limit`` dead letters (oldest first; undecodable records skipped)."""
+    letters = []
+    for r in await read_records(settings, topic(CHAT_DLQ, settings.topic_prefix), last=limit):
+        try:
+            ev = decode(r.value)
+        except DecodeError:
+            continue
+        if isinstance(ev, DeadLetter):
+            letters.append(ev)
+    return sorted(letters, key=lambda d: d.created_at)[-limit:]
 
 
 async def tail_dlq(settings: Settings, limit: int) -> list[str]:

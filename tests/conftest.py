@@ -20,6 +20,7 @@ from aiokafka import TopicPartition
 from pymongo import AsyncMongoClient
 
 from chatbus.config import ROOT, Settings
+from chatbus.ops import read_records
 from chatbus.stack import Stack
 from schemas.events import decode
 from topics.clients import make_consumer, partitions_of
@@ -101,37 +102,17 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float 
         await asyncio.sleep(0.2)
 
 
-async def read_topic(settings: Settings, name: str, correlation_id: str | None = None, raw: bool = False) -> list[Any]:
-    """Every event on a topic (from the beginning to the current end), optionally of one turn."""
-    physical = topic(name, settings.topic_prefix)
-    consumer = make_consumer(settings, group_id=None)
-    await consumer.start()
-    try:
-        tps = await partitions_of(consumer, physical)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        out: list[Any] = []
-        deadline = time.monotonic() + 20
-        while remaining and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=300)
-            for tp, records in batches.items():
-                for r in records:
-                    if r.offset + 1 >= ends[tp]:
-                        remaining.discard(tp)
-                    if raw:
-                        out.append(r)
-                        continue
-                    try:
-                        ev = decode(r.value)
-                    except ValueError:
-                        continue
-                    if correlation_id is None or getattr(ev, "correlation_id", None) == correlation_id:
-                        out.append(ev)
-        return out
-    finally:
-        await consumer.stop()
+async def read_topic(settings: Settings, name: str, correlation_id: str | None = None) -> list[Any]:
+    """Every decodable event on a topic (from the beginning to the current end), optionally of one turn."""
+    out: list[Any] = []
+    for r in await read_records(settings, topic(name, settings.topic_prefix)):
+        try:
+            ev = decode(r.value)
+        except ValueError:
+            continue
+        if correlation_id is None or getattr(ev, "correlation_id", None) == correlation_id:
+            out.append(ev)
+    return out
 
 
 async def end_offsets(settings: Settings, name: str) -> dict[int, int]:
