@@ -122,7 +122,9 @@ def stack_run() -> None:
         s.up()
         _ingest_default(settings)
         click.echo(f"chatbus is running: {s.edge_url}/v1 — Ctrl-C stops everything")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        # Explicit handlers: a process started in the background inherits SIGINT ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
         while True:
             signal.pause()
     except KeyboardInterrupt:
@@ -139,6 +141,10 @@ def stack_status() -> None:
 
     for name, pid in Stack(get_settings()).status().items():
         click.echo(f"{name:10s} {'running (pid %d)' % pid if pid else 'stopped'}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def default_corpus() -> list[Path]:
