@@ -253,3 +253,23 @@ async def test_inference_worker_killed_mid_stream_turn_is_redelivered_and_comple
     done = [e for e in events if isinstance(e, TurnCompleted)]
     assert len(attempts) >= 2, "the turn was not redelivered to a second attempt"
     assert len(done) == 1 and done[0].text == text  # no loss, no duplication
+
+
+async def test_inflight_cap_holds_under_a_burst(edge_url: str, settings: Settings, mongo: Any) -> None:
+    """Backpressure: a burst larger than CHATBUS_MAX_INFLIGHT_TURNS never runs more turns at once than the cap."""
+    burst = settings.max_inflight_turns * 2
+    results = await asyncio.gather(*(stream_turn(edge_url, f"Burst question {i}", max_tokens=120, temperature=0.9) for i in range(burst)))
+    ids = [chunks[0].id for _, chunks in results]
+    assert all(chunks[-1].usage is not None for _, chunks in results)
+
+    async def stages() -> list[dict[str, float]]:
+        docs = [await mongo.turns.find_one({"_id": cid, "stages.last_token": {"$exists": True}}) for cid in ids]
+        return [d["stages"] for d in docs] if all(docs) else []
+
+    spans = await eventually(stages, what="stage marks of the burst")
+    events = sorted([(s["inference_dequeued"], 1) for s in spans] + [(s["last_token"], -1) for s in spans])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert 1 < peak <= settings.max_inflight_turns
