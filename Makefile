@@ -54,5 +54,8 @@ status:
 test: setup
 	$(PY) -m pytest
 
+lint: setup
+	$(PY) -m mypy --ignore-missing-imports --follow-imports=silent chatbus consumers edge inference_workers producers retrieval_workers safety_workers schemas topics
+
 clean: down
 	rm -rf .state

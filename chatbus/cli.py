@@ -194,7 +194,7 @@ def chat(question: str, url: str | None, max_tokens: int, conversation: str | No
         stream_options={"include_usage": True},
         extra_body=extra,
     )
-    citations = []
+    citations: list[dict[str, object]] = []
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             click.echo(chunk.choices[0].delta.content, nl=False)

@@ -98,7 +98,7 @@ class Recorder:
         fields = turn_updates(event)
         if fields is None:
             return False
-        cid = event.correlation_id  # type: ignore[union-attr]
+        cid = str(event.correlation_id)  # type: ignore[union-attr]
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(PyMongoError), stop=stop_after_attempt(5), wait=wait_exponential(0.2, max=5), reraise=True
         ):

@@ -217,8 +217,8 @@ async def readiness(settings: Settings, relay: ReplyRelay) -> dict[str, Any]:
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
-    for g in STAGE_GROUPS:
-        checks.setdefault(g, False)
+    for group_id in STAGE_GROUPS:
+        checks.setdefault(group_id, False)
     checks["ready"] = all(v is True for k, v in checks.items() if k not in ("error", "ready"))
     return checks
 

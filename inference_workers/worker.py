@@ -231,7 +231,6 @@ class InferenceWorker:
         cid = turn.correlation_id
         request = turn.request
         attempt = new_id()
-        common = dict(correlation_id=cid, conversation_id=turn.conversation_id, attempt=attempt)
         futures: list[asyncio.Future[object]] = []
         text, buffer, seq, tokens, prompt_tokens = "", "", 0, 0, 0
         finish: FinishReason = "stop"
@@ -241,7 +240,15 @@ class InferenceWorker:
         async def flush() -> None:
             nonlocal text, buffer, seq
             if buffer:
-                ev = TokenEvent(seq=seq, delta=buffer, text_offset=len(text), completion_tokens=tokens, **common)
+                ev = TokenEvent(
+                    correlation_id=cid,
+                    conversation_id=turn.conversation_id,
+                    attempt=attempt,
+                    seq=seq,
+                    delta=buffer,
+                    text_offset=len(text),
+                    completion_tokens=tokens,
+                )
                 if seq == 0:
                     ev.stages = dict(stages)
                 out = to_reply(request, ev.to_bytes())
@@ -290,6 +297,9 @@ class InferenceWorker:
             letter = dead_letter(self.settings, record, "inference", error, cid)
             futures.append(await self.producer.send(letter.topic, letter.value, key=letter.key))
         done = TurnCompleted(
+            correlation_id=cid,
+            conversation_id=turn.conversation_id,
+            attempt=attempt,
             seq=seq,
             finish_reason=finish,
             text=text,
@@ -300,7 +310,6 @@ class InferenceWorker:
             retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
             error=error,
             stages=dict(stages),
-            **common,
         )
         out = to_reply(request, done.to_bytes())
         futures.append(await self.producer.send(out.topic, out.value, key=out.key, partition=out.partition))

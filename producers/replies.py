@@ -26,13 +26,18 @@ def whole_reply(
 ) -> list[Outgoing]:
     """A complete answer in one go (a refusal, an error): one token event and the completion."""
     attempt = new_id()
-    common = dict(correlation_id=request.correlation_id, conversation_id=request.conversation_id, attempt=attempt, stages=dict(stages))
+    cid, conv = request.correlation_id, request.conversation_id
     out: list[Outgoing] = []
     seq = 0
     if text:
-        out.append(to_reply(request, TokenEvent(seq=0, delta=text, text_offset=0, **common).to_bytes()))
+        token = TokenEvent(correlation_id=cid, conversation_id=conv, attempt=attempt, stages=dict(stages), seq=0, delta=text, text_offset=0)
+        out.append(to_reply(request, token.to_bytes()))
         seq = 1
     done = TurnCompleted(
+        correlation_id=cid,
+        conversation_id=conv,
+        attempt=attempt,
+        stages=dict(stages),
         seq=seq,
         finish_reason=finish_reason,
         text=text,
@@ -42,7 +47,6 @@ def whole_reply(
         verdict=verdict,
         error=error,
         retrieval_status=retrieval_status,
-        **common,
     )
     out.append(to_reply(request, done.to_bytes()))
     return out

@@ -59,9 +59,9 @@ def last_user_text(messages: list[ChatMessage]) -> str:
 class SamplingParams(_Model):
     """Generation parameters, OpenAI-compatible meanings. ``max_tokens`` counts completion tokens."""
 
-    max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
 
