@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     turn_timeout_s: float = 120.0
     sse_ping_s: float = 15.0
     max_request_messages: int = 256
+    max_request_bytes: int = 256 * 1024  # keeps every event of a turn well under Kafka's 1 MB default
 
     # --- model / inference -----------------------------------------------------------------------
     model: str = ""  # HF id or local path; default: the tiny model under state_dir

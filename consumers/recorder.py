@@ -9,7 +9,8 @@ FerretDB) through PyMongo's ``AsyncMongoClient``. Collections:
   (status, reason, sources), ``answer`` (text, finish_reason, usage, model), ``stages``, ``events``.
 * ``verdicts`` — ``_id`` = correlation id; the safety verdict with its conversation id.
 
-Every write is an upsert of fields derived only from the event (``$set``/``$setOnInsert``/``$addToSet``),
+A database outage never loses a record: after a few quick retries the event is left uncommitted and
+retried with back-off (:class:`consumers.stage.RetryLater`). Every write is an upsert of fields derived only from the event (``$set``/``$setOnInsert``/``$addToSet``),
 so replaying an event — at-least-once delivery — changes nothing: idempotent by ``event_id``, and
 events of one turn may arrive in any order across topics. Text is PII-masked before it is stored.
 """
@@ -28,7 +29,7 @@ from pymongo.errors import PyMongoError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from chatbus.config import Settings
-from consumers.stage import Outgoing, StageWorker
+from consumers.stage import Outgoing, RetryLater, StageWorker
 from safety_workers.pii import mask_pii
 from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted, last_user_text
 from topics.registry import CHAT_GROUNDED, CHAT_REPLIES, CHAT_REQUESTS, CHAT_SCREENED
@@ -89,7 +90,7 @@ def turn_updates(event: AnyEvent) -> dict[str, Any] | None:
 class Recorder:
     def __init__(self, settings: Settings, client: AsyncMongoClient[dict[str, Any]] | None = None) -> None:
         self.settings = settings
-        self.client: AsyncMongoClient[dict[str, Any]] = client or AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=10_000)
+        self.client: AsyncMongoClient[dict[str, Any]] = client or AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=5_000)
         self.db: AsyncDatabase[dict[str, Any]] = self.client[settings.mongo_db]
 
     async def record(self, event: AnyEvent) -> bool:
@@ -99,11 +100,14 @@ class Recorder:
         if fields is None:
             return False
         cid = str(event.correlation_id)  # type: ignore[union-attr]
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(PyMongoError), stop=stop_after_attempt(5), wait=wait_exponential(0.2, max=5), reraise=True
-        ):
-            with attempt:
-                await self._write(event, cid, fields)
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(PyMongoError), stop=stop_after_attempt(3), wait=wait_exponential(0.2, max=2), reraise=True
+            ):
+                with attempt:
+                    await self._write(event, cid, fields)
+        except PyMongoError as exc:  # the database is down: keep the event on the bus, retry later
+            raise RetryLater(f"database unavailable: {type(exc).__name__}") from exc
         return True
 
     async def _write(self, event: AnyEvent, cid: str, fields: dict[str, Any]) -> None:

@@ -5,8 +5,12 @@ produced has been acknowledged by the broker (``acks=all``). A crash between pro
 redelivers the message, so handlers must be idempotent on ``event_id`` (downstream stages and the
 recorder are).
 
-Poison messages never stop a worker: a message that fails to decode, or whose handler raises, is
-written to the dead-letter topic (``chat.dlq``) with the reason, and its offset is committed.
+Poison messages never stop a worker: a message that fails to decode, whose handler raises, or whose
+output the broker refuses (e.g. too large) is written to the dead-letter topic (``chat.dlq``) with the
+reason (PII masked), and its offset is committed. A dependency that is down is different: the handler
+raises :class:`RetryLater` (a retriable broker error counts too) and the record is retried with
+back-off, uncommitted — never dropped. A commit that fails because a rebalance moved the partition is
+logged; the partition's new owner resumes from the last commit.
 """
 
 from __future__ import annotations
@@ -18,13 +22,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from chatbus.config import Settings
+from safety_workers.pii import mask_pii
 from schemas.events import AnyEvent, DeadLetter, DecodeError, decode
 from topics.clients import make_consumer, make_producer
 from topics.registry import CHAT_DLQ, topic
 
 log = logging.getLogger(__name__)
+
+
+class RetryLater(Exception):
+    """A handler's signal that a dependency is down: retry the record later instead of dead-lettering it."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,7 @@ def dead_letter(settings: Settings, record: ConsumerRecord, worker: str, reason:
         partition=record.partition,
         offset=record.offset,
         key=record.key.decode("utf-8", "replace") if record.key else None,
-        value=raw.decode("utf-8", "replace")[:100_000],
+        value=mask_pii(raw[:100_000].decode("utf-8", "replace"))[0],  # the DLQ keeps 14 days: no raw PII
         worker=worker,
         reason=reason[:2_000],
     )
@@ -96,8 +106,13 @@ class StageWorker:
         self.max_records = max_records
         self.processed = 0
         self.dead_lettered = 0
+        self._backoff = 0.0
 
     async def handle_record(self, record: ConsumerRecord) -> Sequence[Outgoing]:
+        """The events to produce for one record; a dead letter when it cannot be processed.
+
+        Raises :class:`RetryLater` (from the handler) to have the record retried after a back-off.
+        """
         try:
             event = decode(record.value)
         except DecodeError as exc:
@@ -106,6 +121,8 @@ class StageWorker:
             return [dead_letter(self.settings, record, self.name, str(exc))]
         try:
             return await self.handler(event, record)
+        except RetryLater:
+            raise
         except Exception as exc:  # a handler bug or a bad event must not stop the stage
             log.exception("%s: handler failed on %s[%d]@%d", self.name, record.topic, record.partition, record.offset)
             self.dead_lettered += 1
@@ -129,12 +146,42 @@ class StageWorker:
             await self.producer.stop()
 
     async def _process_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        outgoing: list[Outgoing] = []
-        for record in records:
-            outgoing.extend(await self.handle_record(record))
-        await produce_all(self.producer, outgoing)
-        await self.consumer.commit({tp: records[-1].offset + 1})
-        self.processed += len(records)
+        done: ConsumerRecord | None = None
+        try:
+            for record in records:
+                if tp not in self.consumer.assignment():
+                    return  # revoked mid-batch: the partition's new owner takes it from the last commit
+                await self._deliver(record, await self.handle_record(record))
+                done = record
+                self.processed += 1
+            self._backoff = 0.0
+        except RetryLater as exc:
+            # infrastructure trouble (database, broker): keep the record and retry it, never drop it
+            self._backoff = min(max(self._backoff * 2, 0.5), 10.0)
+            log.warning("%s: %s; retrying %s[%d] in %.1fs", self.name, exc, tp.topic, tp.partition, self._backoff)
+            failed = records[records.index(done) + 1] if done is not None else records[0]
+            self.consumer.seek(tp, failed.offset)
+            await asyncio.sleep(self._backoff)
+        finally:
+            if done is not None:
+                await self._commit(tp, done.offset + 1)
+
+    async def _deliver(self, record: ConsumerRecord, outgoing: Sequence[Outgoing]) -> None:
+        """Produce a record's output and wait for the acks; an output the broker refuses is dead-lettered."""
+        try:
+            await produce_all(self.producer, outgoing)
+        except KafkaError as exc:
+            if exc.retriable:
+                raise RetryLater(f"produce failed: {type(exc).__name__}") from exc
+            log.error("%s: output of %s[%d]@%d refused: %s", self.name, record.topic, record.partition, record.offset, exc)
+            self.dead_lettered += 1
+            await produce_all(self.producer, [dead_letter(self.settings, record, self.name, f"output refused by the broker: {type(exc).__name__}: {exc}")])
+
+    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+        try:
+            await self.consumer.commit({tp: offset})
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:  # a rebalance moved the partition
+            log.warning("%s: commit of %s[%d]@%d failed: %s", self.name, tp.topic, tp.partition, offset, exc)
 
 
 def run_forever(coro_factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:

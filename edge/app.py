@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from chatbus.config import Settings, get_settings
-from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, completion_body, parse_request
+from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, check_supported, completion_body, parse_request
 from edge.relay import ReplyRelay, TurnStream, TurnTimeout
 from schemas.events import CancelTurn, ChatTurnRequest, ReplyTo
 from topics.clients import make_admin, make_producer
@@ -62,6 +62,7 @@ class ChatService:
         self.requests_topic = topic(CHAT_REQUESTS, settings.topic_prefix)
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.reply_to = ReplyTo(topic=topic(CHAT_REPLIES, settings.topic_prefix), partition=settings.reply_partition)
+        self._background: set[asyncio.Task[None]] = set()
 
     def build_turn(self, req: ChatCompletionRequest, received_at: float) -> ChatTurnRequest:
         if req.model != self.settings.model_name:
@@ -79,10 +80,11 @@ class ChatService:
         return turn
 
     async def publish(self, turn: ChatTurnRequest) -> TurnStream:
-        stream = self.relay.open(turn.correlation_id)
         turn.mark("edge_published")
+        value = turn.to_bytes()  # validated input always serialises; do it before anything is opened
+        stream = self.relay.open(turn.correlation_id)
         try:
-            await self.producer.send_and_wait(self.requests_topic, turn.to_bytes(), key=turn.key)
+            await self.producer.send_and_wait(self.requests_topic, value, key=turn.key)
         except Exception as exc:
             self.relay.close(turn.correlation_id)
             log.exception("publishing turn %s failed", turn.correlation_id)
@@ -114,29 +116,61 @@ class ChatService:
         except TurnTimeout as exc:
             await self.cancel(turn, "timeout")
             yield _data(APIError(504, str(exc), type="timeout").body())
-        except asyncio.CancelledError:
-            # the client went away (sse-starlette cancels the generator): stop generation over the bus
-            await asyncio.shield(self.cancel(turn, "client_disconnected"))
-            raise
         finally:
             self.relay.close(turn.correlation_id)
+            if stream.done is None:
+                # The client went away mid-turn: sse-starlette cancels the generator (CancelledError) or
+                # closes it (GeneratorExit) — either way, stop generation over the bus.
+                self.cancel_soon(turn, "client_disconnected")
         yield {"data": "[DONE]"}
 
-    async def complete(self, turn: ChatTurnRequest, stream: TurnStream) -> dict[str, Any]:
-        text: list[str] = []
+    def cancel_soon(self, turn: ChatTurnRequest, reason: str) -> None:
+        """Publish a cancel from a context that cannot await (a closing generator); the task is kept alive."""
+        task = asyncio.get_running_loop().create_task(self.cancel(turn, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def complete(self, turn: ChatTurnRequest, stream: TurnStream, request: Request) -> dict[str, Any]:
+        """Wait for the whole answer; a client that disconnects meanwhile cancels the turn."""
+        waiter = asyncio.ensure_future(self._drain_pieces(stream))
         try:
-            async for piece in stream.pieces(self.settings.turn_timeout_s):
-                text.append(piece)
+            while not waiter.done():
+                await asyncio.wait({waiter}, timeout=0.5)
+                if not waiter.done() and await request.is_disconnected():
+                    waiter.cancel()
+                    await self.cancel(turn, "client_disconnected")
+                    raise APIError(499, "client closed the request", type="client_closed")
+            waiter.result()
         except TurnTimeout as exc:
             await self.cancel(turn, "timeout")
             raise APIError(504, str(exc), type="timeout") from None
         finally:
+            waiter.cancel()
             self.relay.close(turn.correlation_id)
         done = stream.done
         assert done is not None
         if done.finish_reason == "error":
             raise APIError(500, "generation failed", type="internal_error")
-        return completion_body(turn.correlation_id, turn.model, "".join(text), done)
+        # the completion's own text: for a redelivered turn it is the text of the attempt that finished
+        return completion_body(turn.correlation_id, turn.model, done.text, done)
+
+    async def _drain_pieces(self, stream: TurnStream) -> None:
+        async for _ in stream.pieces(self.settings.turn_timeout_s):
+            pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes with a 413 (also when no Content-Length is sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _data(obj: dict[str, Any]) -> dict[str, str]:
@@ -152,7 +186,7 @@ def _check_auth(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else ""
-    if not any(secrets.compare_digest(token, k) for k in keys):
+    if not any(secrets.compare_digest(token.encode(), k.encode()) for k in keys):
         raise APIError(401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key")
 
 
@@ -161,13 +195,15 @@ async def chat_completions(request: Request) -> Response:
     service: ChatService = request.app.state.service
     try:
         _check_auth(request)
+        raw = await read_body(request, service.settings.max_request_bytes)
         try:
-            payload = orjson.loads(await request.body())
+            payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise APIError(400, "request body is not valid JSON") from None
         req = parse_request(payload)
         if len(req.messages) > service.settings.max_request_messages:
             raise APIError(400, f"at most {service.settings.max_request_messages} messages", param="messages")
+        check_supported(req, service.settings.max_model_len)
         turn = service.build_turn(req, received)
         stream = await service.publish(turn)
     except APIError as err:
@@ -181,7 +217,7 @@ async def chat_completions(request: Request) -> Response:
             headers={"X-Correlation-Id": turn.correlation_id},
         )
     try:
-        body = await service.complete(turn, stream)
+        body = await service.complete(turn, stream, request)
     except APIError as err:
         return error_response(err)
     return ORJSONResponse(body, headers={"X-Correlation-Id": turn.correlation_id})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from schemas.events import ChatMessage, Citation, SamplingParams, TurnCompleted, Usage
 
@@ -58,17 +58,22 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[RequestMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = Field(None, max_length=256)
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    user: str | None = Field(default=None, max_length=256)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-    conversation_id: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    n: StrictInt | None = Field(default=None, ge=1, le=1)
+    conversation_id: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # accepted by OpenAI but not implemented here: refused with a 400 rather than silently ignored
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: StrictBool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -86,6 +91,7 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("messages must contain a non-empty user message")
         return self
 
+
     def chat_messages(self) -> list[ChatMessage]:
         return [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
 
@@ -97,6 +103,28 @@ class ChatCompletionRequest(BaseModel):
             stop=list(self.stop or []),
             seed=self.seed,
         )
+
+
+UNSUPPORTED = {
+    "tools": "tool calling is not supported by chatbus",
+    "functions": "function calling is not supported by chatbus",
+    "logprobs": "logprobs are not supported by chatbus",
+}
+
+
+def check_supported(req: ChatCompletionRequest, max_model_len: int) -> None:
+    """Refuse what chatbus would otherwise have to ignore silently (400, naming the parameter)."""
+    for param, message in UNSUPPORTED.items():
+        if getattr(req, param):
+            raise APIError(400, message, param=param)
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise APIError(400, "only response_format type 'text' is supported", param="response_format")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked is not None and asked > max_model_len:
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{param} ({asked}) is larger than the model's context length ({max_model_len})", param=param)
 
 
 def parse_request(payload: object) -> ChatCompletionRequest:

@@ -11,6 +11,10 @@ text already shown.
 Backpressure: at most ``CHATBUS_MAX_INFLIGHT_TURNS`` turns run at once; when full, the worker pauses
 its partitions (heartbeats go on, nothing more is fetched) and resumes when a turn finishes.
 
+Rebalances: turns keep running while the group rebalances; only turns whose partition went to
+another member are stopped (uncommitted, so the new owner redoes them). Records refetched after a
+partition comes back are recognised by offset and not run twice.
+
 Cancellation: every worker reads all of ``chat.control`` (no consumer group, from the end); a cancel
 for a running turn aborts it in the engine and completes it with ``finish_reason="cancelled"``; a
 cancel for a turn not yet dequeued is remembered for ten minutes.
@@ -29,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from chatbus.config import Settings
-from consumers.stage import dead_letter, produce_all
+from consumers.stage import Outgoing, dead_letter, produce_all
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from producers.replies import to_reply
 from schemas.events import CancelTurn, DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, decode, new_id
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "chatbus-inference"
 CANCEL_MEMORY_S = 600.0
+ENGINE_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
 class OffsetTracker:
@@ -47,12 +52,20 @@ class OffsetTracker:
 
     ``start`` registers an offset as in flight; ``finish`` marks it done and returns the offset that is
     now safe to commit (Kafka's convention: the *next* offset to read), or None if it did not advance.
+    ``handled`` tells whether an offset is running or already done here — after a rebalance hands a
+    partition back, the consumer refetches from the last commit and those must not run twice.
     """
 
     def __init__(self) -> None:
         self.inflight: dict[TopicPartition, set[int]] = {}
         self.highest_done: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
+        self.done: dict[TopicPartition, set[int]] = {}  # finished, above the commit point
+
+    def handled(self, tp: TopicPartition, offset: int) -> bool:
+        if tp in self.committed and offset < self.committed[tp]:
+            return True
+        return offset in self.inflight.get(tp, ()) or offset in self.done.get(tp, ())
 
     def start(self, tp: TopicPartition, offset: int) -> None:
         self.inflight.setdefault(tp, set()).add(offset)
@@ -63,15 +76,17 @@ class OffsetTracker:
         pending.discard(offset)
         self.highest_done[tp] = max(self.highest_done.get(tp, -1), offset)
         point = min(pending) if pending else self.highest_done[tp] + 1
+        done = self.done.setdefault(tp, set())
+        done.add(offset)
         if point > self.committed.get(tp, -1):
             self.committed[tp] = point
+            self.done[tp] = {o for o in done if o >= point}
             return point
         return None
 
     def forget(self, tp: TopicPartition) -> None:
-        self.inflight.pop(tp, None)
-        self.highest_done.pop(tp, None)
-        self.committed.pop(tp, None)
+        for table in (self.inflight, self.highest_done, self.committed, self.done):
+            table.pop(tp, None)
 
 
 def derived_seed(correlation_id: str) -> int:
@@ -85,7 +100,7 @@ class Running:
     tp: TopicPartition
     offset: int
     cancel_reason: str | None = None
-    stages: dict[str, float] = field(default_factory=dict)
+    finishing: bool = False  # generation is over; the completion is being delivered (cancel is moot)
 
 
 class _Revoker(ConsumerRebalanceListener):
@@ -93,10 +108,14 @@ class _Revoker(ConsumerRebalanceListener):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.worker.drop_partitions(set(revoked))
+        self.worker.revoked = set(revoked)  # turns keep running through the rebalance …
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("inference: assigned %s", sorted(tp.partition for tp in assigned))
+        lost = self.worker.revoked - set(assigned)  # … and stop only where the partition went elsewhere
+        self.worker.revoked = set()
+        if lost:
+            await self.worker.drop_partitions(lost)
 
 
 class InferenceWorker:
@@ -112,9 +131,13 @@ class InferenceWorker:
         self.running: dict[str, Running] = {}
         self.cancelled: OrderedDict[str, float] = OrderedDict()  # correlation id -> when the cancel arrived
         self.completed_turns = 0
+        self.revoked: set[TopicPartition] = set()
+        self.fatal: BaseException | None = None
+        self._stop: asyncio.Event | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         await self.engine.start()
         await self.producer.start()
         try:
@@ -127,14 +150,16 @@ class InferenceWorker:
             try:
                 await self._main_loop(stop)
             finally:
+                await self._drain(timeout_s=10.0)
                 control_task.cancel()
                 await asyncio.gather(control_task, return_exceptions=True)
-                await self._drain(timeout_s=10.0)
                 await self.control.stop()
                 await self.consumer.stop()
         finally:
             await self.producer.stop()
             await self.engine.stop()
+        if self.fatal is not None:
+            raise RuntimeError("inference worker stopped: a completion could not be delivered") from self.fatal
 
     async def _main_loop(self, stop: asyncio.Event) -> None:
         log.info("inference: consuming %s as group %s (max %d in flight)", self.in_topic, GROUP, self.settings.max_inflight_turns)
@@ -171,7 +196,14 @@ class InferenceWorker:
     # --- control ---------------------------------------------------------------------------------------
     async def _control_loop(self) -> None:
         while True:
-            batches = await self.control.getmany(timeout_ms=200)
+            try:
+                batches = await self.control.getmany(timeout_ms=200)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control fetch failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
             for records in batches.values():
                 for record in records:
                     try:
@@ -189,8 +221,10 @@ class InferenceWorker:
         while self.cancelled and next(iter(self.cancelled.values())) < now - CANCEL_MEMORY_S:
             self.cancelled.popitem(last=False)
         running = self.running.get(correlation_id)
-        if running is None:
+        if running is None or running.finishing:
             return False
+        if running.cancel_reason is not None:
+            return True  # already being cancelled
         log.info("cancelling turn %s (%s)", correlation_id, reason)
         running.cancel_reason = reason
         running.task.cancel()
@@ -207,9 +241,11 @@ class InferenceWorker:
             await produce_all(self.producer, [dead_letter(self.settings, record, "inference", str(exc))])
             await self._commit(tp, record.offset, started=False)
             return
+        if tp not in self.consumer.assignment() or self.tracker.handled(tp, record.offset):
+            return  # revoked meanwhile, or refetched after a rebalance: already running or done here
         event.mark("inference_dequeued")
         cid = event.correlation_id
-        if cid in self.running:  # a duplicate delivery of a turn already running here
+        if cid in self.running:  # the same turn delivered twice (e.g. re-published): one run is enough
             await self._commit(tp, record.offset, started=False)
             return
         self.tracker.start(tp, record.offset)
@@ -256,68 +292,87 @@ class InferenceWorker:
                 text += buffer
                 buffer, seq = "", seq + 1
 
+        extra: list[Outgoing] = []
         try:
-            if cid in self.cancelled:
+            try:
+                if cid in self.cancelled:
+                    finish = "cancelled"
+                else:
+                    gen = GenerationRequest(
+                        request_id=f"{cid}:{attempt}",
+                        messages=[m.model_dump() for m in turn.prompt_messages],
+                        max_tokens=min(request.sampling.max_tokens, self.settings.max_model_len),
+                        temperature=request.sampling.temperature,
+                        top_p=request.sampling.top_p,
+                        stop=list(request.sampling.stop),
+                        seed=request.sampling.seed if request.sampling.seed is not None else derived_seed(cid),
+                    )
+                    last_flush = time.monotonic()
+                    flushed_tokens = 0
+                    async for delta in self.engine.generate(gen):
+                        if "first_token" not in stages and (delta.text or delta.finish_reason):
+                            stages["first_token"] = time.time()
+                        buffer += delta.text
+                        tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
+                        elapsed_ms = (time.monotonic() - last_flush) * 1000
+                        if seq == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens:
+                            await flush()
+                            last_flush, flushed_tokens = time.monotonic(), tokens
+                        if delta.finish_reason:
+                            finish = ENGINE_FINISH.get(delta.finish_reason, "stop")
+                    await flush()
+                    stages["last_token"] = time.time()
+            except asyncio.CancelledError:
+                running = self.running.get(cid)
+                if running is None or running.cancel_reason is None:
+                    raise  # shutdown or a lost partition: leave it uncommitted, another attempt will redo it
                 finish = "cancelled"
-            else:
-                gen = GenerationRequest(
-                    request_id=f"{cid}:{attempt}",
-                    messages=[m.model_dump() for m in turn.prompt_messages],
-                    max_tokens=min(request.sampling.max_tokens, self.settings.max_model_len),
-                    temperature=request.sampling.temperature,
-                    top_p=request.sampling.top_p,
-                    stop=list(request.sampling.stop),
-                    seed=request.sampling.seed if request.sampling.seed is not None else derived_seed(cid),
-                )
-                last_flush = time.monotonic()
-                flushed_tokens = 0
-                async for delta in self.engine.generate(gen):
-                    if "first_token" not in stages and (delta.text or delta.finish_reason):
-                        stages["first_token"] = time.time()
-                    buffer += delta.text
-                    tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
-                    elapsed_ms = (time.monotonic() - last_flush) * 1000
-                    if seq == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens:
-                        await flush()
-                        last_flush, flushed_tokens = time.monotonic(), tokens
-                    if delta.finish_reason:
-                        finish = "length" if delta.finish_reason == "length" else "stop"
                 await flush()
-                stages["last_token"] = time.time()
-        except asyncio.CancelledError:
+            except Exception as exc:  # the engine failed on this turn: answer with an error, keep serving
+                log.exception("generation failed for %s", cid)
+                finish, error = "error", f"{type(exc).__name__}: {exc}"[:500]
+                extra.append(dead_letter(self.settings, record, "inference", error, cid))
             running = self.running.get(cid)
-            if running is None or running.cancel_reason is None:
-                self.running.pop(cid, None)
-                raise  # shutdown or rebalance: leave it uncommitted, another attempt will redo it
-            finish = "cancelled"
-            await flush()
-        except Exception as exc:  # the engine failed on this turn: answer with an error, keep serving
-            log.exception("generation failed for %s", cid)
-            finish, error = "error", f"{type(exc).__name__}: {exc}"[:500]
-            letter = dead_letter(self.settings, record, "inference", error, cid)
-            futures.append(await self.producer.send(letter.topic, letter.value, key=letter.key))
-        done = TurnCompleted(
-            correlation_id=cid,
-            conversation_id=turn.conversation_id,
-            attempt=attempt,
-            seq=seq,
-            finish_reason=finish,
-            text=text,
-            model=self.engine.model_name,
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens),
-            citations=turn.citations,
-            verdict=turn.verdict,
-            retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
-            error=error,
-            stages=dict(stages),
-        )
-        out = to_reply(request, done.to_bytes())
-        futures.append(await self.producer.send(out.topic, out.value, key=out.key, partition=out.partition))
-        await asyncio.gather(*futures)
-        self.running.pop(cid, None)
+            if running is not None:
+                running.finishing = True
+            done = TurnCompleted(
+                correlation_id=cid,
+                conversation_id=turn.conversation_id,
+                attempt=attempt,
+                seq=seq,
+                finish_reason=finish,
+                text=text,
+                model=self.engine.model_name,
+                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens),
+                citations=turn.citations,
+                verdict=turn.verdict,
+                retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
+                error=error,
+                stages=dict(stages),
+            )
+            extra.append(to_reply(request, done.to_bytes()))
+            # delivering the completion and committing must not be cut short by a late cancel
+            await asyncio.shield(self._complete(done, futures, extra, tp, record.offset))
+        finally:
+            self.running.pop(cid, None)
+
+    async def _complete(self, done: TurnCompleted, futures: list[asyncio.Future[object]], extra: list[Outgoing], tp: TopicPartition, offset: int) -> None:
+        """Produce the completion (and any dead letter), await every ack of the turn, then commit."""
+        try:
+            for o in extra:
+                futures.append(await self.producer.send(o.topic, o.value, key=o.key, partition=o.partition))
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            # Not committing would stall this partition's commits behind it for good: stop the worker
+            # instead, so the turn is redelivered to a healthy one.
+            log.error("could not deliver the completion of %s: %s; stopping", done.correlation_id, exc)
+            self.fatal = exc
+            if self._stop is not None:
+                self._stop.set()
+            return
         self.completed_turns += 1
-        log.info("turn %s %s: %d tokens", cid, finish, tokens)
-        await self._commit(tp, record.offset)
+        log.info("turn %s %s: %d tokens", done.correlation_id, done.finish_reason, done.usage.completion_tokens)
+        await self._commit(tp, offset)
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

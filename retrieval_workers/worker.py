@@ -105,5 +105,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     stage = RetrievalStage(settings)
     turns = StageWorker(settings, "retrieval", GROUP, [CHAT_SCREENED], stage.handle_turn)
     ingest = StageWorker(settings, "retrieval-ingest", INGEST_GROUP, [KB_INGEST], stage.handle_ingest, max_records=8)
-    await asyncio.gather(turns.run(stop), ingest.run(stop))
-    stage.kb.close()
+    try:
+        # one failing loop ends the other and the process (so a supervisor restarts it), not half of it
+        async with asyncio.TaskGroup() as group:
+            group.create_task(turns.run(stop))
+            group.create_task(ingest.run(stop))
+    finally:
+        stage.kb.close()

@@ -153,6 +153,12 @@ async def _of_type(events: Any, kind: type) -> list[Any]:
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, "seed"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
 async def test_bad_request_is_400_and_publishes_nothing(edge_url: str, settings: Settings, body: dict[str, Any], param: str) -> None:
@@ -162,6 +168,15 @@ async def test_bad_request_is_400_and_publishes_nothing(edge_url: str, settings:
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+    assert await end_offsets(settings, "chat.requests") == before
+
+
+async def test_oversized_body_is_413_and_publishes_nothing(edge_url: str, settings: Settings) -> None:
+    before = await end_offsets(settings, "chat.requests")
+    huge = {"model": MODEL, "messages": [{"role": "user", "content": "x" * (settings.max_request_bytes + 1)}]}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{edge_url}/v1/chat/completions", json=huge)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert await end_offsets(settings, "chat.requests") == before
 
 

@@ -26,6 +26,33 @@ def test_offset_tracker_commits_in_order() -> None:
     assert t.finish(TP, 13) == 14
 
 
+def test_offset_tracker_knows_what_it_handled() -> None:
+    t = OffsetTracker()
+    t.start(TP, 20)
+    t.start(TP, 21)
+    assert t.finish(TP, 21) is None
+    # after a rebalance the consumer refetches from the commit point (20): both are already handled here
+    assert t.handled(TP, 20) and t.handled(TP, 21) and not t.handled(TP, 22)
+    assert t.finish(TP, 20) == 22
+    assert t.handled(TP, 19) and not t.handled(TP, 22)
+    t.forget(TP)
+    assert not t.handled(TP, 20)
+
+
+def test_dead_letters_mask_pii() -> None:
+    from aiokafka import ConsumerRecord
+
+    from chatbus.config import Settings
+    from consumers.stage import dead_letter
+    from schemas.events import decode as decode_event
+
+    raw = b'{"messages":[{"content":"mail jane.doe@example.com"}]'
+    record = ConsumerRecord("chat.requests", 2, 41, 0, 0, b"conv-1", raw, None, 6, len(raw), ())
+    letter = decode_event(dead_letter(Settings(), record, "safety", "not JSON").value)
+    assert "jane.doe@example.com" not in letter.value and "[EMAIL]" in letter.value  # type: ignore[union-attr]
+    assert (letter.source_topic, letter.partition, letter.offset, letter.key) == ("chat.requests", 2, 41, "conv-1")  # type: ignore[union-attr]
+
+
 def test_derived_seed_is_stable() -> None:
     assert derived_seed("chatcmpl-x") == derived_seed("chatcmpl-x") != derived_seed("chatcmpl-y")
 
