@@ -288,3 +288,16 @@ async def test_inflight_cap_holds_under_a_burst(edge_url: str, settings: Setting
         running += step
         peak = max(peak, running)
     assert 1 < peak <= settings.max_inflight_turns
+
+
+async def test_database_outage_loses_no_record(edge_url: str, stack: Stack, mongo: Any) -> None:
+    """The recorder keeps events on the bus while the database is down, and writes them once it is back."""
+    await asyncio.to_thread(stack.stop, "ferretdb")
+    try:
+        text, chunks = await stream_turn(edge_url, "Recorded while the database is down?", max_tokens=6)
+        assert text  # chat itself does not depend on the database
+    finally:
+        await asyncio.to_thread(stack.start_ferretdb)
+    cid = chunks[0].id
+    turn = await eventually(lambda: mongo.turns.find_one({"_id": cid, "answer": {"$exists": True}}), timeout_s=60, what="turn recorded after the outage")
+    assert turn["answer"]["text"] == text
