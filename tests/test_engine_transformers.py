@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -145,6 +146,60 @@ async def test_long_prompt_is_truncated_to_fit(engine: TransformersEngine) -> No
     assert deltas[-1].prompt_tokens <= engine.max_model_len - 3
 
 
+def long_history(n_messages: int = 256, total_chars: int = 800_000) -> list[dict[str, str]]:
+    """A system message, ``n_messages - 2`` alternating turns of varied words (``total_chars`` in all; the
+    newest ten are short), then a short last user message that starts with ``LAST QUESTION``."""
+    rng = random.Random(0)
+    words = ["kafka", "consumer", "heartbeat", "token", "the", "of", "and", "naïve", "東京", "12345", "(x);", "🙂"]
+    per_message = total_chars // (n_messages - 12)
+    history = [{"role": "system", "content": "SYSTEM RULES"}]
+    for i in range(n_messages - 2):
+        size = per_message if i < n_messages - 12 else 200
+        text = " ".join(rng.choice(words) for _ in range(size // 5))
+        history.append({"role": "user" if i % 2 == 0 else "assistant", "content": text[:size]})
+    history.append({"role": "user", "content": "LAST QUESTION: what did the heartbeat say?"})
+    return history
+
+
+async def test_long_history_keeps_the_event_loop_responsive(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A renderer slow enough that preparing the prompt on the event loop would stall it for seconds
+    # (time.sleep releases the GIL, as the tokenizer does): the ticker shows whether it ran elsewhere.
+    real_render = engine._render
+    renders: list[int] = []
+
+    def slow_render(messages: list[dict[str, str]]) -> list[int]:
+        time.sleep(0.15)
+        renders.append(len(messages))
+        return real_render(messages)
+
+    monkeypatch.setattr(engine, "_render", slow_render)
+    history = long_history()
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    try:
+        deltas = await asyncio.wait_for(collect(engine, GenerationRequest("t-loop", history, max_tokens=2)), 60)
+    finally:
+        done.set()
+        await tick
+    assert len(renders) >= 3  # the slow renderer did run, for longer than the gap allowed below
+    assert max(gaps) < 0.5, f"event loop stalled for {max(gaps):.2f} s"
+    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 2
+    assert deltas[-1].prompt_tokens <= engine.max_model_len - 2
+    await wait_idle(engine)
+
+
 @pytest.mark.parametrize("mode", ["continuous_batching", "threads"])
 async def test_stop_fails_in_flight_requests(tiny_model_dir: Path, mode: str) -> None:
     eng = TransformersEngine(str(tiny_model_dir), device="cpu", mode=mode, max_concurrency=2)
@@ -215,6 +270,71 @@ def test_fit_prompt_keeps_system_and_recent_messages() -> None:
     # max_tokens larger than the context: the prompt keeps its (short) length, max_new shrinks.
     ids, max_new = fit_prompt(msgs[:2], render, 200, 10_000)
     assert len(ids) == len(render(msgs[:2])) and len(ids) + max_new == 200
+
+
+def _fit_one_by_one(
+    messages: list[dict[str, str]], render: Any, max_model_len: int, max_tokens: int
+) -> tuple[list[int], int]:
+    """The straightforward (quadratic) reference: drop the oldest non-system message, re-render, repeat."""
+    ids = render(messages)
+    max_new = max(1, min(max_tokens, max_model_len - min(len(ids), max_model_len // 2)))
+    budget = max_model_len - max_new
+    n_lead = 0
+    while n_lead < len(messages) and messages[n_lead]["role"] in ("system", "developer"):
+        n_lead += 1
+    lead, rest = messages[:n_lead], messages[n_lead:]
+    while len(rest) > 1 and len(ids) > budget:
+        rest = rest[1:]
+        ids = render(lead + rest)
+    if len(ids) > budget:
+        prefix = len(render(lead)) if lead else 0
+        prefix = 0 if prefix >= budget else prefix
+        ids = ids[:prefix] + ids[prefix + len(ids) - budget :]
+    return ids, max_new
+
+
+def test_fit_prompt_matches_dropping_one_message_at_a_time() -> None:
+    def render(msgs: list[dict[str, str]]) -> list[int]:  # one "token" per character, with a generation prompt
+        return [ord(c) for c in "".join(f"[{m['role']}]{m['content']}|" for m in msgs) + "[gen]"]
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        lead = [{"role": rng.choice(["system", "developer"]), "content": "S" * rng.randint(0, 60)}]
+        msgs = lead[: rng.choice([0, 1, 1])] + [
+            {"role": rng.choice(["user", "assistant"]), "content": "x" * rng.choice([0, 3, 20, 60, 300, 900])}
+            for _ in range(rng.randint(0, 14))
+        ]
+        max_model_len = rng.choice([2, 10, 60, 200, 500, 5000])
+        max_tokens = rng.choice([1, 10, 100, 10_000])
+        expected = _fit_one_by_one(msgs, render, max_model_len, max_tokens)
+        assert fit_prompt(msgs, render, max_model_len, max_tokens) == expected, (msgs, max_model_len, max_tokens)
+
+
+def test_fit_prompt_on_a_long_history_is_fast(tiny_model_dir: Path) -> None:
+    """256 messages, ~800 KB: dropping messages one render at a time took over a minute (quadratic)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    renders: list[int] = []
+
+    def render(msgs: list[dict[str, str]]) -> list[int]:
+        renders.append(len(msgs))
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    history = long_history()
+    assert len(history) == 256 and sum(len(m["content"]) for m in history) > 750_000
+    started = time.perf_counter()
+    ids, max_new = fit_prompt(history, render, max_model_len=2048, max_tokens=256)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0, f"fitting took {elapsed:.2f} s"
+    assert len(renders) <= 20  # O(log n) renders, not one per dropped message
+    assert max_new == 256 and len(ids) <= 2048 - 256
+    text = tok.decode(ids)
+    assert isinstance(text, str)
+    assert text.startswith("<|im_start|>system\nSYSTEM RULES<|im_end|>")
+    assert text.endswith("LAST QUESTION: what did the heartbeat say?<|im_end|>\n<|im_start|>assistant\n")
+    assert text.count("<|im_start|>") > 10  # the short recent turns were kept, whole
 
 
 # ------------------------------------------------------------------------------------------ openai

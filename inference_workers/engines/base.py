@@ -11,7 +11,7 @@ into an async stream of :class:`GenerationDelta` s. Contract, for every engine:
   request is aborted inside the engine: no more compute is spent on it.
 * Engine failures (model crash, upstream HTTP error) surface as exceptions from the iteration.
 
-Helpers here: :func:`fit_prompt` (left truncation keeping the system message),
+Helpers here: :func:`fit_prompt` (left truncation keeping the system message, O(log n) renders),
 :class:`IncrementalDetokenizer` (token ids → text without splitting multi-byte characters) and
 :class:`StopMatcher` (stop strings on streamed text, holding back a possible partial match).
 """
@@ -94,6 +94,15 @@ class Engine(ABC):
 # prompt fitting
 
 
+# Roles that open a conversation and are never dropped when the prompt is cut.
+LEADING_ROLES = ("system", "developer")
+
+# When the messages hold at most this many characters per context token, the whole prompt is rendered first
+# (one render, bounded by a few context lengths: the usual case, where it fits). Beyond that it is rendered
+# only if the search below gets that far, which a prompt much longer than the context never does.
+_FULL_RENDER_CHARS_PER_TOKEN = 4
+
+
 def fit_prompt(
     messages: list[dict[str, str]],
     render: Callable[[list[dict[str, str]]], list[int]],
@@ -104,44 +113,108 @@ def fit_prompt(
 
     ``render(messages)`` must return the templated prompt's token ids (with the generation prompt).
     When ``prompt + max_tokens`` exceeds ``max_model_len``, the prompt is cut from the left down to
-    ``max_model_len - max_tokens`` tokens: first whole messages go, oldest first, keeping leading system
-    messages and the last message; then, if still too long, the tokens right after the system prefix.
+    ``max_model_len - max_tokens`` tokens: first whole messages go, oldest first, keeping the leading
+    system/developer messages and the last message; then, if the leading messages plus the last message
+    alone are still too long, tokens are cut from the left of what follows the system prefix: the first
+    ``len(render(leading messages))`` tokens are kept (the system block; with a ChatML-like template the
+    generation prompt it ends with stands in for the next message's header), then the END of the rest —
+    the tail of the last message and the generation prompt. If the leading messages alone take the whole
+    budget, only the last ``max_model_len - max_new_tokens`` tokens are kept.
     A ``max_tokens`` so large that the prompt would get less than half the context (or less than it
     needs, if it is shorter) is reduced instead; the generation then ends with ``"length"`` earlier.
 
+    Cost: O(log n) renders for n messages, never one per dropped message. The search gallops from the
+    newest message (keep 1, 2, 4, ... trailing messages) and then bisects, so each render holds at most
+    twice as many messages as the part finally kept, and a history far longer than the context is never
+    rendered whole. It assumes that dropping a message never makes the rendered prompt longer, which
+    holds for chat templates that render messages one after the other.
+
     Returns ``(prompt_ids, max_new_tokens)``; ``max_new_tokens >= 1`` and
     ``len(prompt_ids) + max_new_tokens <= max_model_len``. Raises ``ValueError`` if ``max_model_len < 2``.
+    CPU-bound (chat template + tokenizer): engines run it off the event loop.
     """
     if max_model_len < 2:
         raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
-    ids = render(messages)
-    max_new = max(1, min(max_tokens, max_model_len - min(len(ids), max_model_len // 2)))
-    budget = max_model_len - max_new
-    if len(ids) <= budget:
-        return ids, max_new
+    half = max_model_len // 2
+    n_lead = 0
+    while n_lead < len(messages) and messages[n_lead].get("role") in LEADING_ROLES:
+        n_lead += 1
+    lead, rest = list(messages[:n_lead]), list(messages[n_lead:])
+    m = len(rest)
+    renders: dict[int, list[int]] = {}  # number of trailing messages kept -> token ids
 
-    n_system = 0
-    while n_system < len(messages) and messages[n_system].get("role") == "system":
-        n_system += 1
-    system, rest = list(messages[:n_system]), list(messages[n_system:])
-    while len(rest) > 1 and len(ids) > budget:
-        rest.pop(0)
-        ids = render(system + rest)
-    if len(ids) > budget:
-        prefix = len(render(system)) if system else 0
+    def keeping(j: int) -> list[int]:
+        if j not in renders:
+            renders[j] = render(lead + rest[m - j :])
+        return renders[j]
+
+    def max_new_for(ids: list[int]) -> int:
+        return max(1, min(max_tokens, max_model_len - min(len(ids), half)))
+
+    chars = sum(len(str(msg.get("content") or "")) for msg in messages)
+    if m <= 1 or chars <= _FULL_RENDER_CHARS_PER_TOKEN * max_model_len:
+        ids = keeping(m)
+        max_new = max_new_for(ids)
+        if len(ids) <= max_model_len - max_new:
+            return ids, max_new
+    # From here on the whole prompt is (or will turn out to be) at least half the context, so max_new and
+    # the budget no longer depend on its exact length. (A prompt shorter than half always fits.)
+    max_new = max(1, min(max_tokens, max_model_len - half))
+    budget = max_model_len - max_new
+
+    good, bad = 0, m + 1  # keeping `good` trailing messages fits (0: none known); keeping `bad` does not
+    if m in renders:
+        bad = m
+    j = 1
+    while j < bad:  # gallop from the newest message: 1, 2, 4, ... kept
+        if len(keeping(j)) > budget:
+            bad = j
+            break
+        good = j
+        if j == m:  # everything fits after all
+            return renders[m], max_new_for(renders[m])
+        j = min(2 * j, m)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if len(keeping(mid)) <= budget:
+            good = mid
+        else:
+            bad = mid
+
+    if good:
+        ids = renders[good]
+    else:  # even the last message alone is too long: token-level cut after the system prefix
+        ids = keeping(min(m, 1))
+        prefix = len(render(lead)) if lead else 0
         if prefix >= budget:  # the system message alone does not fit: keep the end of everything
             prefix = 0
         cut = len(ids) - budget
         ids = ids[:prefix] + ids[prefix + cut :]
     logger.info(
-        "prompt truncated to %d tokens (%d of %d messages kept, max_model_len %d, max_new_tokens %d)",
+        "prompt truncated to %d tokens (%d of %d messages kept, %d renders, max_model_len %d, max_new_tokens %d)",
         len(ids),
-        len(system) + len(rest),
+        len(lead) + max(good, min(m, 1)),
         len(messages),
+        len(renders),
         max_model_len,
         max_new,
     )
     return ids, max_new
+
+
+def warm_up_render(render: Callable[[list[dict[str, str]]], list[int]]) -> None:
+    """Render a one-message prompt once, before any concurrent use (call it when the engine starts).
+
+    Engines render prompts in worker threads, several at once. The first call of a Hugging Face fast
+    tokenizer may reset the padding/truncation that ``tokenizer.json`` configured, which mutates the Rust
+    tokenizer and fails ("Already borrowed") if another thread is encoding at that moment; later calls
+    only read. A failure here is logged, not raised: a template that rejects this prompt says so on real
+    requests.
+    """
+    try:
+        render([{"role": "user", "content": "hi"}])
+    except Exception as exc:
+        logger.warning("prompt renderer warm-up failed: %s", exc)
 
 
 # --------------------------------------------------------------------------------------------------

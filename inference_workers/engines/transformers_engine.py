@@ -30,7 +30,8 @@ Two modes, chosen with ``mode=``:
     which is process-global: reproducible only when no other request runs at the same time.
 
 Both modes: the chat template is applied with the tokenizer; the prompt is truncated from the left
-(system message kept) to ``max_model_len - max_tokens`` tokens (:func:`fit_prompt`); token ids are
+(system message kept) to ``max_model_len - max_tokens`` tokens (:func:`fit_prompt`), all of it in a
+worker thread (``asyncio.to_thread``), never on the event loop; token ids are
 detokenized incrementally so multi-byte characters are never split; stop strings are matched on the
 text (the request is aborted on a hit). ``completion_tokens`` includes the end-of-turn token.
 
@@ -59,6 +60,7 @@ from inference_workers.engines.base import (
     IncrementalDetokenizer,
     StopMatcher,
     fit_prompt,
+    warm_up_render,
 )
 
 logger = logging.getLogger(__name__)
@@ -199,6 +201,7 @@ class TransformersEngine(Engine):
             self.max_model_len = positions
         self.device, self._model, self._tokenizer, self._eos_ids = device, model, tokenizer, eos
         self._vocab_size = int(text_config.vocab_size)
+        warm_up_render(self._render)  # before generate() renders in several threads at once
 
     def _pad_id(self) -> int | None:
         pad = self._tokenizer.pad_token_id
@@ -313,21 +316,28 @@ class TransformersEngine(Engine):
         text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _prepare(self, req: GenerationRequest) -> tuple[list[int], int]:
+        """Prompt token ids and ``max_new_tokens`` for ``req`` (blocking: run it in a worker thread)."""
+        return fit_prompt(req.messages, self._render, self.max_model_len, req.max_tokens)
+
     # ----------------------------------------------------------------------------------- generation
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         if not self._started or self._slots is None:
             raise RuntimeError("engine not started")
-        ids, max_new = fit_prompt(req.messages, self._render, self.max_model_len, req.max_tokens)
+        self._waiting += 1  # preparing the prompt counts as waiting: it is compute spent on the request
+        try:
+            # Chat template + tokenization + fitting is CPU-bound and grows with the request (hundreds of
+            # KB of history): never on the event loop, which must keep serving other requests and the
+            # Kafka consumer's heartbeats.
+            ids, max_new = await asyncio.to_thread(self._prepare, req)
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
         prompt_tokens = len(ids)
         detok = IncrementalDetokenizer(self._tokenizer)
         stopper = StopMatcher(req.stop)
         generated = 0
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
         try:
             stream = self._open(req, ids, max_new)
             try:

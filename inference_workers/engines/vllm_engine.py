@@ -5,7 +5,8 @@ which raises ``RuntimeError`` naming the missing package when it is absent.
 
 Per request: the chat template is applied with the engine's tokenizer and the prompt is passed as
 token ids (``{"prompt_token_ids": [...]}``, a ``TokensPrompt``) after left truncation
-(:func:`fit_prompt`); ``SamplingParams(max_tokens, temperature, top_p, stop, seed,
+(:func:`fit_prompt`, run in a worker thread with ``asyncio.to_thread``, never on the event loop);
+``SamplingParams(max_tokens, temperature, top_p, stop, seed,
 output_kind=RequestOutputKind.DELTA)`` — all per request, ``temperature == 0`` is greedy, stop strings
 are handled (and excluded from the text) by vLLM. ``completion_tokens`` is the running count of
 generated token ids (the EOS token included, as vLLM reports it).
@@ -35,6 +36,7 @@ from inference_workers.engines.base import (
     GenerationDelta,
     GenerationRequest,
     fit_prompt,
+    warm_up_render,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class VllmEngine(Engine):
         if inspect.isawaitable(tokenizer):
             tokenizer = await tokenizer
         self._engine, self._tokenizer = engine, tokenizer
+        await asyncio.to_thread(warm_up_render, self._render)  # before generate() renders in threads
         self._sampling_params, self._output_kind = SamplingParams, RequestOutputKind
         logger.info("vllm engine ready: %s (max_model_len %d)", self.model_path, self.max_model_len)
 
@@ -128,7 +131,13 @@ class VllmEngine(Engine):
         engine = self._engine
         if engine is None:
             raise RuntimeError("engine not started")
-        ids, max_new = fit_prompt(req.messages, self._render, self.max_model_len, req.max_tokens)
+        # Chat template + tokenization + fitting is CPU-bound and grows with the request: off the event loop.
+        ids, max_new = await asyncio.to_thread(
+            fit_prompt, req.messages, self._render, self.max_model_len, req.max_tokens
+        )
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("engine stopped")
         params = self._sampling_params(
             max_tokens=max_new,
             temperature=req.temperature,
