@@ -176,7 +176,7 @@ class TransformersEngine(Engine):
             logger.warning("%s has no chat template; using ChatML", self.model_path)
             tokenizer.chat_template = _CHATML
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # torch stubs type Module.to loosely
         model.eval()
 
         eos: set[int] = set()
