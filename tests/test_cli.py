@@ -1,0 +1,42 @@
+"""The `chatbus` command line against the real stack, as a person would run it (a subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatbus.config import ROOT
+from chatbus.stack import Stack
+
+pytestmark = pytest.mark.stack
+
+
+def chatbus(stack: Stack, *args: str, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatbus.cli", *args], env=stack.env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_ingest_then_chat_streams_an_answer_with_its_citation(stack: Stack, tmp_path: Path) -> None:
+    doc = tmp_path / "wombat-cache.md"
+    doc.write_text("# Wombat cache\n\nThe wombat cache evicts cubic entries first, because wombats stack cubes.\n")
+    out = chatbus(stack, "ingest", str(doc))
+    assert out.strip().endswith("chunks indexed")
+    out = chatbus(stack, "chat", "Which entries does the wombat cache evict first?", "--max-tokens", "8")
+    assert "[finish_reason: " in out and "[usage: " in out
+    assert str(doc) in out  # the citation line
+
+
+def test_operator_views(stack: Stack) -> None:
+    assert "chat.requests" in chatbus(stack, "topics")
+    lag = chatbus(stack, "lag").splitlines()
+    assert lag[0].split()[:3] == ["group", "topic", "part"] and len(lag) > 1
+    chatbus(stack, "dlq", "-n", "5")
+    status = chatbus(stack, "stack", "status")
+    assert all(f"{name}" in status for name in ("kafka", "ferretdb", "edge"))
+    assert "stopped" not in status
