@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from chatbus.config import Settings
 from schemas.events import DecodeError, TokenEvent, TurnCompleted, decode
-from topics.clients import make_consumer
+from topics.clients import make_consumer, records_forever
 from topics.registry import CHAT_REPLIES, topic
 
 log = logging.getLogger(__name__)
@@ -104,18 +104,8 @@ class ReplyRelay:
         self.turns.pop(correlation_id, None)
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                batches = await self.consumer.getmany(timeout_ms=200)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reply relay fetch failed; retrying")
-                await asyncio.sleep(0.5)
-                continue
-            for records in batches.values():
-                for record in records:
-                    self._dispatch(record.value)
+        async for record in records_forever(self.consumer, "reply relay"):
+            self._dispatch(record.value)
 
     def _dispatch(self, raw: bytes | None) -> None:
         try:

@@ -37,7 +37,7 @@ from consumers.stage import Outgoing, dead_letter, produce_all
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from producers.replies import to_reply
 from schemas.events import CancelTurn, DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, decode, new_id
-from topics.clients import make_consumer, make_producer, partitions_of
+from topics.clients import make_consumer, make_producer, partitions_of, records_forever
 from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, topic
 
 log = logging.getLogger(__name__)
@@ -195,24 +195,14 @@ class InferenceWorker:
 
     # --- control ---------------------------------------------------------------------------------------
     async def _control_loop(self) -> None:
-        while True:
+        async for record in records_forever(self.control, "control"):
             try:
-                batches = await self.control.getmany(timeout_ms=200)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("control fetch failed; retrying")
-                await asyncio.sleep(0.5)
+                event = decode(record.value)
+            except DecodeError as exc:
+                log.warning("ignoring undecodable control message at %d: %s", record.offset, exc)
                 continue
-            for records in batches.values():
-                for record in records:
-                    try:
-                        event = decode(record.value)
-                    except DecodeError as exc:
-                        log.warning("ignoring undecodable control message at %d: %s", record.offset, exc)
-                        continue
-                    if isinstance(event, CancelTurn):
-                        self.cancel(event.correlation_id, event.reason)
+            if isinstance(event, CancelTurn):
+                self.cancel(event.correlation_id, event.reason)
 
     def cancel(self, correlation_id: str, reason: str) -> bool:
         """Abort a running turn (True), or remember the cancel for when it arrives (False)."""

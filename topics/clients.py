@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -63,6 +64,22 @@ async def partitions_of(consumer: AIOKafkaConsumer, name: str, timeout_s: float 
         consumer._client.add_topic(name)  # noqa: SLF001 - aiokafka's only way to ask metadata for one topic
         await consumer._client.force_metadata_update()  # noqa: SLF001
         await asyncio.sleep(0.05)
+
+
+async def records_forever(consumer: AIOKafkaConsumer, what: str) -> AsyncIterator[ConsumerRecord]:
+    """Every record the consumer fetches, for ever; a failed fetch is logged and retried, never fatal."""
+    while True:
+        try:
+            batches = await consumer.getmany(timeout_ms=200)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: fetch failed; retrying", what)
+            await asyncio.sleep(0.5)
+            continue
+        for records in batches.values():
+            for record in records:
+                yield record
 
 
 def make_admin(settings: Settings) -> AIOKafkaAdminClient:
