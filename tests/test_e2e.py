@@ -301,3 +301,34 @@ async def test_database_outage_loses_no_record(edge_url: str, stack: Stack, mong
     cid = chunks[0].id
     turn = await eventually(lambda: mongo.turns.find_one({"_id": cid, "answer": {"$exists": True}}), timeout_s=60, what="turn recorded after the outage")
     assert turn["answer"]["text"] == text
+
+
+async def test_recorder_is_idempotent_on_replayed_events(settings: Settings, stack: Stack, mongo: Any) -> None:
+    """At-least-once delivery replays events: recording one twice leaves the same documents."""
+    from consumers.recorder import Recorder
+    from schemas.events import ChatMessage, ChatTurnRequest, ReplyTo
+
+    request = ChatTurnRequest(
+        correlation_id="chatcmpl-replayed",
+        conversation_id="conv-replayed",
+        model=MODEL,
+        messages=[ChatMessage(role="user", content="call me at +1 650-253-0000")],
+        reply_to=ReplyTo(topic="chat.replies", partition=0),
+    )
+    done = TurnCompleted(
+        correlation_id="chatcmpl-replayed", conversation_id="conv-replayed", attempt="a1", seq=1, finish_reason="stop", text="ok", model=MODEL
+    )
+    recorder = Recorder(settings)
+    try:
+        for event in (request, done):
+            await recorder.record(event)
+        first = (await mongo.turns.find_one({"_id": "chatcmpl-replayed"}), await mongo.conversations.find_one({"_id": "conv-replayed"}))
+        for event in (done, request, done):  # replays, out of order
+            await recorder.record(event)
+        second = (await mongo.turns.find_one({"_id": "chatcmpl-replayed"}), await mongo.conversations.find_one({"_id": "conv-replayed"}))
+    finally:
+        await recorder.client.close()
+    assert first == second
+    assert sorted(first[0]["events"]) == sorted([request.event_id, done.event_id])
+    assert first[1]["turn_ids"] == ["chatcmpl-replayed"]
+    assert "650" not in first[0]["messages"][0]["content"] and "[PHONE]" in first[0]["messages"][0]["content"]
