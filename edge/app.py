@@ -233,6 +233,12 @@ async def list_models(request: Request) -> Response:
     return ORJSONResponse({"object": "list", "data": [model]})
 
 
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """Anything unexpected: an OpenAI-style 500 with a sanitised message (details stay in the log)."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(APIError(500, "internal server error", type="internal_error"))
+
+
 async def healthz(request: Request) -> Response:
     return ORJSONResponse({"status": "ok"})
 
@@ -290,6 +296,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/readyz", readyz, methods=["GET"]),
         ],
         lifespan=lifespan,
+        exception_handlers={Exception: internal_error},
     )
     app.state.settings = settings
     app.state.api_keys = settings.api_key_list()

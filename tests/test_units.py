@@ -120,3 +120,20 @@ def test_parse_request_errors(payload: object, param: str | None) -> None:
     with pytest.raises(APIError) as exc:
         parse_request(payload)
     assert exc.value.status == 400 and exc.value.param == param
+
+
+def test_unexpected_errors_become_openai_500s_without_details() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from edge.app import internal_error
+
+    async def boom(request: Request) -> None:
+        raise RuntimeError("secret detail")
+
+    app = Starlette(routes=[Route("/x", boom)], exception_handlers={Exception: internal_error})
+    r = TestClient(app, raise_server_exceptions=False).get("/x")
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "internal_error" and "secret" not in r.text
