@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -91,7 +91,12 @@ class ChatService:
             raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc
         return stream
 
-    async def cancel(self, turn: ChatTurnRequest, reason: str) -> None:
+    async def cancel(self, turn: ChatTurnRequest, reason: str, stream: TurnStream | None = None) -> None:
+        """Publish ``chat.turn.cancel`` for the turn (once per stream)."""
+        if stream is not None:
+            if stream.cancel_sent:
+                return
+            stream.cancel_sent = True
         ev = CancelTurn(correlation_id=turn.correlation_id, conversation_id=turn.conversation_id, reason=reason)
         try:
             await self.producer.send_and_wait(self.control_topic, ev.to_bytes(), key=ev.key)
@@ -114,19 +119,29 @@ class ChatService:
                 if include_usage:
                     yield _data(chunks.usage(done.usage))
         except TurnTimeout as exc:
-            await self.cancel(turn, "timeout")
+            await self.cancel(turn, "timeout", stream)
             yield _data(APIError(504, str(exc), type="timeout").body())
         finally:
             self.relay.close(turn.correlation_id)
             if stream.done is None:
                 # The client went away mid-turn: sse-starlette cancels the generator (CancelledError) or
                 # closes it (GeneratorExit) — either way, stop generation over the bus.
-                self.cancel_soon(turn, "client_disconnected")
+                self.cancel_soon(turn, "client_disconnected", stream)
         yield {"data": "[DONE]"}
 
-    def cancel_soon(self, turn: ChatTurnRequest, reason: str) -> None:
+    def on_client_close(self, turn: ChatTurnRequest, stream: TurnStream) -> Callable[[Any], Awaitable[None]]:
+        """sse-starlette's close handler: also covers a client gone before the generator's first step."""
+
+        async def handler(message: Any) -> None:
+            if stream.done is None:
+                self.relay.close(turn.correlation_id)
+                await self.cancel(turn, "client_disconnected", stream)
+
+        return handler
+
+    def cancel_soon(self, turn: ChatTurnRequest, reason: str, stream: TurnStream) -> None:
         """Publish a cancel from a context that cannot await (a closing generator); the task is kept alive."""
-        task = asyncio.get_running_loop().create_task(self.cancel(turn, reason))
+        task = asyncio.get_running_loop().create_task(self.cancel(turn, reason, stream))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -138,11 +153,11 @@ class ChatService:
                 await asyncio.wait({waiter}, timeout=0.5)
                 if not waiter.done() and await request.is_disconnected():
                     waiter.cancel()
-                    await self.cancel(turn, "client_disconnected")
+                    await self.cancel(turn, "client_disconnected", stream)
                     raise APIError(499, "client closed the request", type="client_closed")
             waiter.result()
         except TurnTimeout as exc:
-            await self.cancel(turn, "timeout")
+            await self.cancel(turn, "timeout", stream)
             raise APIError(504, str(exc), type="timeout") from None
         finally:
             waiter.cancel()
@@ -214,6 +229,8 @@ async def chat_completions(request: Request) -> Response:
             service.stream_events(turn, stream, include_usage),
             ping=int(service.settings.sse_ping_s),
             sep="\n",
+            send_timeout=30,  # a client that stops reading cannot hold the turn (and a worker slot) for ever
+            client_close_handler_callable=service.on_client_close(turn, stream),
             headers={"X-Correlation-Id": turn.correlation_id},
         )
     try:

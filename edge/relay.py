@@ -38,7 +38,7 @@ class TurnStream:
         self.queue: asyncio.Queue[TokenEvent | TurnCompleted] = asyncio.Queue()
         self.delivered = 0  # characters of the completion already handed out
         self.done: TurnCompleted | None = None
-        self.first_event_at: float | None = None
+        self.cancel_sent = False  # the edge published a cancel for this turn (at most once)
 
     def splice(self, ev: TokenEvent) -> str:
         """The part of ``ev.delta`` the client has not seen yet ('' if none)."""

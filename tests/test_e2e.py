@@ -136,6 +136,7 @@ async def test_client_disconnect_cancels_generation(edge_url: str, settings: Set
     done = await eventually(lambda: _of_type(read_topic(settings, "chat.replies", cid), TurnCompleted), what="cancelled completion")
     assert done[0].finish_reason == "cancelled"
     assert done[0].usage.completion_tokens < 1500
+    assert len(await _of_type(read_topic(settings, "chat.control", cid), CancelTurn)) == 1  # one cancel per turn
 
 
 async def _of_type(events: Any, kind: type) -> list[Any]:
