@@ -146,25 +146,24 @@ class StageWorker:
             await self.producer.stop()
 
     async def _process_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        done: ConsumerRecord | None = None
+        next_offset: int | None = None  # the offset after the last record fully handled: what to commit
         try:
             for record in records:
                 if tp not in self.consumer.assignment():
                     return  # revoked mid-batch: the partition's new owner takes it from the last commit
                 await self._deliver(record, await self.handle_record(record))
-                done = record
+                next_offset = record.offset + 1
                 self.processed += 1
             self._backoff = 0.0
         except RetryLater as exc:
             # infrastructure trouble (database, broker): keep the record and retry it, never drop it
             self._backoff = min(max(self._backoff * 2, 0.5), 10.0)
             log.warning("%s: %s; retrying %s[%d] in %.1fs", self.name, exc, tp.topic, tp.partition, self._backoff)
-            failed = records[records.index(done) + 1] if done is not None else records[0]
-            self.consumer.seek(tp, failed.offset)
+            self.consumer.seek(tp, records[0].offset if next_offset is None else next_offset)
             await asyncio.sleep(self._backoff)
         finally:
-            if done is not None:
-                await self._commit(tp, done.offset + 1)
+            if next_offset is not None:
+                await self._commit(tp, next_offset)
 
     async def _deliver(self, record: ConsumerRecord, outgoing: Sequence[Outgoing]) -> None:
         """Produce a record's output and wait for the acks; an output the broker refuses is dead-lettered."""
