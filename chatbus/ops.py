@@ -9,15 +9,8 @@ from aiokafka import ConsumerRecord, TopicPartition
 from chatbus.config import Settings
 from schemas.events import DeadLetter, DecodeError, decode
 from topics.clients import make_admin, make_consumer, partitions_of
-from topics.registry import CHAT_DLQ, REGISTRY, topic
+from topics.registry import CHAT_DLQ, GROUPS, REGISTRY, topic
 
-GROUPS = {
-    "chatbus-safety": ["chat.requests"],
-    "chatbus-retrieval": ["chat.screened"],
-    "chatbus-retrieval-ingest": ["kb.ingest"],
-    "chatbus-inference": ["chat.grounded"],
-    "chatbus-recorder": ["chat.requests", "chat.screened", "chat.grounded", "chat.replies"],
-}
 
 
 async def end_offsets(settings: Settings, names: list[str]) -> dict[TopicPartition, int]:
@@ -43,14 +36,15 @@ async def describe_topics(settings: Settings) -> list[str]:
 
 async def consumer_lag(settings: Settings) -> list[str]:
     """Rows ``group topic partition committed end lag`` for every stage's consumer group."""
-    names = sorted({topic(t, settings.topic_prefix) for ts in GROUPS.values() for t in ts})
+    names = sorted({topic(t, settings.topic_prefix) for g in GROUPS for t in g.topics})
     ends = await end_offsets(settings, names)
     admin = make_admin(settings)
     await admin.start()
     rows = [f"{'group':26s} {'topic':20s} {'part':>4s} {'committed':>10s} {'end':>10s} {'lag':>8s}"]
     try:
-        for group, ts in GROUPS.items():
-            tps = [tp for tp in ends if tp.topic in {topic(t, settings.topic_prefix) for t in ts}]
+        for g in GROUPS:
+            group = g.group_id
+            tps = [tp for tp in ends if tp.topic in {topic(t, settings.topic_prefix) for t in g.topics}]
             committed = await admin.list_consumer_group_offsets(group, partitions=tps)
             for tp in sorted(tps):
                 meta = committed.get(tp)

@@ -32,12 +32,9 @@ from chatbus.config import Settings
 from consumers.stage import Outgoing, RetryLater, StageWorker
 from safety_workers.pii import mask_pii
 from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted, last_user_text
-from topics.registry import CHAT_GROUNDED, CHAT_REPLIES, CHAT_REQUESTS, CHAT_SCREENED
+from topics.registry import RECORDER
 
 log = logging.getLogger(__name__)
-
-GROUP = "chatbus-recorder"
-
 
 def masked_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": mask_pii(m.content)[0]} for m in messages]
@@ -135,7 +132,7 @@ class Recorder:
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     recorder = Recorder(settings)
-    worker = StageWorker(settings, "recorder", GROUP, [CHAT_REQUESTS, CHAT_SCREENED, CHAT_GROUNDED, CHAT_REPLIES], recorder.handle, max_records=256)
+    worker = StageWorker(settings, "recorder", RECORDER.group_id, RECORDER.topics, recorder.handle, max_records=256)
     try:
         await worker.run(stop)
     finally:

@@ -36,11 +36,11 @@ from edge.relay import ReplyRelay, TurnStream, TurnTimeout
 from schemas.events import CancelTurn, ChatTurnRequest, ReplyTo
 from topics.clients import make_admin, make_producer
 from topics.compat import describe_groups
-from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, topic
+from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, GROUPS, topic
 
 log = logging.getLogger(__name__)
 
-STAGE_GROUPS = ("chatbus-safety", "chatbus-retrieval", "chatbus-inference", "chatbus-recorder")
+STAGE_GROUPS = tuple(g.group_id for g in GROUPS if g.stage)
 
 
 class ORJSONResponse(JSONResponse):

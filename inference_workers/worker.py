@@ -38,11 +38,10 @@ from inference_workers.engines import Engine, GenerationRequest, make_engine
 from producers.replies import to_reply
 from schemas.events import CancelTurn, DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, decode, new_id
 from topics.clients import make_consumer, make_producer, partitions_of, records_forever
-from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, topic
+from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, INFERENCE, topic
 
 log = logging.getLogger(__name__)
 
-GROUP = "chatbus-inference"
 CANCEL_MEMORY_S = 600.0
 ENGINE_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
@@ -125,7 +124,7 @@ class InferenceWorker:
         self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.producer: AIOKafkaProducer = make_producer(settings)
-        self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=GROUP, max_poll_records=settings.max_inflight_turns)
+        self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=INFERENCE.group_id, max_poll_records=settings.max_inflight_turns)
         self.control: AIOKafkaConsumer = make_consumer(settings, group_id=None, auto_offset_reset="latest")
         self.tracker = OffsetTracker()
         self.running: dict[str, Running] = {}
@@ -162,7 +161,7 @@ class InferenceWorker:
             raise RuntimeError("inference worker stopped: a completion could not be delivered") from self.fatal
 
     async def _main_loop(self, stop: asyncio.Event) -> None:
-        log.info("inference: consuming %s as group %s (max %d in flight)", self.in_topic, GROUP, self.settings.max_inflight_turns)
+        log.info("inference: consuming %s as group %s (max %d in flight)", self.in_topic, INFERENCE.group_id, self.settings.max_inflight_turns)
         while not stop.is_set():
             free = self.settings.max_inflight_turns - len(self.running)
             assigned = self.consumer.assignment()

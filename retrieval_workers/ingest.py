@@ -20,11 +20,10 @@ from retrieval_workers.chunking import Chunk, chunk_text, iter_files, load_text
 from retrieval_workers.embeddings import get_embedder
 from schemas.events import KbChunk, KbIngest
 from topics.clients import make_admin, make_producer
-from topics.registry import KB_INGEST, topic
+from topics.registry import KB_INGEST, RETRIEVAL_INGEST, topic
 
 log = logging.getLogger(__name__)
 
-INGEST_GROUP = "chatbus-retrieval-ingest"
 BATCH = 64
 
 
@@ -71,7 +70,7 @@ async def wait_committed(settings: Settings, name: str, last: dict[int, int], ti
         deadline = time.monotonic() + timeout_s
         wanted = {TopicPartition(name, p): off + 1 for p, off in last.items()}
         while True:
-            offsets = await admin.list_consumer_group_offsets(INGEST_GROUP, partitions=list(wanted))
+            offsets = await admin.list_consumer_group_offsets(RETRIEVAL_INGEST.group_id, partitions=list(wanted))
             if all(tp in offsets and offsets[tp].offset >= off for tp, off in wanted.items()):
                 return
             if time.monotonic() > deadline:

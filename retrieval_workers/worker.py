@@ -26,14 +26,10 @@ from consumers.stage import Outgoing, StageWorker
 from retrieval_workers.embeddings import Embedder, get_embedder
 from retrieval_workers.prompt import assemble
 from retrieval_workers.store import KnowledgeBase
-from retrieval_workers.ingest import INGEST_GROUP
 from schemas.events import AnyEvent, GroundedTurn, KbIngest, RetrievalResult, ScreenedTurn, last_user_text
-from topics.registry import CHAT_GROUNDED, CHAT_SCREENED, KB_INGEST, topic
+from topics.registry import CHAT_GROUNDED, RETRIEVAL, RETRIEVAL_INGEST, topic
 
 log = logging.getLogger(__name__)
-
-GROUP = "chatbus-retrieval"
-
 
 class RetrievalStage:
     def __init__(self, settings: Settings, kb: KnowledgeBase | None = None, embedder: Embedder | None = None) -> None:
@@ -103,8 +99,8 @@ def _ms(t0: float) -> float:
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     stage = RetrievalStage(settings)
-    turns = StageWorker(settings, "retrieval", GROUP, [CHAT_SCREENED], stage.handle_turn)
-    ingest = StageWorker(settings, "retrieval-ingest", INGEST_GROUP, [KB_INGEST], stage.handle_ingest, max_records=8)
+    turns = StageWorker(settings, "retrieval", RETRIEVAL.group_id, RETRIEVAL.topics, stage.handle_turn)
+    ingest = StageWorker(settings, "retrieval-ingest", RETRIEVAL_INGEST.group_id, RETRIEVAL_INGEST.topics, stage.handle_ingest, max_records=8)
     try:
         # one failing loop ends the other and the process (so a supervisor restarts it), not half of it
         async with asyncio.TaskGroup() as group:

@@ -27,12 +27,9 @@ from safety_workers.pii import mask_pii
 from safety_workers.policy import load_policy
 from safety_workers.screen import Screener
 from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
-from topics.registry import CHAT_REQUESTS, CHAT_SCREENED, topic
+from topics.registry import CHAT_SCREENED, SAFETY, topic
 
 log = logging.getLogger(__name__)
-
-GROUP = "chatbus-safety"
-
 
 class SafetyStage:
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
@@ -89,4 +86,4 @@ class SafetyStage:
 
 def build_worker(settings: Settings) -> StageWorker:
     stage = SafetyStage(settings)
-    return StageWorker(settings, "safety", GROUP, [CHAT_REQUESTS], stage.handle)
+    return StageWorker(settings, "safety", SAFETY.group_id, SAFETY.topics, stage.handle)

@@ -55,6 +55,23 @@ REGISTRY: tuple[TopicSpec, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class GroupSpec:
+    """A consumer group: who reads what. ``stage`` groups must have a live member for ``/readyz``."""
+
+    group_id: str
+    topics: tuple[str, ...]
+    stage: bool = True
+
+
+SAFETY = GroupSpec("chatbus-safety", (CHAT_REQUESTS,))
+RETRIEVAL = GroupSpec("chatbus-retrieval", (CHAT_SCREENED,))
+RETRIEVAL_INGEST = GroupSpec("chatbus-retrieval-ingest", (KB_INGEST,), stage=False)
+INFERENCE = GroupSpec("chatbus-inference", (CHAT_GROUNDED,))
+RECORDER = GroupSpec("chatbus-recorder", (CHAT_REQUESTS, CHAT_SCREENED, CHAT_GROUNDED, CHAT_REPLIES))
+GROUPS: tuple[GroupSpec, ...] = (SAFETY, RETRIEVAL, RETRIEVAL_INGEST, INFERENCE, RECORDER)
+
+
 def topic(name: str, prefix: str = "") -> str:
     """The physical topic name for a registry name."""
     return f"{prefix}{name}"
