@@ -55,7 +55,7 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(PY) -m mypy --ignore-missing-imports --follow-imports=silent chatbus consumers edge inference_workers producers retrieval_workers safety_workers schemas topics
+	$(PY) -m mypy --ignore-missing-imports --follow-imports=silent chatbus consumers edge inference_workers producers retrieval_workers safety_workers schemas topics batches
 
 clean: down
 	rm -rf .state

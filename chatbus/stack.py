@@ -37,7 +37,7 @@ from chatbus.config import ROOT, Settings
 
 log = logging.getLogger(__name__)
 
-WORKERS = ("safety", "retrieval", "inference", "recorder")
+WORKERS = ("safety", "retrieval", "inference", "recorder", "batches")
 ORDER = ("kafka", "ferretdb", *WORKERS, "edge")
 
 LOG4J2 = """Configuration:

@@ -20,6 +20,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -48,6 +49,14 @@ class Outgoing:
 
 
 Handler = Callable[[AnyEvent, ConsumerRecord], Awaitable[Sequence[Outgoing]]]
+
+
+class Companion(Protocol):
+    """Something a stage runs beside its loop (e.g. the tail of batch cancels)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def dead_letter(settings: Settings, record: ConsumerRecord, worker: str, reason: str, correlation_id: str | None = None) -> Outgoing:
@@ -82,7 +91,12 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 class StageWorker:
-    """Runs one stage: a consumer group over ``topics``, a handler per decoded event."""
+    """Runs one stage: a consumer group over ``topics``, a handler per decoded event.
+
+    Priority: records of ``priority_topics`` (the interactive lane) are fetched first whenever any are
+    waiting; other topics (the batch lane) are taken ``low_priority_records`` at a time only when none
+    are, so an interactive turn waits behind at most that many batch records in this stage.
+    """
 
     def __init__(
         self,
@@ -95,6 +109,9 @@ class StageWorker:
         producer: AIOKafkaProducer | None = None,
         consumer: AIOKafkaConsumer | None = None,
         max_records: int = 64,
+        priority_topics: Sequence[str] = (),
+        low_priority_records: int = 2,
+        companions: Sequence[Companion] = (),
     ) -> None:
         self.settings = settings
         self.name = name
@@ -104,6 +121,9 @@ class StageWorker:
         self.producer = producer or make_producer(settings)
         self.consumer = consumer or make_consumer(settings, *self.topics, group_id=group_id)
         self.max_records = max_records
+        self.priority = {topic(t, settings.topic_prefix) for t in priority_topics}
+        self.low_priority_records = low_priority_records
+        self.companions = list(companions)
         self.processed = 0
         self.dead_lettered = 0
         self._backoff = 0.0
@@ -132,18 +152,35 @@ class StageWorker:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
         await self.producer.start()
+        started: list[Companion] = []
         try:
+            for companion in self.companions:
+                await companion.start()
+                started.append(companion)
             await self.consumer.start()
             try:
                 log.info("%s: consuming %s as group %s", self.name, ",".join(self.topics), self.group_id)
                 while not stop.is_set():
-                    batches = await self.consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                    batches = await self._fetch()
                     for tp, records in batches.items():
                         await self._process_partition(tp, records)
             finally:
                 await self.consumer.stop()
         finally:
+            for companion in reversed(started):
+                await companion.stop()
             await self.producer.stop()
+
+    async def _fetch(self) -> dict[TopicPartition, list[ConsumerRecord]]:
+        if not self.priority:
+            return await self.consumer.getmany(timeout_ms=200, max_records=self.max_records)
+        urgent = [tp for tp in self.consumer.assignment() if tp.topic in self.priority]
+        if urgent:
+            batches = await self.consumer.getmany(*urgent, timeout_ms=0, max_records=self.max_records)
+            if batches:
+                return batches
+        # nothing interactive is waiting: a few records of any lane (interactive ones that arrive meanwhile too)
+        return await self.consumer.getmany(timeout_ms=200, max_records=self.low_priority_records)
 
     async def _process_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         next_offset: int | None = None  # the offset after the last record fully handled: what to commit

@@ -2,7 +2,10 @@
 
 Routes: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``, ``GET /healthz``
 (process alive), ``GET /readyz`` (broker reachable, reply relay running, and every stage's consumer
-group has a live member).
+group has a live member), and OpenAI's Files and Batch APIs for batch jobs (:mod:`batches.service`):
+``POST /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``POST /v1/batches``
+(an ``Idempotency-Key`` header makes re-submission return the same batch), ``GET /v1/batches``,
+``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``.
 
 A request is validated and only then published to ``chat.requests`` keyed by conversation id, with
 ``reply_to`` this instance's reply partition. The response is built from the token events the relay
@@ -27,8 +30,13 @@ from aiokafka import AIOKafkaProducer
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from pymongo import AsyncMongoClient
+from starlette.datastructures import UploadFile
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from batches.service import BatchService
+from batches.store import BatchStore
 
 from chatbus.config import Settings, get_settings
 from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, check_supported, completion_body, parse_request
@@ -250,6 +258,108 @@ async def list_models(request: Request) -> Response:
     return ORJSONResponse({"object": "list", "data": [model]})
 
 
+# --- files and batches (OpenAI's Files and Batch APIs) ------------------------------------------------------
+
+
+def _batches(request: Request) -> BatchService:
+    _check_auth(request)
+    service: BatchService = request.app.state.batches
+    return service
+
+
+async def create_file(request: Request) -> Response:
+    try:
+        batches = _batches(request)
+        limit = batches.settings.max_batch_file_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit + 65536:
+            raise APIError(413, f"file larger than {limit} bytes", param="file", code="file_too_large")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise APIError(400, "expected multipart/form-data with fields `file` and `purpose`")
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload, purpose = form.get("file"), form.get("purpose")
+            if not isinstance(upload, UploadFile):
+                raise APIError(400, "file: a file part is required", param="file")
+            if not isinstance(purpose, str):
+                raise APIError(400, "purpose: required", param="purpose")
+            data = await upload.read(limit + 1)
+            obj = await batches.upload(data, upload.filename or "upload.jsonl", purpose)
+    except APIError as err:
+        return error_response(err)
+    return ORJSONResponse(obj)
+
+
+async def retrieve_file(request: Request) -> Response:
+    try:
+        obj = await _batches(request).file(request.path_params["file_id"])
+    except APIError as err:
+        return error_response(err)
+    return ORJSONResponse(obj)
+
+
+async def file_content(request: Request) -> Response:
+    try:
+        batches = _batches(request)
+        file_id = request.path_params["file_id"]
+        await batches.file(file_id)
+    except APIError as err:
+        return error_response(err)
+    return StreamingResponse(batches.store.file_content(file_id), media_type="application/octet-stream")
+
+
+async def create_batch(request: Request) -> Response:
+    try:
+        batches = _batches(request)
+        raw = await read_body(request, batches.settings.max_request_bytes)
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise APIError(400, "request body is not valid JSON") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("input_file_id"), str):
+            raise APIError(400, "input_file_id: required", param="input_file_id")
+        metadata = payload.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise APIError(400, "metadata: must be an object of strings", param="metadata")
+        batch = await batches.create(
+            payload["input_file_id"],
+            endpoint=str(payload.get("endpoint", "")),
+            completion_window=str(payload.get("completion_window", "24h")),
+            metadata=metadata,
+            batch_key=request.headers.get("idempotency-key"),
+        )
+    except APIError as err:
+        return error_response(err)
+    return ORJSONResponse(batch)
+
+
+async def list_batches(request: Request) -> Response:
+    try:
+        batches = _batches(request)
+        limit = request.query_params.get("limit", "20")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise APIError(400, "limit: an integer from 1 to 100", param="limit")
+        body = await batches.list(int(limit), request.query_params.get("after"))
+    except APIError as err:
+        return error_response(err)
+    return ORJSONResponse(body)
+
+
+async def retrieve_batch(request: Request) -> Response:
+    try:
+        batch = await _batches(request).get(request.path_params["batch_id"])
+    except APIError as err:
+        return error_response(err)
+    return ORJSONResponse(batch)
+
+
+async def cancel_batch(request: Request) -> Response:
+    try:
+        batch = await _batches(request).cancel(request.path_params["batch_id"])
+    except APIError as err:
+        return error_response(err)
+    return ORJSONResponse(batch)
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """Anything unexpected: an OpenAI-style 500 with a sanitised message (details stay in the log)."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -294,21 +404,31 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         producer = make_producer(settings)
         relay = ReplyRelay(settings)
+        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=5000)
         await producer.start()
         await relay.start()
         app.state.relay = relay
         app.state.service = ChatService(settings, producer, relay)
+        app.state.batches = BatchService(settings, BatchStore(mongo[settings.mongo_db]), producer)
         log.info("edge %s ready: reply partition %d, model %s", settings.edge_id, settings.reply_partition, settings.model_name)
         try:
             yield
         finally:
             await relay.stop()
             await producer.stop()
+            await mongo.close()
 
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/files", create_file, methods=["POST"]),
+            Route("/v1/files/{file_id}", retrieve_file, methods=["GET"]),
+            Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
+            Route("/v1/batches", create_batch, methods=["POST"]),
+            Route("/v1/batches", list_batches, methods=["GET"]),
+            Route("/v1/batches/{batch_id}", retrieve_batch, methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

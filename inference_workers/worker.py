@@ -11,6 +11,13 @@ text already shown.
 Backpressure: at most ``CHATBUS_MAX_INFLIGHT_TURNS`` turns run at once; when full, the worker pauses
 its partitions (heartbeats go on, nothing more is fetched) and resumes when a turn finishes.
 
+Priority: the group reads ``chat.grounded`` (interactive) and ``batch.grounded`` (the batch lane).
+Interactive records are fetched first whenever any wait; batch turns are admitted only while fewer
+than ``max_inflight_turns - interactive_reserve`` turns run (batch partitions are paused otherwise),
+so batch work fills idle capacity and an interactive turn always finds a free slot. Batch turns
+produce no token events, only their completion on ``batch.results``; lines of a cancelled batch
+(``batch.jobs``) are aborted or finished at once as ``cancelled``.
+
 Rebalances: turns keep running while the group rebalances; only turns whose partition went to
 another member are stopped (uncommitted, so the new owner redoes them). Records refetched after a
 partition comes back are recognised by offset and not run twice.
@@ -32,13 +39,14 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from batches.cancellations import CancelledBatches
 from chatbus.config import Settings
 from consumers.stage import Outgoing, dead_letter, produce_all
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from producers.replies import to_reply
 from schemas.events import CancelTurn, DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, decode, new_id
 from topics.clients import make_consumer, make_producer, partitions_of, records_forever
-from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, INFERENCE, topic
+from topics.registry import BATCH_GROUNDED, CHAT_CONTROL, CHAT_GROUNDED, INFERENCE, topic
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +106,7 @@ class Running:
     task: asyncio.Task[None]
     tp: TopicPartition
     offset: int
+    batch_id: str | None = None
     cancel_reason: str | None = None
     finishing: bool = False  # generation is over; the completion is being delivered (cancel is moot)
 
@@ -122,6 +131,9 @@ class InferenceWorker:
         self.settings = settings
         self.engine = engine or make_engine(settings)
         self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
+        self.batch_topic = topic(BATCH_GROUNDED, settings.topic_prefix)
+        self.batch_limit = max(1, settings.max_inflight_turns - settings.interactive_reserve)
+        self.cancelled_batches = CancelledBatches(settings, on_cancel=self.cancel_batch)
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.producer: AIOKafkaProducer = make_producer(settings)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=INFERENCE.group_id, max_poll_records=settings.max_inflight_turns)
@@ -140,8 +152,9 @@ class InferenceWorker:
         await self.engine.start()
         await self.producer.start()
         try:
-            self.consumer.subscribe([self.in_topic], listener=_Revoker(self))
+            self.consumer.subscribe([self.in_topic, self.batch_topic], listener=_Revoker(self))
             await self.consumer.start()
+            await self.cancelled_batches.start()
             await self.control.start()
             self.control.assign(await partitions_of(self.control, self.control_topic))
             await self.control.seek_to_end()
@@ -153,6 +166,7 @@ class InferenceWorker:
                 control_task.cancel()
                 await asyncio.gather(control_task, return_exceptions=True)
                 await self.control.stop()
+                await self.cancelled_batches.stop()
                 await self.consumer.stop()
         finally:
             await self.producer.stop()
@@ -161,18 +175,43 @@ class InferenceWorker:
             raise RuntimeError("inference worker stopped: a completion could not be delivered") from self.fatal
 
     async def _main_loop(self, stop: asyncio.Event) -> None:
-        log.info("inference: consuming %s as group %s (max %d in flight)", self.in_topic, INFERENCE.group_id, self.settings.max_inflight_turns)
+        log.info(
+            "inference: consuming %s, %s as group %s (max %d in flight, batch at most %d)",
+            self.in_topic,
+            self.batch_topic,
+            INFERENCE.group_id,
+            self.settings.max_inflight_turns,
+            self.batch_limit,
+        )
         while not stop.is_set():
-            free = self.settings.max_inflight_turns - len(self.running)
-            assigned = self.consumer.assignment()
-            if free <= 0:
-                self.consumer.pause(*assigned)
-            elif self.consumer.paused():
-                self.consumer.resume(*assigned)
-            batches = await self.consumer.getmany(timeout_ms=100, max_records=max(free, 1))
-            for tp, records in batches.items():
+            for tp, records in (await self._fetch()).items():
                 for record in records:
                     await self._admit(tp, record)
+
+    async def _fetch(self) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """Interactive records first; batch records only into the slots batch work may take."""
+        free = self.settings.max_inflight_turns - len(self.running)
+        batch_free = self.batch_limit - len(self.running)
+        assigned = self.consumer.assignment()
+        interactive = [tp for tp in assigned if tp.topic == self.in_topic]
+        batch = [tp for tp in assigned if tp.topic != self.in_topic]
+        paused = self.consumer.paused()
+        for tps, full in ((interactive, free <= 0), (batch, batch_free <= 0)):
+            if full:
+                self.consumer.pause(*tps)
+            else:
+                self.consumer.resume(*(tp for tp in tps if tp in paused))
+        if free <= 0:
+            await asyncio.sleep(0.05)  # a finishing turn frees a slot; heartbeats go on in the background
+            return {}
+        if interactive:
+            batches = await self.consumer.getmany(*interactive, timeout_ms=0 if batch_free > 0 else 100, max_records=free)
+            if batches or batch_free <= 0:
+                return batches
+        elif batch_free <= 0:
+            await asyncio.sleep(0.05)
+            return {}
+        return await self.consumer.getmany(timeout_ms=100, max_records=max(1, min(free, batch_free)))
 
     async def _drain(self, timeout_s: float) -> None:
         """On shutdown: let running turns finish briefly, then abort the rest uncommitted (redelivered later)."""
@@ -202,6 +241,12 @@ class InferenceWorker:
                 continue
             if isinstance(event, CancelTurn):
                 self.cancel(event.correlation_id, event.reason)
+
+    def cancel_batch(self, batch_id: str) -> None:
+        """A batch was cancelled: abort its running turns (its queued ones finish as cancelled on arrival)."""
+        for cid, running in list(self.running.items()):
+            if running.batch_id == batch_id:
+                self.cancel(cid, "batch_cancelled")
 
     def cancel(self, correlation_id: str, reason: str) -> bool:
         """Abort a running turn (True), or remember the cancel for when it arrives (False)."""
@@ -239,7 +284,7 @@ class InferenceWorker:
             return
         self.tracker.start(tp, record.offset)
         task = asyncio.create_task(self._run_turn(event, tp, record), name=f"turn-{cid}")
-        self.running[cid] = Running(task, tp, record.offset)
+        self.running[cid] = Running(task, tp, record.offset, batch_id=event.request.batch.batch_id if event.request.batch else None)
 
     async def _commit(self, tp: TopicPartition, offset: int, started: bool = True) -> None:
         if not started:
@@ -261,9 +306,12 @@ class InferenceWorker:
         finish: FinishReason = "stop"
         error: str | None = None
         stages = turn.stages
+        streams = request.batch is None  # the batch lane gets the completion only
 
         async def flush() -> None:
             nonlocal text, buffer, seq
+            if buffer and not streams:
+                text, buffer = text + buffer, ""
             if buffer:
                 ev = TokenEvent(
                     correlation_id=cid,
@@ -284,7 +332,7 @@ class InferenceWorker:
         extra: list[Outgoing] = []
         try:
             try:
-                if cid in self.cancelled:
+                if cid in self.cancelled or request in self.cancelled_batches:
                     finish = "cancelled"
                 else:
                     gen = GenerationRequest(
@@ -338,6 +386,7 @@ class InferenceWorker:
                 retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
                 error=error,
                 stages=dict(stages),
+                batch=request.batch,
             )
             extra.append(to_reply(request, done.to_bytes()))
             # delivering the completion and committing must not be cut short by a late cancel

@@ -29,7 +29,7 @@ def whole_reply(
     cid, conv = request.correlation_id, request.conversation_id
     out: list[Outgoing] = []
     seq = 0
-    if text:
+    if text and request.batch is None:  # the batch lane wants the completion only
         token = TokenEvent(correlation_id=cid, conversation_id=conv, attempt=attempt, stages=dict(stages), seq=0, delta=text, text_offset=0)
         out.append(to_reply(request, token.to_bytes()))
         seq = 1
@@ -47,6 +47,7 @@ def whole_reply(
         verdict=verdict,
         error=error,
         retrieval_status=retrieval_status,
+        batch=request.batch,
     )
     out.append(to_reply(request, done.to_bytes()))
     return out

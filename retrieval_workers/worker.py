@@ -2,7 +2,8 @@
 
 Two consumer groups in one process (milvus-lite may be opened by one process only):
 
-* ``chatbus-retrieval`` on ``chat.screened``: top-k search with the query embedding the safety stage
+* ``chatbus-retrieval`` on ``chat.screened`` (and the batch lane ``batch.screened`` → ``batch.grounded``
+  when no interactive turn waits; lines of a cancelled batch finish at once as ``cancelled``): top-k search with the query embedding the safety stage
   computed (embedding again only if it is missing), prompt assembly with numbered citations, then
   ``chat.grounded``. If the search fails or exceeds ``CHATBUS_RETRIEVAL_BUDGET_MS``, the turn goes on
   with ``retrieval.status="skipped"`` and the reason instead of stalling.
@@ -22,12 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from aiokafka import ConsumerRecord
 
 from chatbus.config import Settings
+from batches.cancellations import CancelledBatches
 from consumers.stage import Outgoing, StageWorker
+from producers.replies import whole_reply
 from retrieval_workers.embeddings import Embedder, get_embedder
 from retrieval_workers.prompt import assemble
 from retrieval_workers.store import KnowledgeBase
 from schemas.events import AnyEvent, GroundedTurn, KbIngest, RetrievalResult, ScreenedTurn, last_user_text
-from topics.registry import CHAT_GROUNDED, RETRIEVAL, RETRIEVAL_INGEST, topic
+from topics.registry import CHAT_GROUNDED, CHAT_SCREENED, RETRIEVAL, RETRIEVAL_INGEST, lane, topic
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class RetrievalStage:
         self.kb = kb or KnowledgeBase(settings.resolved_milvus_uri, settings.milvus_collection)
         self._embedder = embedder
         self.milvus = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")  # one caller at a time
-        self.out_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
+        self.cancelled = CancelledBatches(settings)
 
     @property
     def embedder(self) -> Embedder:
@@ -69,6 +72,8 @@ class RetrievalStage:
     async def handle_turn(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         if not isinstance(event, ScreenedTurn):
             raise TypeError(f"unexpected {event.event_type} on {record.topic}")
+        if event.request in self.cancelled:
+            return whole_reply(event.request, "", "cancelled", event.request.model, stages=event.stages, verdict=event.verdict)
         event.mark("retrieval_start")
         result = await self.retrieve(event)
         prompt, citations = assemble(event.request.messages, result.passages)
@@ -83,7 +88,8 @@ class RetrievalStage:
             prompt_messages=prompt,
             citations=citations,
         )
-        return [Outgoing(self.out_topic, grounded.to_bytes(), key=grounded.key)]
+        out_topic = topic(lane(CHAT_GROUNDED, event.request.source), self.settings.topic_prefix)
+        return [Outgoing(out_topic, grounded.to_bytes(), key=grounded.key)]
 
     async def handle_ingest(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         if not isinstance(event, KbIngest):
@@ -99,7 +105,15 @@ def _ms(t0: float) -> float:
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     stage = RetrievalStage(settings)
-    turns = StageWorker(settings, "retrieval", RETRIEVAL.group_id, RETRIEVAL.topics, stage.handle_turn)
+    turns = StageWorker(
+        settings,
+        "retrieval",
+        RETRIEVAL.group_id,
+        RETRIEVAL.topics,
+        stage.handle_turn,
+        priority_topics=(CHAT_SCREENED,),
+        companions=(stage.cancelled,),
+    )
     ingest = StageWorker(settings, "retrieval-ingest", RETRIEVAL_INGEST.group_id, RETRIEVAL_INGEST.topics, stage.handle_ingest, max_records=8)
     try:
         # one failing loop ends the other and the process (so a supervisor restarts it), not half of it

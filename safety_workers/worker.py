@@ -1,6 +1,8 @@
 """Safety worker: screens every turn on ``chat.requests`` before anything else sees it.
 
-Consumer group ``chatbus-safety``; at-least-once (see :mod:`consumers.stage`).
+Consumer group ``chatbus-safety`` on ``chat.requests`` and, when no interactive turn is waiting,
+``batch.requests`` (the batch lane; its output goes to ``batch.screened``); at-least-once (see
+:mod:`consumers.stage`). Lines of a cancelled batch are finished at once as ``cancelled``.
 
 For each turn: PII in every message is masked (:mod:`safety_workers.pii`); the last user message is
 embedded once (all-MiniLM-L6-v2) and screened against the policy's deny patterns, per-category
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from aiokafka import ConsumerRecord
 
 from chatbus.config import Settings
+from batches.cancellations import CancelledBatches
 from consumers.stage import Outgoing, StageWorker
 from producers.replies import whole_reply
 from retrieval_workers.embeddings import Embedder, get_embedder
@@ -27,7 +30,7 @@ from safety_workers.pii import mask_pii
 from safety_workers.policy import load_policy
 from safety_workers.screen import Screener
 from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
-from topics.registry import CHAT_SCREENED, SAFETY, topic
+from topics.registry import CHAT_REQUESTS, CHAT_SCREENED, SAFETY, lane, topic
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class SafetyStage:
         self.policy = load_policy(settings.safety_policy)
         self.embedder = embedder or get_embedder(settings.embedding_model)
         self.screener = Screener(self.policy, self.embedder.encode, default_threshold=settings.safety_similarity_threshold)
-        self.out_topic = topic(CHAT_SCREENED, settings.topic_prefix)
+        self.cancelled = CancelledBatches(settings)
 
     def screen(self, request: ChatTurnRequest) -> tuple[ChatTurnRequest, SafetyVerdict, list[float]]:
         t0 = time.perf_counter()
@@ -65,6 +68,8 @@ class SafetyStage:
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         if not isinstance(event, ChatTurnRequest):
             raise TypeError(f"unexpected {event.event_type} on {record.topic}")
+        if event in self.cancelled:
+            return whole_reply(event, "", "cancelled", event.model, stages=event.stages)
         event.mark("safety_start")
         masked, verdict, embedding = await asyncio.to_thread(self.screen, event)
         masked.mark("safety_end")
@@ -81,9 +86,12 @@ class SafetyStage:
             verdict=verdict,
             query_embedding=embedding,
         )
-        return [Outgoing(self.out_topic, screened.to_bytes(), key=screened.key)]
+        out_topic = topic(lane(CHAT_SCREENED, event.source), self.settings.topic_prefix)
+        return [Outgoing(out_topic, screened.to_bytes(), key=screened.key)]
 
 
 def build_worker(settings: Settings) -> StageWorker:
     stage = SafetyStage(settings)
-    return StageWorker(settings, "safety", SAFETY.group_id, SAFETY.topics, stage.handle)
+    return StageWorker(
+        settings, "safety", SAFETY.group_id, SAFETY.topics, stage.handle, priority_topics=(CHAT_REQUESTS,), companions=(stage.cancelled,)
+    )

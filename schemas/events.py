@@ -67,10 +67,19 @@ class SamplingParams(_Model):
 
 
 class ReplyTo(_Model):
-    """Where the turn's token events go: the edge instance holding the client's connection."""
+    """Where the turn's reply events go: the edge instance holding the client's connection
+    (a fixed partition of ``chat.replies``), or ``batch.results`` (``partition=None``: keyed)."""
 
     topic: str
-    partition: int = Field(ge=0)
+    partition: int | None = Field(default=None, ge=0)
+
+
+class BatchRef(_Model):
+    """The line of a batch input file a turn came from (``chat.turn.*`` events of the batch lane)."""
+
+    batch_id: str
+    custom_id: str
+    line: int = Field(ge=1)  # 1-based line number in the input file
 
 
 class SafetyVerdict(_Model):
@@ -144,6 +153,7 @@ class ChatTurnRequest(_Event):
     reply_to: ReplyTo
     user: str | None = None
     source: Literal["interactive", "batch"] = "interactive"
+    batch: BatchRef | None = None  # set on the batch lane (``batch.*`` topics)
 
 
 class ScreenedTurn(_Event):
@@ -198,6 +208,7 @@ class TurnCompleted(_Event):
     verdict: SafetyVerdict | None = None
     retrieval_status: str = ""
     error: str | None = None
+    batch: BatchRef | None = None  # copied from the request on the batch lane
 
 
 class CancelTurn(_Event):
@@ -228,6 +239,57 @@ class KbIngest(_Model):
         return orjson.dumps(self.model_dump(mode="json"))
 
 
+class BatchLineError(_Model):
+    """A batch input line that failed validation (it goes to the batch's error file, the rest runs)."""
+
+    line: int = Field(ge=1)
+    custom_id: str | None = None
+    code: str
+    message: str
+
+
+class BatchCreated(_Model):
+    """``batch.jobs``: a batch was accepted. Published before its lines; the batch store is rebuilt from it."""
+
+    event_type: Literal["batch.created"] = "batch.created"
+    schema_version: int = SCHEMA_VERSION
+    event_id: str = Field(default_factory=new_id)
+    created_at: float = Field(default_factory=now)
+    batch_id: str
+    input_file_id: str
+    input_sha256: str
+    endpoint: str = "/v1/chat/completions"
+    completion_window: str = "24h"
+    metadata: dict[str, str] = Field(default_factory=dict)
+    total: int = Field(ge=0)  # lines in the input file, invalid ones included
+    invalid: list[BatchLineError] = Field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @property
+    def key(self) -> bytes:
+        return self.batch_id.encode()
+
+
+class BatchCancelled(_Model):
+    """``batch.jobs``: stop the batch; every stage finishes its remaining lines as ``cancelled``."""
+
+    event_type: Literal["batch.cancelled"] = "batch.cancelled"
+    schema_version: int = SCHEMA_VERSION
+    event_id: str = Field(default_factory=new_id)
+    created_at: float = Field(default_factory=now)
+    batch_id: str
+    reason: str = "cancelled by the user"
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @property
+    def key(self) -> bytes:
+        return self.batch_id.encode()
+
+
 class DeadLetter(_Model):
     """``chat.dlq``: a message a worker could not process, with the reason; the worker moved on."""
 
@@ -249,7 +311,16 @@ class DeadLetter(_Model):
 
 
 AnyEvent = Annotated[
-    ChatTurnRequest | ScreenedTurn | GroundedTurn | TokenEvent | TurnCompleted | CancelTurn | KbIngest | DeadLetter,
+    ChatTurnRequest
+    | ScreenedTurn
+    | GroundedTurn
+    | TokenEvent
+    | TurnCompleted
+    | CancelTurn
+    | KbIngest
+    | DeadLetter
+    | BatchCreated
+    | BatchCancelled,
     Field(discriminator="event_type"),
 ]
 _adapter: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
@@ -292,4 +363,6 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
     "chat.turn.cancel": CancelTurn,
     "kb.ingest": KbIngest,
     "dead_letter": DeadLetter,
+    "batch.created": BatchCreated,
+    "batch.cancelled": BatchCancelled,
 }

@@ -36,6 +36,15 @@ CHAT_REPLIES = "chat.replies"
 CHAT_CONTROL = "chat.control"
 CHAT_DLQ = "chat.dlq"
 KB_INGEST = "kb.ingest"
+BATCH_REQUESTS = "batch.requests"
+BATCH_SCREENED = "batch.screened"
+BATCH_GROUNDED = "batch.grounded"
+BATCH_RESULTS = "batch.results"
+BATCH_JOBS = "batch.jobs"
+
+# The batch lane: the same stages as interactive chat on topics of its own, so every stage can take
+# interactive turns first (see consumers.stage.StageWorker and the inference worker's admission).
+BATCH_LANE = {CHAT_REQUESTS: BATCH_REQUESTS, CHAT_SCREENED: BATCH_SCREENED, CHAT_GROUNDED: BATCH_GROUNDED}
 
 REGISTRY: tuple[TopicSpec, ...] = (
     TopicSpec(CHAT_REQUESTS, 6, "conversation_id", "chat turns as received by an edge or a batch job", DAY_MS),
@@ -52,6 +61,11 @@ REGISTRY: tuple[TopicSpec, ...] = (
     TopicSpec(CHAT_CONTROL, 3, "conversation_id", "cancel events, read by every inference worker (no consumer group)", HOUR_MS),
     TopicSpec(CHAT_DLQ, 1, "source key", "dead letters: undecodable or unprocessable messages with the reason", 14 * DAY_MS),
     TopicSpec(KB_INGEST, 1, "source path", "embedded chunks for the retrieval worker (the Milvus owner) to upsert", 7 * DAY_MS),
+    TopicSpec(BATCH_REQUESTS, 6, "conversation_id", "batch lines as chat turns (source=batch), reply_to batch.results", 7 * DAY_MS),
+    TopicSpec(BATCH_SCREENED, 6, "conversation_id", "the batch lane of chat.screened", 7 * DAY_MS),
+    TopicSpec(BATCH_GROUNDED, 6, "conversation_id", "the batch lane of chat.grounded (taken only when interactive turns leave room)", 7 * DAY_MS),
+    TopicSpec(BATCH_RESULTS, 6, "conversation_id", "completions of batch lines (no token events)", 7 * DAY_MS),
+    TopicSpec(BATCH_JOBS, 1, "batch id", "batch created / cancelled events; stages tail it for cancels, the batch store is rebuilt from it", 30 * DAY_MS),
 )
 
 
@@ -64,12 +78,19 @@ class GroupSpec:
     stage: bool = True
 
 
-SAFETY = GroupSpec("chatbus-safety", (CHAT_REQUESTS,))
-RETRIEVAL = GroupSpec("chatbus-retrieval", (CHAT_SCREENED,))
+SAFETY = GroupSpec("chatbus-safety", (CHAT_REQUESTS, BATCH_REQUESTS))
+RETRIEVAL = GroupSpec("chatbus-retrieval", (CHAT_SCREENED, BATCH_SCREENED))
 RETRIEVAL_INGEST = GroupSpec("chatbus-retrieval-ingest", (KB_INGEST,), stage=False)
-INFERENCE = GroupSpec("chatbus-inference", (CHAT_GROUNDED,))
+INFERENCE = GroupSpec("chatbus-inference", (CHAT_GROUNDED, BATCH_GROUNDED))
 RECORDER = GroupSpec("chatbus-recorder", (CHAT_REQUESTS, CHAT_SCREENED, CHAT_GROUNDED, CHAT_REPLIES))
-GROUPS: tuple[GroupSpec, ...] = (SAFETY, RETRIEVAL, RETRIEVAL_INGEST, INFERENCE, RECORDER)
+# the batch store: materialises batch.jobs / batch.requests / batch.results (and batch dead letters)
+BATCHES = GroupSpec("chatbus-batches", (BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, CHAT_DLQ), stage=False)
+GROUPS: tuple[GroupSpec, ...] = (SAFETY, RETRIEVAL, RETRIEVAL_INGEST, INFERENCE, RECORDER, BATCHES)
+
+
+def lane(name: str, source: str) -> str:
+    """The registry name of stage topic ``name`` (e.g. ``chat.screened``) for a turn's lane."""
+    return BATCH_LANE[name] if source == "batch" else name
 
 
 def topic(name: str, prefix: str = "") -> str:

@@ -1,0 +1,46 @@
+"""Rebuild the batch store from the topics (``chatbus batch rebuild``), e.g. after the database was lost.
+
+Reads ``batch.jobs``, ``batch.requests``, ``batch.results`` and ``chat.dlq`` from the earliest retained
+offset to their current end, without a consumer group (the running ``batches`` worker is not disturbed),
+and applies every event with the collector's idempotent upserts, then finalises finished batches. What
+the topics no longer retain cannot come back; uploaded input files live only in the database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import AsyncMongoClient
+
+from batches.collector import BatchCollector
+from batches.store import BatchStore
+from chatbus.config import Settings
+from chatbus.ops import read_records
+from schemas.events import DecodeError, decode
+from topics.registry import BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, CHAT_DLQ, topic
+
+
+async def rebuild(settings: Settings) -> int:
+    """Replay the batch topics into the store; returns the number of events applied."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=10_000)
+    try:
+        store = BatchStore(client[settings.mongo_db])
+        await store.ensure_indexes()
+        collector = BatchCollector(settings, store)
+        touched: set[str] = set()
+        applied = 0
+        for name in (BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, CHAT_DLQ):  # batches before their lines
+            for record in await read_records(settings, topic(name, settings.topic_prefix), timeout_s=60):
+                try:
+                    event = decode(record.value)
+                except DecodeError:
+                    continue
+                batch_id = await collector.apply(event)
+                if batch_id is not None:
+                    touched.add(batch_id)
+                    applied += 1
+        for batch_id in sorted(touched):
+            await store.maybe_finalize(batch_id)
+        return applied
+    finally:
+        await client.close()

@@ -1,0 +1,214 @@
+"""The batch API for programs, the CLI (``chatbus batch …``) and the edge (``/v1/files``, ``/v1/batches``).
+
+Usage from Python::
+
+    async with BatchService.connect(get_settings()) as batches:
+        file = await batches.upload(Path("prompts.jsonl").read_bytes(), "prompts.jsonl")
+        batch = await batches.create(file["id"], metadata={"team": "eval"}, batch_key="eval-2026-11-21")
+        batch = await batches.wait(batch["id"])
+        async for line in batches.content(batch["output_file_id"]):
+            ...
+
+Submitting publishes a ``batch.created`` event on ``batch.jobs``, then every valid line as a chat turn
+(``source="batch"``) on ``batch.requests`` with ``reply_to`` ``batch.results``; the safety, retrieval and
+inference stages take those only when interactive turns leave room. The ``batches`` worker
+(:mod:`batches.collector`) records each result; the batch is ``completed`` when every line has one.
+
+Idempotency: with a ``batch_key`` the batch id is derived from the key, so submitting again returns the
+existing batch and publishes nothing (an interrupted submission, left in ``validating``, is resumed,
+skipping lines that already have a result). The same key with a different file is a 409.
+
+Errors are :class:`edge.protocol.APIError` (HTTP status, OpenAI error body): 404 unknown file or batch,
+400 a bad parameter or a file that cannot be a batch at all, 409 a reused batch key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from pymongo import AsyncMongoClient
+from tqdm import tqdm
+
+from batches.input import CHAT_COMPLETIONS, BatchFileError, parse_batch
+from batches.store import OPEN, TERMINAL, BatchStore, request_id
+from chatbus.config import Settings
+from edge.protocol import APIError
+from schemas.events import BatchCancelled, BatchCreated, BatchRef, ChatTurnRequest, ReplyTo
+from topics.clients import make_producer
+from topics.registry import BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, topic
+
+MAX_EVENT_ERRORS = 2000  # invalid lines carried in batch.created (all of them are stored)
+
+
+class BatchService:
+    def __init__(self, settings: Settings, store: BatchStore, producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.store = store
+        self.producer = producer
+        self.jobs_topic = topic(BATCH_JOBS, settings.topic_prefix)
+        self.requests_topic = topic(BATCH_REQUESTS, settings.topic_prefix)
+        self.reply_to = ReplyTo(topic=topic(BATCH_RESULTS, settings.topic_prefix))
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, settings: Settings) -> AsyncIterator[BatchService]:
+        """A service with its own database client and producer (closed on exit)."""
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=10_000)
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            store = BatchStore(client[settings.mongo_db])
+            await store.ensure_indexes()
+            yield cls(settings, store, producer)
+        finally:
+            await producer.stop()
+            await client.close()
+
+    # --- files ---------------------------------------------------------------------------------------------
+    async def upload(self, data: bytes, filename: str, purpose: str = "batch") -> dict[str, Any]:
+        if purpose != "batch":
+            raise APIError(400, "purpose: only 'batch' files are accepted", param="purpose")
+        if len(data) > self.settings.max_batch_file_bytes:
+            raise APIError(413, f"file larger than {self.settings.max_batch_file_bytes} bytes", param="file", code="file_too_large")
+        return await self.store.put_file(data, filename, purpose)
+
+    async def file(self, file_id: str) -> dict[str, Any]:
+        meta = await self.store.file(file_id)
+        if meta is None:
+            raise APIError(404, f"No such File object: {file_id}", type="invalid_request_error", param="file_id", code="file_not_found")
+        return meta
+
+    async def content(self, file_id: str) -> AsyncIterator[bytes]:
+        await self.file(file_id)
+        async for piece in self.store.file_content(file_id):
+            yield piece
+
+    async def read(self, file_id: str) -> bytes:
+        return b"".join([piece async for piece in self.content(file_id)])
+
+    # --- batches -------------------------------------------------------------------------------------------
+    async def create(
+        self,
+        input_file_id: str,
+        *,
+        endpoint: str = CHAT_COMPLETIONS,
+        completion_window: str = "24h",
+        metadata: dict[str, str] | None = None,
+        batch_key: str | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Validate the input file and publish its lines; returns the OpenAI batch object."""
+        if endpoint != CHAT_COMPLETIONS:
+            raise APIError(400, f"endpoint: only {CHAT_COMPLETIONS} is supported", param="endpoint")
+        if completion_window != "24h":
+            raise APIError(400, "completion_window: only '24h' is supported", param="completion_window")
+        metadata = metadata or {}
+        if len(metadata) > 16 or any(not isinstance(v, str) or len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+            raise APIError(400, "metadata: at most 16 string pairs, keys ≤ 64 and values ≤ 512 characters", param="metadata")
+        data = await self.read(input_file_id)
+        sha = hashlib.sha256(data).hexdigest()
+        key_sha = hashlib.sha256(batch_key.encode()).hexdigest() if batch_key else None
+        batch_id = f"batch_{key_sha[:32]}" if key_sha else f"batch_{uuid.uuid4().hex}"
+        existing = await self.store.get_batch(batch_id)
+        if existing is not None:
+            if existing["input_sha256"] != sha:
+                raise APIError(409, "this batch key was already used for a different input file", param="batch_key", code="batch_key_conflict")
+            if existing["status"] != "validating":
+                return await self.store.openai_batch(existing)  # submitted before: nothing runs twice
+        try:
+            parsed = await asyncio.to_thread(parse_batch, data, self.settings)
+        except BatchFileError as exc:
+            created = BatchCreated(batch_id=batch_id, input_file_id=input_file_id, input_sha256=sha, metadata=metadata, total=0)
+            await self.store.create_batch(created, "failed", key_sha)
+            await self.store.batches.update_one({"_id": batch_id}, {"$set": {"errors": [{"code": "invalid_file", "message": str(exc)}], "failed_at": int(created.created_at)}})
+            return await self.get(batch_id)
+        invalid = [e.model_copy(update={"message": e.message[:200]}) for e in parsed.invalid]
+        created = BatchCreated(
+            batch_id=batch_id,
+            input_file_id=input_file_id,
+            input_sha256=sha,
+            endpoint=endpoint,
+            completion_window=completion_window,
+            metadata=metadata,
+            total=parsed.total,
+            invalid=invalid[:MAX_EVENT_ERRORS],
+        )
+        await self.store.create_batch(created, "validating", key_sha)
+        await self.store.record_invalid(batch_id, parsed.invalid)
+        done = {d["_id"] async for d in self.store.requests.find({"batch_id": batch_id, "status": {"$ne": "pending"}}, {"_id": 1})}
+        await self.producer.send_and_wait(self.jobs_topic, created.to_bytes(), key=created.key)
+        futures = []
+        for line in tqdm(parsed.lines, desc="submitting", unit="req", disable=not progress):
+            cid = request_id(batch_id, line.line)
+            if cid in done:
+                continue
+            turn = ChatTurnRequest(
+                correlation_id=cid,
+                conversation_id=cid,
+                model=line.request.model,
+                messages=line.request.chat_messages(),
+                sampling=line.request.sampling(self.settings.default_max_tokens),
+                reply_to=self.reply_to,
+                user=line.request.user,
+                source="batch",
+                batch=BatchRef(batch_id=batch_id, custom_id=line.custom_id, line=line.line),
+            )
+            turn.mark("batch_submitted")
+            futures.append(await self.producer.send(self.requests_topic, turn.to_bytes(), key=turn.key))
+        await asyncio.gather(*futures)
+        if parsed.lines:
+            await self.store.set_status(batch_id, "in_progress", only_from=("validating",))
+        else:
+            await self.store.set_status(batch_id, "failed", only_from=("validating",), error_file_id=f"file-err-{batch_id.removeprefix('batch_')}")
+        return await self.get(batch_id)
+
+    async def get(self, batch_id: str) -> dict[str, Any]:
+        batch = await self.store.get_batch(batch_id)
+        if batch is None:
+            raise APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+        return await self.store.openai_batch(batch)
+
+    async def list(self, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+        """Batches, newest first (OpenAI's list object with cursor pagination by ``after``)."""
+        query: dict[str, Any] = {}
+        if after:
+            anchor = await self.store.get_batch(after)
+            if anchor is not None:
+                query = {"$or": [{"created_at": {"$lt": anchor["created_at"]}}, {"created_at": anchor["created_at"], "_id": {"$lt": after}}]}
+        docs = [d async for d in self.store.batches.find(query).sort([("created_at", -1), ("_id", -1)]).limit(limit + 1)]
+        data = [await self.store.openai_batch(d) for d in docs[:limit]]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None, "has_more": len(docs) > limit}
+
+    async def cancel(self, batch_id: str, reason: str = "cancelled by the user") -> dict[str, Any]:
+        """Stop a batch: lines not yet generated finish as ``cancelled``; finished results are kept."""
+        batch = await self.get(batch_id)
+        if batch["status"] in TERMINAL or batch["status"] == "cancelling":
+            return batch
+        await self.store.set_status(batch_id, "cancelling", only_from=OPEN)
+        event = BatchCancelled(batch_id=batch_id, reason=reason)
+        await self.producer.send_and_wait(self.jobs_topic, event.to_bytes(), key=event.key)
+        await self.store.maybe_finalize(batch_id)
+        return await self.get(batch_id)
+
+    async def wait(self, batch_id: str, *, timeout_s: float | None = None, progress: bool = False, poll_s: float = 0.5) -> dict[str, Any]:
+        """Poll until the batch is completed, failed, cancelled or expired; returns the batch object."""
+        batch = await self.get(batch_id)
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        with tqdm(total=batch["request_counts"]["total"], desc=batch_id, unit="req", disable=not progress) as bar:
+            while True:
+                counts = batch["request_counts"]
+                bar.n = counts["completed"] + counts["failed"]
+                bar.set_postfix(status=batch["status"], failed=counts["failed"], refresh=False)
+                bar.refresh()
+                if batch["status"] in TERMINAL:
+                    return batch
+                if deadline is not None and asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"batch {batch_id} is still {batch['status']} after {timeout_s:.0f} s")
+                await asyncio.sleep(poll_s)
+                batch = await self.get(batch_id)

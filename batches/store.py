@@ -1,0 +1,257 @@
+"""Batch state in the MongoDB API: files, batches and one document per batch line.
+
+Collections (any MongoDB API; FerretDB locally):
+
+* ``files`` — ``_id`` = ``file-…``; OpenAI file object fields (``bytes``, ``filename``, ``purpose``,
+  ``created_at``) and ``chunks``; the content is in ``file_chunks`` (``_id`` = ``file-…:n``, 1 MiB each).
+* ``batches`` — ``_id`` = ``batch_…``; OpenAI batch object fields, ``total`` and ``input_sha256``.
+* ``batch_requests`` — ``_id`` = the line's correlation id ``batch_req_<hex>_<line>``; ``batch_id``,
+  ``line``, ``custom_id``, ``status`` (``pending`` → ``completed`` | ``failed`` | ``cancelled``), and the
+  ``response`` or ``error`` of OpenAI's output format.
+
+Every write is an idempotent upsert derived from one event, in any order: a result that arrives before
+its request, or a replay of the topics into an empty database (the rebuild), gives the same documents.
+Output and error files are not stored twice: ``file-out-<hex>`` / ``file-err-<hex>`` are rendered from
+``batch_requests`` in line order when read. Output format:
+https://platform.openai.com/docs/api-reference/batch/request-output
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from pymongo import ASCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from edge.protocol import completion_body
+from safety_workers.pii import mask_pii
+from schemas.events import BatchCreated, BatchLineError, TurnCompleted
+
+CHUNK_BYTES = 1024 * 1024
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+OPEN = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+def batch_hex(batch_id: str) -> str:
+    return batch_id.removeprefix("batch_")
+
+
+def request_id(batch_id: str, line: int) -> str:
+    """The correlation id of a batch line (also the ``id`` and ``request_id`` of its output line)."""
+    return f"batch_req_{batch_hex(batch_id)}_{line}"
+
+
+def parse_request_id(correlation_id: str) -> tuple[str, int] | None:
+    """``(batch_id, line)`` of a batch line's correlation id, or None for any other id."""
+    if not correlation_id.startswith("batch_req_"):
+        return None
+    hex_part, _, line = correlation_id.removeprefix("batch_req_").rpartition("_")
+    if not hex_part or not line.isdigit():
+        return None
+    return f"batch_{hex_part}", int(line)
+
+
+def output_file_id(batch_id: str) -> str:
+    return f"file-out-{batch_hex(batch_id)}"
+
+
+def error_file_id(batch_id: str) -> str:
+    return f"file-err-{batch_hex(batch_id)}"
+
+
+class BatchStore:
+    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+        self.db = db
+        self.files = db["files"]
+        self.chunks = db["file_chunks"]
+        self.batches = db["batches"]
+        self.requests = db["batch_requests"]
+
+    async def ensure_indexes(self) -> None:
+        await self.requests.create_index([("batch_id", ASCENDING), ("status", ASCENDING)])
+        await self.requests.create_index([("batch_id", ASCENDING), ("line", ASCENDING)])
+        await self.chunks.create_index([("file_id", ASCENDING), ("n", ASCENDING)])
+
+    # --- files --------------------------------------------------------------------------------------------
+    async def put_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        file_id = f"file-{uuid.uuid4().hex}"
+        pieces = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+        await self.chunks.insert_many([{"_id": f"{file_id}:{n}", "file_id": file_id, "n": n, "data": p} for n, p in enumerate(pieces)])
+        doc = {"_id": file_id, "bytes": len(data), "filename": filename, "purpose": purpose, "created_at": int(time.time()), "chunks": len(pieces)}
+        await self.files.insert_one(doc)  # last: a file is visible only once its content is complete
+        return file_object(doc)
+
+    async def file(self, file_id: str) -> dict[str, Any] | None:
+        """The OpenAI file object of a stored or rendered (output/error) file; None if unknown."""
+        doc = await self.files.find_one({"_id": file_id})
+        if doc is not None:
+            return file_object(doc)
+        for prefix, kind in (("file-out-", "output"), ("file-err-", "error")):
+            if file_id.startswith(prefix):
+                batch = await self.batches.find_one({"_id": f"batch_{file_id.removeprefix(prefix)}"})
+                if batch is not None and batch.get(f"{kind}_file_id") == file_id:
+                    size = sum([len(line) async for line in self.rendered(batch["_id"], kind)])
+                    at = batch.get("completed_at") or batch.get("cancelled_at") or batch.get("failed_at") or batch["created_at"]
+                    return file_object({"_id": file_id, "bytes": size, "filename": f"{batch['_id']}_{kind}.jsonl", "purpose": "batch_output", "created_at": at})
+        return None
+
+    async def file_content(self, file_id: str) -> AsyncIterator[bytes]:
+        """The bytes of a file in pieces (call :meth:`file` first to know it exists)."""
+        if await self.files.find_one({"_id": file_id}, {"_id": 1}) is not None:
+            async for chunk in self.chunks.find({"file_id": file_id}).sort("n", ASCENDING):
+                yield bytes(chunk["data"])
+            return
+        for prefix, kind in (("file-out-", "output"), ("file-err-", "error")):
+            if file_id.startswith(prefix):
+                async for line in self.rendered(f"batch_{file_id.removeprefix(prefix)}", kind):
+                    yield line
+
+    # --- batches ------------------------------------------------------------------------------------------
+    async def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        return await self.batches.find_one({"_id": batch_id})
+
+    async def create_batch(self, event: BatchCreated, status: str, batch_key_sha: str | None = None) -> None:
+        """Insert the batch document unless it exists (idempotent; also what the rebuild does)."""
+        fields = {
+            "object": "batch",
+            "endpoint": event.endpoint,
+            "input_file_id": event.input_file_id,
+            "input_sha256": event.input_sha256,
+            "completion_window": event.completion_window,
+            "metadata": event.metadata,
+            "total": event.total,
+            "created_at": int(event.created_at),
+            "expires_at": int(event.created_at) + 24 * 3600,
+            "status": status,
+            "errors": [e.model_dump() for e in event.invalid[:100]],
+            "batch_key_sha": batch_key_sha,
+        }
+        if status == "in_progress":
+            fields["in_progress_at"] = int(event.created_at)
+        await self.batches.update_one({"_id": event.batch_id}, {"$setOnInsert": fields}, upsert=True)
+        await self.record_invalid(event.batch_id, event.invalid)
+
+    async def set_status(self, batch_id: str, status: str, *, only_from: tuple[str, ...], **fields: Any) -> bool:
+        """Move a batch to ``status`` (stamping ``<status>_at``) if it is in one of ``only_from``."""
+        update = {"status": status, f"{status}_at": int(time.time()), **fields}
+        result = await self.batches.update_one({"_id": batch_id, "status": {"$in": list(only_from)}}, {"$set": update})
+        return result.modified_count == 1
+
+    async def record_invalid(self, batch_id: str, invalid: list[BatchLineError]) -> None:
+        for e in invalid:
+            error = {"code": e.code, "message": e.message, "line": e.line}
+            await self._upsert(request_id(batch_id, e.line), {"batch_id": batch_id, "line": e.line, "custom_id": e.custom_id, "status": "failed", "error": error})
+
+    async def record_request(self, batch_id: str, line: int, custom_id: str) -> None:
+        await self.requests.update_one(
+            {"_id": request_id(batch_id, line)},
+            {"$set": {"batch_id": batch_id, "line": line, "custom_id": custom_id}, "$setOnInsert": {"status": "pending"}},
+            upsert=True,
+        )
+
+    async def record_result(self, done: TurnCompleted) -> None:
+        ref = done.batch
+        assert ref is not None
+        cid = done.correlation_id
+        fields: dict[str, Any] = {"batch_id": ref.batch_id, "line": ref.line, "custom_id": ref.custom_id, "response": None, "error": None}
+        if done.finish_reason in ("stop", "length", "content_filter"):
+            text = mask_pii(done.text)[0]  # what is stored is masked, as everywhere in chatbus
+            body = completion_body(cid, done.model, text, done)
+            fields.update(status="completed", response={"status_code": 200, "request_id": cid, "body": body})
+        elif done.finish_reason == "cancelled":
+            fields.update(status="cancelled", error={"code": "batch_cancelled", "message": "the batch was cancelled before this request completed"})
+        else:
+            fields.update(status="failed", error={"code": "generation_error", "message": "generation failed for this request"})
+        await self.requests.update_one({"_id": cid}, {"$set": fields}, upsert=True)
+
+    async def record_failure(self, correlation_id: str, code: str, message: str) -> None:
+        """A line that will never complete (dead-lettered by a stage): failed, unless it already completed."""
+        parsed = parse_request_id(correlation_id)
+        if parsed is None:
+            return
+        batch_id, line = parsed
+        await self._upsert(correlation_id, {"batch_id": batch_id, "line": line, "status": "failed", "error": {"code": code, "message": message}})
+
+    async def _upsert(self, cid: str, fields: dict[str, Any]) -> None:
+        try:
+            await self.requests.update_one({"_id": cid, "status": {"$nin": ["completed", "cancelled"]}}, {"$set": fields}, upsert=True)
+        except DuplicateKeyError:
+            pass  # it exists and already has a final result: keep that
+
+    async def counts(self, batch_id: str) -> dict[str, int]:
+        completed = await self.requests.count_documents({"batch_id": batch_id, "status": "completed"})
+        failed = await self.requests.count_documents({"batch_id": batch_id, "status": "failed"})
+        cancelled = await self.requests.count_documents({"batch_id": batch_id, "status": "cancelled"})
+        return {"completed": completed, "failed": failed, "cancelled": cancelled}
+
+    async def maybe_finalize(self, batch_id: str) -> str | None:
+        """Finish a batch whose lines all have a result: ``completed`` (or ``cancelled``). Returns the new status."""
+        batch = await self.get_batch(batch_id)
+        if batch is None or batch["status"] not in ("in_progress", "cancelling"):
+            return None
+        if await self.requests.count_documents({"batch_id": batch_id}) < batch["total"]:
+            return None
+        if await self.requests.count_documents({"batch_id": batch_id, "status": "pending"}) > 0:
+            return None
+        final = "cancelled" if batch["status"] == "cancelling" else "completed"
+        if not await self.set_status(batch_id, "finalizing", only_from=(batch["status"],)):
+            return None  # another writer finalised it
+        counts = await self.counts(batch_id)
+        files = {
+            "output_file_id": output_file_id(batch_id) if counts["completed"] else None,
+            "error_file_id": error_file_id(batch_id) if counts["failed"] + counts["cancelled"] else None,
+        }
+        await self.set_status(batch_id, final, only_from=("finalizing",), **files)
+        return final
+
+    async def rendered(self, batch_id: str, kind: str) -> AsyncIterator[bytes]:
+        """The output (``kind="output"``) or error file of a batch, one JSONL line per request, in input order."""
+        statuses = ["completed"] if kind == "output" else ["failed", "cancelled"]
+        cursor = self.requests.find({"batch_id": batch_id, "status": {"$in": statuses}}).sort("line", ASCENDING)
+        async for doc in cursor:
+            line = {"id": doc["_id"], "custom_id": doc.get("custom_id"), "response": doc.get("response"), "error": doc.get("error")}
+            yield orjson.dumps(line) + b"\n"
+
+    async def openai_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The OpenAI batch object (https://platform.openai.com/docs/api-reference/batch/object)."""
+        counts = await self.counts(batch["_id"])
+        errors = batch.get("errors") or []
+        return {
+            "id": batch["_id"],
+            "object": "batch",
+            "endpoint": batch.get("endpoint", "/v1/chat/completions"),
+            "errors": {"object": "list", "data": [_openai_error(e) for e in errors]} if errors else None,
+            "input_file_id": batch["input_file_id"],
+            "completion_window": batch.get("completion_window", "24h"),
+            "status": batch["status"],
+            "output_file_id": batch.get("output_file_id"),
+            "error_file_id": batch.get("error_file_id"),
+            **{f"{s}_at": batch.get(f"{s}_at") for s in ("created", "in_progress", "expires", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")},
+            "request_counts": {"total": batch["total"], "completed": counts["completed"], "failed": counts["failed"] + counts["cancelled"]},
+            "metadata": batch.get("metadata") or None,
+            # chatbus's own: cancelled lines (counted in ``failed`` above, as OpenAI has no such count)
+            "cancelled_count": counts["cancelled"],
+        }
+
+
+def _openai_error(e: dict[str, Any]) -> dict[str, Any]:
+    return {"code": e.get("code"), "message": e.get("message"), "param": None, "line": e.get("line")}
+
+
+def file_object(doc: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI file object (https://platform.openai.com/docs/api-reference/files/object)."""
+    return {
+        "id": doc["_id"],
+        "object": "file",
+        "bytes": doc["bytes"],
+        "created_at": doc["created_at"],
+        "filename": doc["filename"],
+        "purpose": doc["purpose"],
+        "status": "processed",
+        "status_details": None,
+    }
