@@ -2,8 +2,11 @@
 
 Consumer group ``chatbus-batches`` on ``batch.jobs`` (created / cancelled), ``batch.requests`` (one
 pending document per line), ``batch.results`` (each line's completion) and ``chat.dlq`` (batch lines a
-stage dead-lettered: failed, so the batch still finishes). After each event the batch is finalised if
-every line has a result. At-least-once with idempotent upserts (:mod:`batches.store`); a database outage
+stage dead-lettered: failed, so the batch still finishes). Batches touched by events are checked for
+completion every ``FINALIZE_EVERY_S`` from the counters kept with each batch (not by counting lines per
+result, which would make a batch of n lines cost O(n²) in the database). An open batch with no event for
+``RECONCILE_IDLE_S`` (and every open batch at start) is recounted exactly, so a counter left short by a
+crash cannot keep a batch open for ever. At-least-once with idempotent upserts (:mod:`batches.store`); a database outage
 is retried, never dropped (:class:`consumers.stage.RetryLater`).
 
 Rebuild: the store is a view of the topics. ``chatbus batch rebuild`` resets this group to the earliest
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,23 +33,62 @@ from topics.registry import BATCH_LANE, BATCH_RESULTS, BATCHES, CHAT_DLQ, topic
 
 log = logging.getLogger(__name__)
 
+FINALIZE_EVERY_S = 0.5
+RECONCILE_IDLE_S = 10.0
+
 
 class BatchCollector:
     def __init__(self, settings: Settings, store: BatchStore) -> None:
         self.settings = settings
         self.store = store
         self.batch_topics = {topic(t, settings.topic_prefix) for t in (*BATCH_LANE.values(), BATCH_RESULTS)}
+        self.dirty: set[str] = set()  # batches with new events since their last completion check
+        self.last_event: dict[str, float] = {}  # batch id -> monotonic time of its latest event
 
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         try:
             batch_id = await self.apply(event)
-            if batch_id is not None:
-                status = await self.store.maybe_finalize(batch_id)
-                if status is not None:
-                    log.info("batch %s %s", batch_id, status)
         except PyMongoError as exc:
             raise RetryLater(f"database unavailable: {type(exc).__name__}") from exc
+        if batch_id is not None:
+            self.dirty.add(batch_id)
+            self.last_event[batch_id] = time.monotonic()
         return []
+
+    async def finalize_dirty(self) -> None:
+        """Finalise the touched batches whose lines all have a result."""
+        while self.dirty:
+            batch_id = self.dirty.pop()
+            try:
+                status = await self.store.maybe_finalize(batch_id)
+            except PyMongoError:
+                self.dirty.add(batch_id)
+                raise
+            if status is not None:
+                log.info("batch %s %s", batch_id, status)
+
+    async def reconcile_idle(self) -> None:
+        """Recount open batches without recent events, then finalise those that are done."""
+        now = time.monotonic()
+        async for doc in self.store.batches.find({"status": {"$in": ["in_progress", "cancelling", "finalizing"]}}, {"_id": 1}):
+            batch_id = doc["_id"]
+            if now - self.last_event.get(batch_id, 0.0) >= RECONCILE_IDLE_S:
+                await self.store.reconcile(batch_id)
+                self.last_event[batch_id] = now
+                self.dirty.add(batch_id)
+        await self.finalize_dirty()
+
+    async def finalizer(self, stop: asyncio.Event) -> None:
+        next_reconcile = 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_reconcile:
+                    await self.reconcile_idle()
+                    next_reconcile = time.monotonic() + RECONCILE_IDLE_S
+                await self.finalize_dirty()
+            except PyMongoError as exc:
+                log.warning("batches: finalising failed (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(FINALIZE_EVERY_S)
 
     async def apply(self, event: AnyEvent) -> str | None:
         """Record one event; returns the batch it touched (None: not a batch event)."""
@@ -90,6 +133,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 log.warning("batches: database not ready (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(min(1 + attempt, 5))
         collector = BatchCollector(settings, store)
-        await _Worker(settings, "batches", BATCHES.group_id, BATCHES.topics, collector.handle).run(stop)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(collector.finalizer(stop))
+            group.create_task(_Worker(settings, "batches", BATCHES.group_id, BATCHES.topics, collector.handle).run(stop))
     finally:
         await client.close()

@@ -27,7 +27,6 @@ async def rebuild(settings: Settings) -> int:
         store = BatchStore(client[settings.mongo_db])
         await store.ensure_indexes()
         collector = BatchCollector(settings, store)
-        touched: set[str] = set()
         applied = 0
         for name in (BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, CHAT_DLQ):  # batches before their lines
             for record in await read_records(settings, topic(name, settings.topic_prefix), timeout_s=60):
@@ -37,10 +36,11 @@ async def rebuild(settings: Settings) -> int:
                     continue
                 batch_id = await collector.apply(event)
                 if batch_id is not None:
-                    touched.add(batch_id)
+                    collector.dirty.add(batch_id)
                     applied += 1
-        for batch_id in sorted(touched):
-            await store.maybe_finalize(batch_id)
+        for batch_id in list(collector.dirty):
+            await store.reconcile(batch_id)
+        await collector.finalize_dirty()
         return applied
     finally:
         await client.close()

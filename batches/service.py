@@ -196,7 +196,7 @@ class BatchService:
         await self.store.maybe_finalize(batch_id)
         return await self.get(batch_id)
 
-    async def wait(self, batch_id: str, *, timeout_s: float | None = None, progress: bool = False, poll_s: float = 0.5) -> dict[str, Any]:
+    async def wait(self, batch_id: str, *, timeout_s: float | None = None, progress: bool = False, poll_s: float = 1.0) -> dict[str, Any]:
         """Poll until the batch is completed, failed, cancelled or expired; returns the batch object."""
         batch = await self.get(batch_id)
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s

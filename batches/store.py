@@ -128,6 +128,7 @@ class BatchStore:
             "created_at": int(event.created_at),
             "expires_at": int(event.created_at) + 24 * 3600,
             "status": status,
+            "counts": {"completed": 0, "failed": 0, "cancelled": 0},
             "errors": [e.model_dump() for e in event.invalid[:100]],
             "batch_key_sha": batch_key_sha,
         }
@@ -145,7 +146,7 @@ class BatchStore:
     async def record_invalid(self, batch_id: str, invalid: list[BatchLineError]) -> None:
         for e in invalid:
             error = {"code": e.code, "message": e.message, "line": e.line}
-            await self._upsert(request_id(batch_id, e.line), {"batch_id": batch_id, "line": e.line, "custom_id": e.custom_id, "status": "failed", "error": error})
+            await self._finish(request_id(batch_id, e.line), {"batch_id": batch_id, "line": e.line, "custom_id": e.custom_id, "status": "failed", "error": error})
 
     async def record_request(self, batch_id: str, line: int, custom_id: str) -> None:
         await self.requests.update_one(
@@ -167,40 +168,59 @@ class BatchStore:
             fields.update(status="cancelled", error={"code": "batch_cancelled", "message": "the batch was cancelled before this request completed"})
         else:
             fields.update(status="failed", error={"code": "generation_error", "message": "generation failed for this request"})
-        await self.requests.update_one({"_id": cid}, {"$set": fields}, upsert=True)
+        await self._finish(cid, fields)
 
     async def record_failure(self, correlation_id: str, code: str, message: str) -> None:
-        """A line that will never complete (dead-lettered by a stage): failed, unless it already completed."""
+        """A line that will never complete (dead-lettered by a stage): failed, unless it already has a result."""
         parsed = parse_request_id(correlation_id)
         if parsed is None:
             return
         batch_id, line = parsed
-        await self._upsert(correlation_id, {"batch_id": batch_id, "line": line, "status": "failed", "error": {"code": code, "message": message}})
+        await self._finish(correlation_id, {"batch_id": batch_id, "line": line, "status": "failed", "error": {"code": code, "message": message}})
 
-    async def _upsert(self, cid: str, fields: dict[str, Any]) -> None:
-        try:
-            await self.requests.update_one({"_id": cid, "status": {"$nin": ["completed", "cancelled"]}}, {"$set": fields}, upsert=True)
-        except DuplicateKeyError:
-            pass  # it exists and already has a final result: keep that
+    async def _finish(self, cid: str, fields: dict[str, Any]) -> None:
+        """Give a line its final result — the first one wins — and count it in its batch's ``counts``.
 
-    async def counts(self, batch_id: str) -> dict[str, int]:
-        completed = await self.requests.count_documents({"batch_id": batch_id, "status": "completed"})
-        failed = await self.requests.count_documents({"batch_id": batch_id, "status": "failed"})
-        cancelled = await self.requests.count_documents({"batch_id": batch_id, "status": "cancelled"})
-        return {"completed": completed, "failed": failed, "cancelled": cancelled}
+        Idempotent: a replayed result finds the line final already and changes nothing. A crash between
+        the two writes leaves the counter one short; :meth:`reconcile` recounts exactly.
+        """
+        result = await self.requests.update_one({"_id": cid, "status": "pending"}, {"$set": fields})
+        if result.modified_count == 0:
+            try:
+                await self.requests.insert_one({"_id": cid, **fields})  # the result came before its request
+            except DuplicateKeyError:
+                return  # already final
+        await self.batches.update_one({"_id": fields["batch_id"]}, {"$inc": {f"counts.{fields['status']}": 1}})
+
+    async def counts(self, batch_id: str, batch: dict[str, Any] | None = None) -> dict[str, int]:
+        """Lines with a final result, by status (the counters kept by :meth:`_finish`)."""
+        batch = batch if batch is not None else await self.get_batch(batch_id)
+        kept = (batch or {}).get("counts") or {}
+        return {k: int(kept.get(k, 0)) for k in ("completed", "failed", "cancelled")}
+
+    async def reconcile(self, batch_id: str) -> dict[str, int]:
+        """Recount a batch's lines exactly (a scan of its lines) and store the counters."""
+        exact = {"completed": 0, "failed": 0, "cancelled": 0}
+        async for doc in self.requests.find({"batch_id": batch_id}, {"status": 1}):
+            if doc.get("status") in exact:
+                exact[doc["status"]] += 1
+        await self.batches.update_one({"_id": batch_id}, {"$set": {"counts": exact}})
+        return exact
 
     async def maybe_finalize(self, batch_id: str) -> str | None:
-        """Finish a batch whose lines all have a result: ``completed`` (or ``cancelled``). Returns the new status."""
+        """Finish a batch whose lines all have a result: ``completed`` (or ``cancelled``). Returns the new status.
+
+        ``finalizing`` is a short step in between; a batch left there by a crash is finished on the next call.
+        """
         batch = await self.get_batch(batch_id)
-        if batch is None or batch["status"] not in ("in_progress", "cancelling"):
+        if batch is None or batch["status"] not in ("in_progress", "cancelling", "finalizing"):
             return None
-        if await self.requests.count_documents({"batch_id": batch_id}) < batch["total"]:
-            return None
-        if await self.requests.count_documents({"batch_id": batch_id, "status": "pending"}) > 0:
-            return None
-        final = "cancelled" if batch["status"] == "cancelling" else "completed"
-        if not await self.set_status(batch_id, "finalizing", only_from=(batch["status"],)):
-            return None  # another writer finalised it
+        if batch["status"] != "finalizing":
+            if sum((await self.counts(batch_id, batch)).values()) < batch["total"]:
+                return None
+            if not await self.set_status(batch_id, "finalizing", only_from=(batch["status"],)):
+                return None  # another writer moved it on
+        final = "cancelled" if batch.get("cancelling_at") else "completed"
         counts = await self.counts(batch_id)
         files = {
             "output_file_id": output_file_id(batch_id) if counts["completed"] else None,
@@ -219,7 +239,7 @@ class BatchStore:
 
     async def openai_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The OpenAI batch object (https://platform.openai.com/docs/api-reference/batch/object)."""
-        counts = await self.counts(batch["_id"])
+        counts = await self.counts(batch["_id"], batch)
         errors = batch.get("errors") or []
         return {
             "id": batch["_id"],

@@ -47,6 +47,10 @@ def worker(kind: str) -> None:
     settings = get_settings()
     _setup_logging(settings)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if settings.torch_threads > 0 and kind in ("safety", "retrieval", "inference"):
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     from consumers.stage import run_forever
 
     if kind == "safety":

@@ -219,6 +219,8 @@ class Stack:
         """The environment of the workers and the edge: every setting, secrets included."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBUS_")}
         env.update(self.settings.child_env())
+        if self.settings.torch_threads == 0:  # every process shares this host: do not oversubscribe its cores
+            env["CHATBUS_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
