@@ -23,7 +23,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from batches.store import BatchStore, parse_request_id
 from chatbus.config import Settings
@@ -48,7 +48,7 @@ class BatchCollector:
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         try:
             batch_id = await self.apply(event)
-        except PyMongoError as exc:
+        except ConnectionFailure as exc:  # the database is away: retry, never drop (other errors are dead-lettered)
             raise RetryLater(f"database unavailable: {type(exc).__name__}") from exc
         if batch_id is not None:
             self.dirty.add(batch_id)

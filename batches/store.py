@@ -26,7 +26,6 @@ from typing import Any
 import orjson
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
 
 from edge.protocol import completion_body
 from safety_workers.pii import mask_pii
@@ -34,6 +33,7 @@ from schemas.events import BatchCreated, BatchLineError, TurnCompleted
 
 CHUNK_BYTES = 1024 * 1024
 TERMINAL = ("completed", "failed", "cancelled", "expired")
+FINAL = ("completed", "failed", "cancelled")  # of a line
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 
 
@@ -146,7 +146,8 @@ class BatchStore:
     async def record_invalid(self, batch_id: str, invalid: list[BatchLineError]) -> None:
         for e in invalid:
             error = {"code": e.code, "message": e.message, "line": e.line}
-            await self._finish(request_id(batch_id, e.line), {"batch_id": batch_id, "line": e.line, "custom_id": e.custom_id, "status": "failed", "error": error})
+            fields = {"batch_id": batch_id, "line": e.line, "custom_id": e.custom_id, "status": "failed", "error": error}
+            await self._finish(request_id(batch_id, e.line), fields, overwrite=False)
 
     async def record_request(self, batch_id: str, line: int, custom_id: str) -> None:
         await self.requests.update_one(
@@ -176,24 +177,34 @@ class BatchStore:
         if parsed is None:
             return
         batch_id, line = parsed
-        await self._finish(correlation_id, {"batch_id": batch_id, "line": line, "status": "failed", "error": {"code": code, "message": message}})
+        error = {"code": code, "message": message}
+        await self._finish(correlation_id, {"batch_id": batch_id, "line": line, "status": "failed", "error": error}, overwrite=False)
 
-    async def _finish(self, cid: str, fields: dict[str, Any]) -> None:
-        """Give a line its final result — the first one wins — and count it in its batch's ``counts``.
+    async def _finish(self, cid: str, fields: dict[str, Any], *, overwrite: bool = True) -> None:
+        """Give a line its final result and keep its batch's ``counts`` exact.
 
-        Idempotent: a replayed result finds the line final already and changes nothing. A crash between
-        the two writes leaves the counter one short; :meth:`reconcile` recounts exactly.
+        One atomic ``findAndModify`` by ``_id`` (every write here filters on ``_id`` alone: FerretDB
+        scans the collection for any other filter) returns the line as it was, so a replayed result
+        counts nothing twice, and a result that replaces another final one moves the count. With
+        ``overwrite=False`` (a dead letter) a line that already has a result keeps it. A crash between
+        the two writes leaves a counter short; :meth:`reconcile` recounts exactly.
         """
-        result = await self.requests.update_one({"_id": cid, "status": "pending"}, {"$set": fields})
-        if result.modified_count == 0:
-            try:
-                await self.requests.insert_one({"_id": cid, **fields})  # the result came before its request
-            except DuplicateKeyError:
-                return  # already final
-        await self.batches.update_one({"_id": fields["batch_id"]}, {"$inc": {f"counts.{fields['status']}": 1}})
+        if not overwrite:
+            current = await self.requests.find_one({"_id": cid}, {"status": 1})
+            if current is not None and current.get("status") in FINAL:
+                return
+        # (no projection: FerretDB v1's findAndModify does not implement ``fields``)
+        before = await self.requests.find_one_and_update({"_id": cid}, {"$set": fields}, upsert=True)
+        old = (before or {}).get("status")
+        if old == fields["status"]:
+            return
+        inc = {f"counts.{fields['status']}": 1}
+        if old in FINAL:
+            inc[f"counts.{old}"] = -1
+        await self.batches.update_one({"_id": fields["batch_id"]}, {"$inc": inc})
 
     async def counts(self, batch_id: str, batch: dict[str, Any] | None = None) -> dict[str, int]:
-        """Lines with a final result, by status (the counters kept by :meth:`_finish`)."""
+        """Lines with a final result, by status (the counters kept by :meth:`_finish`; never more than exact)."""
         batch = batch if batch is not None else await self.get_batch(batch_id)
         kept = (batch or {}).get("counts") or {}
         return {k: int(kept.get(k, 0)) for k in ("completed", "failed", "cancelled")}

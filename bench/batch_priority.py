@@ -12,7 +12,8 @@ Run against a running stack (``make up``)::
 3. the batch is cancelled (``--finish`` waits for it instead).
 
 TTFT is measured as the client sees it (request sent → first content chunk, official ``openai``
-client). Writes ``bench/results/batch_priority.json`` and ``.md``. Loopback only; bounded counts.
+client); the per-stage split of each turn (``bench/ttft_bus.py``'s spans) is read back from the
+recorder's turn documents, to show where a turn waits behind batch work. Writes ``bench/results/batch_priority.json`` and ``.md``. Loopback only; bounded counts.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from typing import Any
 
 import orjson
 from openai import AsyncOpenAI
+from pymongo import AsyncMongoClient
+from ttft_bus import SPANS  # bench/ is the script's folder
 
 from batches.service import BatchService
-from chatbus.config import get_settings
+from chatbus.config import Settings, get_settings
 
 OUT = Path(__file__).resolve().parent / "results"
 QUESTIONS = [
@@ -49,18 +52,42 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"p50": round(pct(values, 50), 1), "p90": round(pct(values, 90), 1), "p99": round(pct(values, 99), 1), "mean": round(statistics.fmean(values), 1), "n": len(values)}
 
 
-async def ttft(client: AsyncOpenAI, model: str, question: str, max_tokens: int) -> float:
+async def ttft(client: AsyncOpenAI, model: str, question: str, max_tokens: int) -> tuple[str, float]:
     t0 = time.perf_counter()
     first = None
+    cid = ""
     stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, stream=True)
     async for chunk in stream:
+        cid = chunk.id
         if first is None and chunk.choices and chunk.choices[0].delta.content:
             first = time.perf_counter() - t0
-    return (first or float("nan")) * 1000
+    return cid, (first or float("nan")) * 1000
 
 
-async def measure(client: AsyncOpenAI, model: str, turns: int, max_tokens: int) -> list[float]:
-    return [await ttft(client, model, QUESTIONS[i % len(QUESTIONS)], max_tokens) for i in range(turns)]
+async def measure(client: AsyncOpenAI, model: str, turns: int, max_tokens: int) -> tuple[list[str], list[float]]:
+    results = [await ttft(client, model, QUESTIONS[i % len(QUESTIONS)], max_tokens) for i in range(turns)]
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+async def stage_split(settings: Settings, ids: list[str]) -> dict[str, dict[str, float]]:
+    """p50/p99 of each stage and hop of these turns, from the recorder's ``stages`` marks (ms)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    spans: dict[str, list[float]] = {name: [] for name in SPANS}
+    try:
+        for cid in ids:
+            doc = None
+            for _ in range(100):
+                doc = await client[settings.mongo_db].turns.find_one({"_id": cid, "stages.first_token": {"$exists": True}})
+                if doc:
+                    break
+                await asyncio.sleep(0.2)
+            stages = (doc or {}).get("stages", {})
+            for name, (a, b) in SPANS.items():
+                if a in stages and b in stages:
+                    spans[name].append((stages[b] - stages[a]) * 1000)
+    finally:
+        await client.close()
+    return {name: {"p50": round(pct(v, 50), 1), "p99": round(pct(v, 99), 1)} for name, v in spans.items() if v}
 
 
 async def main() -> None:
@@ -75,7 +102,7 @@ async def main() -> None:
     model = settings.model_name
     client = AsyncOpenAI(base_url=f"http://{settings.edge_host}:{settings.edge_port}/v1", api_key="none", max_retries=0)
     await measure(client, model, 3, args.max_tokens)  # warm-up
-    idle = await measure(client, model, args.turns, args.max_tokens)
+    idle_ids, idle = await measure(client, model, args.turns, args.max_tokens)
     print(f"idle TTFT p50 {pct(idle, 50):.1f} ms")
 
     lines = [
@@ -99,7 +126,7 @@ async def main() -> None:
             await asyncio.sleep(0.2)
         before = await batches.get(bid)
         t0 = time.perf_counter()
-        loaded = await measure(client, model, args.turns, args.max_tokens)
+        loaded_ids, loaded = await measure(client, model, args.turns, args.max_tokens)
         window_s = time.perf_counter() - t0
         after = await batches.get(bid)
         print(f"under batch load TTFT p50 {pct(loaded, 50):.1f} ms")
@@ -119,6 +146,7 @@ async def main() -> None:
         "batch_status_at_end": final["status"],
         "ttft_ms": {"idle": summary(idle), "under_batch_load": summary(loaded)},
         "ratio_p50": round(pct(loaded, 50) / pct(idle, 50), 2),
+        "stages_ms": {"idle": await stage_split(settings, idle_ids), "under_batch_load": await stage_split(settings, loaded_ids)},
         "raw_ms": {"idle": idle, "under_batch_load": loaded},
     }
     OUT.mkdir(exist_ok=True)
@@ -126,6 +154,11 @@ async def main() -> None:
     rows = ["| interactive TTFT (ms) | p50 | p90 | p99 | mean | n |", "|---|---|---|---|---|---|"]
     for name, s in result["ttft_ms"].items():
         rows.append(f"| {name.replace('_', ' ')} | {s['p50']} | {s['p90']} | {s['p99']} | {s['mean']} | {s['n']} |")
+    rows += ["", "| stage / hop (ms) | idle p50 | idle p99 | loaded p50 | loaded p99 |", "|---|---|---|---|---|"]
+    split = result["stages_ms"]
+    for name in SPANS:
+        a, b = split["idle"].get(name, {}), split["under_batch_load"].get(name, {})
+        rows.append(f"| {name} | {a.get('p50', '')} | {a.get('p99', '')} | {b.get('p50', '')} | {b.get('p99', '')} |")
     rows.append("")
     rows.append(
         f"Batch: {args.batch_lines} lines × max_tokens {args.batch_max_tokens}, submitted in {result['batch_submit_s']} s; "
