@@ -49,6 +49,8 @@ def pct(values: list[float], p: float) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
+    """Percentiles of the turns that streamed content (a turn whose first token was EOS has no TTFT)."""
+    values = [v for v in values if v == v]
     return {"p50": round(pct(values, 50), 1), "p90": round(pct(values, 90), 1), "p99": round(pct(values, 99), 1), "mean": round(statistics.fmean(values), 1), "n": len(values)}
 
 
