@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from chatbus.config import Settings
+from consumers.gate import DownstreamGate
 from safety_workers.pii import mask_pii
 from schemas.events import AnyEvent, DeadLetter, DecodeError, decode
 from topics.clients import make_consumer, make_producer
@@ -95,7 +96,8 @@ class StageWorker:
 
     Priority: records of ``priority_topics`` (the interactive lane) are fetched first whenever any are
     waiting; other topics (the batch lane) are taken ``low_priority_records`` at a time only when none
-    are, so an interactive turn waits behind at most that many batch records in this stage.
+    are, so an interactive turn waits behind at most that many batch records in this stage — and only
+    while ``low_priority_gate`` (:class:`consumers.gate.DownstreamGate`) says the next stage keeps up.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class StageWorker:
         max_records: int = 64,
         priority_topics: Sequence[str] = (),
         low_priority_records: int = 2,
+        low_priority_gate: DownstreamGate | None = None,
         companions: Sequence[Companion] = (),
     ) -> None:
         self.settings = settings
@@ -123,7 +126,8 @@ class StageWorker:
         self.max_records = max_records
         self.priority = {topic(t, settings.topic_prefix) for t in priority_topics}
         self.low_priority_records = low_priority_records
-        self.companions = list(companions)
+        self.gate = low_priority_gate
+        self.companions = list(companions) + ([low_priority_gate] if low_priority_gate is not None else [])
         self.processed = 0
         self.dead_lettered = 0
         self._backoff = 0.0
@@ -175,6 +179,11 @@ class StageWorker:
         if not self.priority:
             return await self.consumer.getmany(timeout_ms=200, max_records=self.max_records)
         urgent = [tp for tp in self.consumer.assignment() if tp.topic in self.priority]
+        if self.gate is not None and not self.gate.open:  # the next stage is behind on the batch lane
+            if not urgent:
+                await asyncio.sleep(0.2)
+                return {}
+            return await self.consumer.getmany(*urgent, timeout_ms=200, max_records=self.max_records)
         if urgent:
             batches = await self.consumer.getmany(*urgent, timeout_ms=0, max_records=self.max_records)
             if batches:

@@ -24,13 +24,14 @@ from aiokafka import ConsumerRecord
 
 from chatbus.config import Settings
 from batches.cancellations import CancelledBatches
+from consumers.gate import DownstreamGate
 from consumers.stage import Outgoing, StageWorker
 from producers.replies import whole_reply
 from retrieval_workers.embeddings import Embedder, get_embedder
 from retrieval_workers.prompt import assemble
 from retrieval_workers.store import KnowledgeBase
 from schemas.events import AnyEvent, GroundedTurn, KbIngest, RetrievalResult, ScreenedTurn, last_user_text
-from topics.registry import CHAT_GROUNDED, CHAT_SCREENED, RETRIEVAL, RETRIEVAL_INGEST, lane, topic
+from topics.registry import BATCH_GROUNDED, CHAT_GROUNDED, CHAT_SCREENED, INFERENCE, RETRIEVAL, RETRIEVAL_INGEST, lane, topic
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         RETRIEVAL.topics,
         stage.handle_turn,
         priority_topics=(CHAT_SCREENED,),
+        low_priority_gate=DownstreamGate(settings, BATCH_GROUNDED, INFERENCE.group_id, high=2 * settings.max_inflight_turns),
         companions=(stage.cancelled,),
     )
     ingest = StageWorker(settings, "retrieval-ingest", RETRIEVAL_INGEST.group_id, RETRIEVAL_INGEST.topics, stage.handle_ingest, max_records=8)

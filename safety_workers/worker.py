@@ -23,6 +23,7 @@ from aiokafka import ConsumerRecord
 
 from chatbus.config import Settings
 from batches.cancellations import CancelledBatches
+from consumers.gate import DownstreamGate
 from consumers.stage import Outgoing, StageWorker
 from producers.replies import whole_reply
 from retrieval_workers.embeddings import Embedder, get_embedder
@@ -30,7 +31,7 @@ from safety_workers.pii import mask_pii
 from safety_workers.policy import load_policy
 from safety_workers.screen import Screener
 from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
-from topics.registry import CHAT_REQUESTS, CHAT_SCREENED, SAFETY, lane, topic
+from topics.registry import BATCH_SCREENED, CHAT_REQUESTS, CHAT_SCREENED, RETRIEVAL, SAFETY, lane, topic
 
 log = logging.getLogger(__name__)
 
@@ -93,5 +94,12 @@ class SafetyStage:
 def build_worker(settings: Settings) -> StageWorker:
     stage = SafetyStage(settings)
     return StageWorker(
-        settings, "safety", SAFETY.group_id, SAFETY.topics, stage.handle, priority_topics=(CHAT_REQUESTS,), companions=(stage.cancelled,)
+        settings,
+        "safety",
+        SAFETY.group_id,
+        SAFETY.topics,
+        stage.handle,
+        priority_topics=(CHAT_REQUESTS,),
+        low_priority_gate=DownstreamGate(settings, BATCH_SCREENED, RETRIEVAL.group_id),
+        companions=(stage.cancelled,),
     )
