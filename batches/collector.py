@@ -1,16 +1,17 @@
 """The ``batches`` worker: materialises the batch topics into the batch store (MongoDB API).
 
-Consumer group ``chatbus-batches`` on ``batch.jobs`` (created / cancelled), ``batch.requests`` (one
-pending document per line), ``batch.results`` (each line's completion) and ``chat.dlq`` (batch lines a
-stage dead-lettered: failed, so the batch still finishes). Batches touched by events are checked for
+Consumer group ``chatbus-batches`` on ``batch.jobs`` (created / cancelled), ``batch.results`` (each
+line's completion) and ``chat.dlq`` (batch lines a stage dead-lettered: failed, so the batch still
+finishes). A line's document is written once, with its result — two writes per line would halve what
+the store keeps up with (FerretDB: ~10–20 writes/s on the 2-core machine). Batches touched by events are checked for
 completion every ``FINALIZE_EVERY_S`` from the counters kept with each batch (not by counting lines per
 result, which would make a batch of n lines cost O(n²) in the database). An open batch with no event for
 ``RECONCILE_IDLE_S`` (and every open batch at start) is recounted exactly, so a counter left short by a
 crash cannot keep a batch open for ever. At-least-once with idempotent upserts (:mod:`batches.store`); a database outage
 is retried, never dropped (:class:`consumers.stage.RetryLater`).
 
-Rebuild: the store is a view of the topics. ``chatbus batch rebuild`` resets this group to the earliest
-offsets; the worker then replays every batch still within the topics' retention.
+Rebuild: the store is a view of the topics. ``chatbus batch rebuild`` (:mod:`batches.rebuild`) replays
+every batch still within the topics' retention through :meth:`BatchCollector.apply`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, PyMongoError
@@ -28,7 +30,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 from batches.store import BatchStore, parse_request_id
 from chatbus.config import Settings
 from consumers.stage import Outgoing, RetryLater, StageWorker
-from schemas.events import AnyEvent, BatchCancelled, BatchCreated, ChatTurnRequest, DeadLetter, TurnCompleted
+from schemas.events import AnyEvent, BatchCancelled, BatchCreated, DeadLetter, TurnCompleted
 from topics.registry import BATCH_LANE, BATCH_RESULTS, BATCHES, CHAT_DLQ, topic
 
 log = logging.getLogger(__name__)
@@ -98,18 +100,27 @@ class BatchCollector:
         if isinstance(event, BatchCancelled):
             await self.store.set_status(event.batch_id, "cancelling", only_from=("validating", "in_progress"))
             return event.batch_id
-        if isinstance(event, ChatTurnRequest) and event.batch is not None:
-            await self.store.record_request(event.batch.batch_id, event.batch.line, event.batch.custom_id)
-            return event.batch.batch_id
         if isinstance(event, TurnCompleted) and event.batch is not None:
             await self.store.record_result(event)
             return event.batch.batch_id
         if isinstance(event, DeadLetter) and event.source_topic in self.batch_topics and event.correlation_id:
             parsed = parse_request_id(event.correlation_id)
             if parsed is not None:
-                await self.store.record_failure(event.correlation_id, "dead_lettered", f"the {event.worker} stage could not process this request")
+                reason = f"the {event.worker} stage could not process this request"
+                await self.store.record_failure(event.correlation_id, _custom_id(event.value), "dead_lettered", reason)
                 return parsed[0]
         return None
+
+
+def _custom_id(value: str) -> str | None:
+    """The ``custom_id`` of a dead-lettered batch event (its original JSON is the letter's ``value``)."""
+    try:
+        obj = orjson.loads(value)
+        ref = obj.get("batch") or (obj.get("request") or {}).get("batch") or {}
+        custom_id = ref.get("custom_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return custom_id if isinstance(custom_id, str) else None
 
 
 class _Worker(StageWorker):

@@ -1,6 +1,6 @@
 """Rebuild the batch store from the topics (``chatbus batch rebuild``), e.g. after the database was lost.
 
-Reads ``batch.jobs``, ``batch.requests``, ``batch.results`` and ``chat.dlq`` from the earliest retained
+Reads ``batch.jobs``, ``batch.results`` and ``chat.dlq`` from the earliest retained
 offset to their current end, without a consumer group (the running ``batches`` worker is not disturbed),
 and applies every event with the collector's idempotent upserts, then finalises finished batches. What
 the topics no longer retain cannot come back; uploaded input files live only in the database.
@@ -17,7 +17,7 @@ from batches.store import BatchStore
 from chatbus.config import Settings
 from chatbus.ops import read_records
 from schemas.events import DecodeError, decode
-from topics.registry import BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, CHAT_DLQ, topic
+from topics.registry import BATCH_JOBS, BATCH_RESULTS, CHAT_DLQ, topic
 
 
 async def rebuild(settings: Settings) -> int:
@@ -28,7 +28,7 @@ async def rebuild(settings: Settings) -> int:
         await store.ensure_indexes()
         collector = BatchCollector(settings, store)
         applied = 0
-        for name in (BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, CHAT_DLQ):  # batches before their lines
+        for name in (BATCH_JOBS, BATCH_RESULTS, CHAT_DLQ):  # batches before their lines
             for record in await read_records(settings, topic(name, settings.topic_prefix), timeout_s=60):
                 try:
                     event = decode(record.value)

@@ -141,7 +141,7 @@ class BatchService:
         )
         await self.store.create_batch(created, "validating", key_sha)
         await self.store.record_invalid(batch_id, parsed.invalid)
-        done = {d["_id"] async for d in self.store.requests.find({"batch_id": batch_id, "status": {"$ne": "pending"}}, {"_id": 1})}
+        done = {d["_id"] async for d in self.store.requests.find({"batch_id": batch_id}, {"_id": 1})}  # lines with a result
         await self.producer.send_and_wait(self.jobs_topic, created.to_bytes(), key=created.key)
         futures = []
         for line in tqdm(parsed.lines, desc="submitting", unit="req", disable=not progress):

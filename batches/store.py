@@ -6,8 +6,9 @@ Collections (any MongoDB API; FerretDB locally):
   ``created_at``) and ``chunks``; the content is in ``file_chunks`` (``_id`` = ``file-…:n``, 1 MiB each).
 * ``batches`` — ``_id`` = ``batch_…``; OpenAI batch object fields, ``total`` and ``input_sha256``.
 * ``batch_requests`` — ``_id`` = the line's correlation id ``batch_req_<hex>_<line>``; ``batch_id``,
-  ``line``, ``custom_id``, ``status`` (``pending`` → ``completed`` | ``failed`` | ``cancelled``), and the
-  ``response`` or ``error`` of OpenAI's output format.
+  ``line``, ``custom_id``, ``status`` (``completed`` | ``failed`` | ``cancelled``; written when the line
+  has a result — a line without a document is still running), and the ``response`` or ``error`` of
+  OpenAI's output format.
 
 Every write is an idempotent upsert derived from one event, in any order: a result that arrives before
 its request, or a replay of the topics into an empty database (the rebuild), gives the same documents.
@@ -149,13 +150,6 @@ class BatchStore:
             fields = {"batch_id": batch_id, "line": e.line, "custom_id": e.custom_id, "status": "failed", "error": error}
             await self._finish(request_id(batch_id, e.line), fields, overwrite=False)
 
-    async def record_request(self, batch_id: str, line: int, custom_id: str) -> None:
-        await self.requests.update_one(
-            {"_id": request_id(batch_id, line)},
-            {"$set": {"batch_id": batch_id, "line": line, "custom_id": custom_id}, "$setOnInsert": {"status": "pending"}},
-            upsert=True,
-        )
-
     async def record_result(self, done: TurnCompleted) -> None:
         ref = done.batch
         assert ref is not None
@@ -171,14 +165,15 @@ class BatchStore:
             fields.update(status="failed", error={"code": "generation_error", "message": "generation failed for this request"})
         await self._finish(cid, fields)
 
-    async def record_failure(self, correlation_id: str, code: str, message: str) -> None:
+    async def record_failure(self, correlation_id: str, custom_id: str | None, code: str, message: str) -> None:
         """A line that will never complete (dead-lettered by a stage): failed, unless it already has a result."""
         parsed = parse_request_id(correlation_id)
         if parsed is None:
             return
         batch_id, line = parsed
         error = {"code": code, "message": message}
-        await self._finish(correlation_id, {"batch_id": batch_id, "line": line, "status": "failed", "error": error}, overwrite=False)
+        fields = {"batch_id": batch_id, "line": line, "custom_id": custom_id, "status": "failed", "error": error}
+        await self._finish(correlation_id, fields, overwrite=False)
 
     async def _finish(self, cid: str, fields: dict[str, Any], *, overwrite: bool = True) -> None:
         """Give a line its final result and keep its batch's ``counts`` exact.

@@ -83,8 +83,8 @@ RETRIEVAL = GroupSpec("chatbus-retrieval", (CHAT_SCREENED, BATCH_SCREENED))
 RETRIEVAL_INGEST = GroupSpec("chatbus-retrieval-ingest", (KB_INGEST,), stage=False)
 INFERENCE = GroupSpec("chatbus-inference", (CHAT_GROUNDED, BATCH_GROUNDED))
 RECORDER = GroupSpec("chatbus-recorder", (CHAT_REQUESTS, CHAT_SCREENED, CHAT_GROUNDED, CHAT_REPLIES))
-# the batch store: materialises batch.jobs / batch.requests / batch.results (and batch dead letters)
-BATCHES = GroupSpec("chatbus-batches", (BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, CHAT_DLQ), stage=False)
+# the batch store: materialises batch.jobs / batch.results (and batch dead letters)
+BATCHES = GroupSpec("chatbus-batches", (BATCH_JOBS, BATCH_RESULTS, CHAT_DLQ), stage=False)
 GROUPS: tuple[GroupSpec, ...] = (SAFETY, RETRIEVAL, RETRIEVAL_INGEST, INFERENCE, RECORDER, BATCHES)
 
 
