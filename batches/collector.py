@@ -27,7 +27,7 @@ from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, PyMongoError
 
-from batches.store import BatchStore, parse_request_id
+from batches.store import OPEN, BatchStore, parse_request_id
 from chatbus.config import Settings
 from consumers.stage import Outgoing, RetryLater, StageWorker
 from schemas.events import AnyEvent, BatchCancelled, BatchCreated, DeadLetter, TurnCompleted
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 FINALIZE_EVERY_S = 0.5
 RECONCILE_IDLE_S = 10.0
+VALIDATING_STALE_S = 600.0
 
 
 class BatchCollector:
@@ -48,6 +49,10 @@ class BatchCollector:
         self.last_event: dict[str, float] = {}  # batch id -> monotonic time of its latest event
 
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
+        ref = getattr(event, "batch", None) or event
+        early = getattr(ref, "batch_id", None)
+        if isinstance(early, str):  # before the write: a recount racing with it must not look idle
+            self.last_event[early] = time.monotonic()
         try:
             batch_id = await self.apply(event)
         except ConnectionFailure as exc:  # the database is away: retry, never drop (other errors are dead-lettered)
@@ -70,10 +75,22 @@ class BatchCollector:
                 log.info("batch %s %s", batch_id, status)
 
     async def reconcile_idle(self) -> None:
-        """Recount open batches without recent events, then finalise those that are done."""
+        """Recount open batches without recent events, end stale ones, then finalise those that are done.
+
+        Stale: past ``expires_at`` (→ ``expired``), or left ``validating`` for ``VALIDATING_STALE_S`` by a
+        submission that died while publishing (→ ``failed``; re-submitting with the batch key resumes it).
+        """
         now = time.monotonic()
-        async for doc in self.store.batches.find({"status": {"$in": ["in_progress", "cancelling", "finalizing"]}}, {"_id": 1}):
+        wall = time.time()
+        async for doc in self.store.batches.find({"status": {"$in": list(OPEN)}}):
             batch_id = doc["_id"]
+            if doc["status"] == "validating":
+                if wall - doc["created_at"] > VALIDATING_STALE_S:
+                    await self.store.set_status(batch_id, "failed", only_from=("validating",), errors=[{"code": "submission_interrupted", "message": "the submission stopped before every line was published"}])
+                continue
+            if wall > doc.get("expires_at", wall + 1):
+                await self.store.expire(batch_id)
+                continue
             if now - self.last_event.get(batch_id, 0.0) >= RECONCILE_IDLE_S:
                 await self.store.reconcile(batch_id)
                 self.last_event[batch_id] = now
@@ -95,7 +112,8 @@ class BatchCollector:
     async def apply(self, event: AnyEvent) -> str | None:
         """Record one event; returns the batch it touched (None: not a batch event)."""
         if isinstance(event, BatchCreated):
-            await self.store.create_batch(event, "in_progress" if event.total > len(event.invalid) else "failed")
+            valid = event.valid if event.valid is not None else event.total - len(event.invalid)
+            await self.store.create_batch(event, "in_progress" if valid > 0 else "failed")
             return event.batch_id
         if isinstance(event, BatchCancelled):
             await self.store.set_status(event.batch_id, "cancelling", only_from=("validating", "in_progress"))
@@ -103,11 +121,13 @@ class BatchCollector:
         if isinstance(event, TurnCompleted) and event.batch is not None:
             await self.store.record_result(event)
             return event.batch.batch_id
-        if isinstance(event, DeadLetter) and event.source_topic in self.batch_topics and event.correlation_id:
-            parsed = parse_request_id(event.correlation_id)
+        if isinstance(event, DeadLetter) and event.source_topic in self.batch_topics:
+            # an undecodable or refused record has no correlation id; on the batch lane its key is the line's id
+            cid = event.correlation_id or event.key or ""
+            parsed = parse_request_id(cid)
             if parsed is not None:
                 reason = f"the {event.worker} stage could not process this request"
-                await self.store.record_failure(event.correlation_id, _custom_id(event.value), "dead_lettered", reason)
+                await self.store.record_failure(cid, _custom_id(event.value), "dead_lettered", reason)
                 return parsed[0]
         return None
 

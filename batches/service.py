@@ -36,7 +36,7 @@ from pymongo import AsyncMongoClient
 from tqdm import tqdm
 
 from batches.input import CHAT_COMPLETIONS, BatchFileError, parse_batch
-from batches.store import OPEN, TERMINAL, BatchStore, request_id
+from batches.store import TERMINAL, BatchStore, request_id
 from chatbus.config import Settings
 from edge.protocol import APIError
 from schemas.events import BatchCancelled, BatchCreated, BatchRef, ChatTurnRequest, ReplyTo
@@ -137,6 +137,7 @@ class BatchService:
             completion_window=completion_window,
             metadata=metadata,
             total=parsed.total,
+            valid=len(parsed.lines),
             invalid=invalid[:MAX_EVENT_ERRORS],
         )
         await self.store.create_batch(created, "validating", key_sha)
@@ -188,9 +189,9 @@ class BatchService:
     async def cancel(self, batch_id: str, reason: str = "cancelled by the user") -> dict[str, Any]:
         """Stop a batch: lines not yet generated finish as ``cancelled``; finished results are kept."""
         batch = await self.get(batch_id)
-        if batch["status"] in TERMINAL or batch["status"] == "cancelling":
+        if batch["status"] not in ("validating", "in_progress"):  # as OpenAI: nothing to cancel once finalizing
             return batch
-        await self.store.set_status(batch_id, "cancelling", only_from=OPEN)
+        await self.store.set_status(batch_id, "cancelling", only_from=("validating", "in_progress"))
         event = BatchCancelled(batch_id=batch_id, reason=reason)
         await self.producer.send_and_wait(self.jobs_topic, event.to_bytes(), key=event.key)
         await self.store.maybe_finalize(batch_id)

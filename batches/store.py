@@ -191,6 +191,10 @@ class BatchStore:
         # (no projection: FerretDB v1's findAndModify does not implement ``fields``)
         before = await self.requests.find_one_and_update({"_id": cid}, {"$set": fields}, upsert=True)
         old = (before or {}).get("status")
+        if before is not None and old == "completed" and fields["status"] != "completed":
+            # a redelivered line cancelled or failed after it had completed: keep the completion
+            await self.requests.replace_one({"_id": cid}, before)
+            return
         if old == fields["status"]:
             return
         inc = {f"counts.{fields['status']}": 1}
@@ -224,6 +228,9 @@ class BatchStore:
         if batch["status"] != "finalizing":
             if sum((await self.counts(batch_id, batch)).values()) < batch["total"]:
                 return None
+            # the counters say done: confirm with an exact recount (a recount racing a result can over-count)
+            if sum((await self.reconcile(batch_id)).values()) < batch["total"]:
+                return None
             if not await self.set_status(batch_id, "finalizing", only_from=(batch["status"],)):
                 return None  # another writer moved it on
         final = "cancelled" if batch.get("cancelling_at") else "completed"
@@ -234,6 +241,15 @@ class BatchStore:
         }
         await self.set_status(batch_id, final, only_from=("finalizing",), **files)
         return final
+
+    async def expire(self, batch_id: str) -> None:
+        """End a batch past its ``expires_at``: finished lines keep their results, the rest are not run."""
+        counts = await self.reconcile(batch_id)
+        files = {
+            "output_file_id": output_file_id(batch_id) if counts["completed"] else None,
+            "error_file_id": error_file_id(batch_id) if counts["failed"] + counts["cancelled"] else None,
+        }
+        await self.set_status(batch_id, "expired", only_from=("in_progress", "cancelling", "finalizing"), **files)
 
     async def rendered(self, batch_id: str, kind: str) -> AsyncIterator[bytes]:
         """The output (``kind="output"``) or error file of a batch, one JSONL line per request, in input order."""

@@ -178,12 +178,15 @@ class StageWorker:
     async def _fetch(self) -> dict[TopicPartition, list[ConsumerRecord]]:
         if not self.priority:
             return await self.consumer.getmany(timeout_ms=200, max_records=self.max_records)
-        urgent = [tp for tp in self.consumer.assignment() if tp.topic in self.priority]
-        if self.gate is not None and not self.gate.open:  # the next stage is behind on the batch lane
-            if not urgent:
-                await asyncio.sleep(0.2)
-                return {}
-            return await self.consumer.getmany(*urgent, timeout_ms=200, max_records=self.max_records)
+        assigned = self.consumer.assignment()
+        urgent = [tp for tp in assigned if tp.topic in self.priority]
+        if self.gate is not None:
+            low = [tp for tp in assigned if tp.topic not in self.priority]
+            if not self.gate.open:  # the next stage is behind on the batch lane: hold it (still polling, so
+                self.consumer.pause(*low)  # the group does not think this member died)
+                return await self.consumer.getmany(timeout_ms=200, max_records=self.max_records)
+            paused = self.consumer.paused()
+            self.consumer.resume(*(tp for tp in low if tp in paused))
         if urgent:
             batches = await self.consumer.getmany(*urgent, timeout_ms=0, max_records=self.max_records)
             if batches:

@@ -201,16 +201,14 @@ class InferenceWorker:
                 self.consumer.pause(*tps)
             else:
                 self.consumer.resume(*(tp for tp in tps if tp in paused))
-        if free <= 0:
-            await asyncio.sleep(0.05)  # a finishing turn frees a slot; heartbeats go on in the background
-            return {}
+        if free <= 0:  # every partition is paused: poll anyway (a member that stops polling leaves the group)
+            return await self.consumer.getmany(timeout_ms=50)
         if interactive:
             batches = await self.consumer.getmany(*interactive, timeout_ms=0 if batch_free > 0 else 100, max_records=free)
             if batches or batch_free <= 0:
                 return batches
-        elif batch_free <= 0:
-            await asyncio.sleep(0.05)
-            return {}
+        elif batch_free <= 0:  # only batch partitions here, all paused
+            return await self.consumer.getmany(timeout_ms=50)
         return await self.consumer.getmany(timeout_ms=100, max_records=max(1, min(free, batch_free)))
 
     async def _drain(self, timeout_s: float) -> None:

@@ -262,6 +262,7 @@ class BatchCreated(_Model):
     completion_window: str = "24h"
     metadata: dict[str, str] = Field(default_factory=dict)
     total: int = Field(ge=0)  # lines in the input file, invalid ones included
+    valid: int | None = Field(default=None, ge=0)  # lines published (``invalid`` may be truncated)
     invalid: list[BatchLineError] = Field(default_factory=list)
 
     def to_bytes(self) -> bytes:

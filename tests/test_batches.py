@@ -125,16 +125,16 @@ async def test_cancel_mid_batch_stops_new_work_and_keeps_partial_results(batches
 
     await eventually(some_generated, timeout_s=120, what="a few batch lines generated")
     cancelling = await batches.cancel(bid)
-    assert cancelling["status"] in ("cancelling", "cancelled")
+    assert cancelling["status"] in ("cancelling", "cancelled"), cancelling
     results = [e for e in await read_topic(settings, "batch.results") if isinstance(e, TurnCompleted) and e.batch and e.batch.batch_id == bid]
-    at_cancel = sum(1 for e in results if e.finish_reason != "cancelled")
+    at_cancel = len({e.batch.custom_id for e in results if e.batch and e.finish_reason != "cancelled"})
     batch = await batches.wait(bid, timeout_s=180)
-    assert batch["status"] == "cancelled" and batch["cancelled_at"] is not None
+    assert batch["status"] == "cancelled" and batch["cancelled_at"] is not None, batch
     completed = batch["request_counts"]["completed"]
     # only turns already running in the inference worker (or on their way to it) may still finish normally
-    assert at_cancel <= completed <= at_cancel + settings.max_inflight_turns + 2
-    assert completed + batch["request_counts"]["failed"] == len(lines)
-    assert batch["cancelled_count"] == len(lines) - completed
+    assert at_cancel <= completed <= at_cancel + settings.max_inflight_turns + 2, (at_cancel, batch)
+    assert completed + batch["request_counts"]["failed"] == len(lines), batch
+    assert batch["cancelled_count"] == len(lines) - completed, batch
     output = jsonl(await batches.read(batch["output_file_id"]))
     errors = jsonl(await batches.read(batch["error_file_id"]))
     assert len(output) == completed and len(errors) == len(lines) - completed
@@ -221,3 +221,75 @@ async def test_batch_http_errors_are_openai_style(edge_url: str) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "endpoint"
         r = await http.get("/v1/files/file-nope/content")
         assert r.status_code == 404 and r.json()["error"]["code"] == "file_not_found"
+
+
+async def test_collector_keeps_a_completion_and_fails_a_keyless_dead_letter(batches: BatchService, settings: Settings) -> None:
+    """Redelivery after a completion cannot downgrade it; a dead letter without correlation id still ends its line."""
+    from batches.collector import BatchCollector
+    from batches.store import request_id
+    from schemas.events import BatchCreated, BatchRef, DeadLetter
+
+    collector = BatchCollector(settings, batches.store)
+    bid = "batch_0000feedfacecafe"
+    await batches.store.batches.delete_many({"_id": bid})
+    await batches.store.requests.delete_many({"batch_id": bid})
+    await collector.apply(BatchCreated(batch_id=bid, input_file_id="file-x", input_sha256="0" * 64, total=2, valid=2))
+    refs = [BatchRef(batch_id=bid, custom_id=f"k-{n}", line=n) for n in (1, 2)]
+    done = TurnCompleted(correlation_id=request_id(bid, 1), conversation_id=request_id(bid, 1), attempt="a", seq=0, finish_reason="stop", text="hi", model=MODEL, batch=refs[0])
+    await collector.apply(done)
+    await collector.apply(done)  # replayed: counted once
+    await collector.apply(done.model_copy(update={"finish_reason": "cancelled", "attempt": "b"}))  # a late redelivery
+    letter = DeadLetter(source_topic="batch.screened", partition=0, offset=1, key=request_id(bid, 2), value="{oops", worker="retrieval", reason="not JSON")
+    await collector.apply(letter)
+    assert await batches.store.maybe_finalize(bid) == "completed"
+    batch = await batches.get(bid)
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    output = jsonl(await batches.read(batch["output_file_id"]))
+    assert [o["response"]["body"]["choices"][0]["message"]["content"] for o in output] == ["hi"]
+    errors = jsonl(await batches.read(batch["error_file_id"]))
+    assert [e["error"]["code"] for e in errors] == ["dead_lettered"]
+
+
+async def test_downstream_gate_holds_the_batch_lane_while_the_next_stage_is_behind(settings: Settings, stack: Stack) -> None:
+    """The gate closes above ``high`` uncommitted records of the downstream group and reopens below ``low``."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import NewTopic
+
+    from consumers.gate import DownstreamGate
+    from topics.clients import make_admin, make_consumer, make_producer
+
+    name, group = "gate.test", "gate-test-group"
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        if name not in await admin.list_topics():
+            await admin.create_topics([NewTopic(name=name, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for i in range(20):
+            await producer.send_and_wait(name, b"x", key=str(i).encode())
+    finally:
+        await producer.stop()
+    gate = DownstreamGate(settings, name, group, high=16, low=4, every_s=0.1)
+    await gate.start()
+    try:
+        await eventually(lambda: asyncio.sleep(0, result=not gate.open), timeout_s=10, what="the gate to close")
+        assert gate.backlog >= 20
+        follower = make_consumer(settings, name, group_id=group)
+        await follower.start()
+        try:
+            tp = TopicPartition(name, 0)
+            await eventually(lambda: follower.getmany(timeout_ms=200), timeout_s=20, what="the follower assigned")
+            end = (await follower.end_offsets([tp]))[tp]
+            await follower.commit({tp: end - 10})  # the downstream stage caught up to 10 behind: still held
+            await asyncio.sleep(0.5)
+            assert not gate.open
+            await follower.commit({tp: end - 2})  # below low: open again
+            await eventually(lambda: asyncio.sleep(0, result=gate.open), timeout_s=10, what="the gate to reopen")
+        finally:
+            await follower.stop()
+    finally:
+        await gate.stop()
