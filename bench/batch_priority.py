@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from openai import AsyncOpenAI
 from pymongo import AsyncMongoClient
-from ttft_bus import SPANS  # bench/ is the script's folder
+from ttft_bus import QUESTIONS, SPANS, pct  # bench/ is the script's folder
 
 from batches.service import BatchService
 from chatbus.config import Settings, get_settings
@@ -36,20 +36,6 @@ from chatbus.ops import end_offsets
 from topics.registry import BATCH_RESULTS, topic
 
 OUT = Path(__file__).resolve().parent / "results"
-QUESTIONS = [
-    "How do I define a function in Python?",
-    "What is a list comprehension?",
-    "How do I read a file line by line?",
-    "What does the with statement do?",
-    "How are exceptions handled?",
-]
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
-
-
 def summary(values: list[float]) -> dict[str, float]:
     """Percentiles of the turns that streamed content (a turn whose first token was EOS has no TTFT)."""
     values = [v for v in values if v == v]
