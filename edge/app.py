@@ -213,24 +213,27 @@ def _check_auth(request: Request) -> None:
         raise APIError(401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key")
 
 
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON (413 past ``limit`` bytes, 400 if it is not JSON)."""
+    try:
+        return orjson.loads(await read_body(request, limit))
+    except orjson.JSONDecodeError:
+        raise APIError(400, "request body is not valid JSON") from None
+
+
+# Routes raise APIError; the app's handler (``api_error``) renders it as OpenAI's error JSON.
+
+
 async def chat_completions(request: Request) -> Response:
     received = time.time()
     service: ChatService = request.app.state.service
-    try:
-        _check_auth(request)
-        raw = await read_body(request, service.settings.max_request_bytes)
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise APIError(400, "request body is not valid JSON") from None
-        req = parse_request(payload)
-        if len(req.messages) > service.settings.max_request_messages:
-            raise APIError(400, f"at most {service.settings.max_request_messages} messages", param="messages")
-        check_supported(req, service.settings.max_model_len)
-        turn = service.build_turn(req, received)
-        stream = await service.publish(turn)
-    except APIError as err:
-        return error_response(err)
+    _check_auth(request)
+    req = parse_request(await read_json(request, service.settings.max_request_bytes))
+    if len(req.messages) > service.settings.max_request_messages:
+        raise APIError(400, f"at most {service.settings.max_request_messages} messages", param="messages")
+    check_supported(req, service.settings.max_model_len)
+    turn = service.build_turn(req, received)
+    stream = await service.publish(turn)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventSourceResponse(
@@ -241,18 +244,12 @@ async def chat_completions(request: Request) -> Response:
             client_close_handler_callable=service.on_client_close(turn, stream),
             headers={"X-Correlation-Id": turn.correlation_id},
         )
-    try:
-        body = await service.complete(turn, stream, request)
-    except APIError as err:
-        return error_response(err)
+    body = await service.complete(turn, stream, request)
     return ORJSONResponse(body, headers={"X-Correlation-Id": turn.correlation_id})
 
 
 async def list_models(request: Request) -> Response:
-    try:
-        _check_auth(request)
-    except APIError as err:
-        return error_response(err)
+    _check_auth(request)
     settings: Settings = request.app.state.settings
     model = {"id": settings.model_name, "object": "model", "created": request.app.state.started, "owned_by": "chatbus"}
     return ORJSONResponse({"object": "list", "data": [model]})
@@ -268,96 +265,71 @@ def _batches(request: Request) -> BatchService:
 
 
 async def create_file(request: Request) -> Response:
-    try:
-        batches = _batches(request)
-        limit = batches.settings.max_batch_file_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit + 65536:
-            raise APIError(413, f"file larger than {limit} bytes", param="file", code="file_too_large")
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise APIError(400, "expected multipart/form-data with fields `file` and `purpose`")
-        async with request.form(max_files=1, max_fields=8) as form:
-            upload, purpose = form.get("file"), form.get("purpose")
-            if not isinstance(upload, UploadFile):
-                raise APIError(400, "file: a file part is required", param="file")
-            if not isinstance(purpose, str):
-                raise APIError(400, "purpose: required", param="purpose")
-            data = await upload.read(limit + 1)
-            obj = await batches.upload(data, upload.filename or "upload.jsonl", purpose)
-    except APIError as err:
-        return error_response(err)
-    return ORJSONResponse(obj)
+    batches = _batches(request)
+    limit = batches.settings.max_batch_file_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + 65536:
+        raise APIError(413, f"file larger than {limit} bytes", param="file", code="file_too_large")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "expected multipart/form-data with fields `file` and `purpose`")
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise APIError(400, "file: a file part is required", param="file")
+        if not isinstance(purpose, str):
+            raise APIError(400, "purpose: required", param="purpose")
+        data = await upload.read(limit + 1)
+        return ORJSONResponse(await batches.upload(data, upload.filename or "upload.jsonl", purpose))
 
 
 async def retrieve_file(request: Request) -> Response:
-    try:
-        obj = await _batches(request).file(request.path_params["file_id"])
-    except APIError as err:
-        return error_response(err)
-    return ORJSONResponse(obj)
+    return ORJSONResponse(await _batches(request).file(request.path_params["file_id"]))
 
 
 async def file_content(request: Request) -> Response:
-    try:
-        batches = _batches(request)
-        file_id = request.path_params["file_id"]
-        await batches.file(file_id)
-    except APIError as err:
-        return error_response(err)
+    batches = _batches(request)
+    file_id = request.path_params["file_id"]
+    await batches.check_file(file_id)  # a 404 must come before the response starts
     return StreamingResponse(batches.store.file_content(file_id), media_type="application/octet-stream")
 
 
 async def create_batch(request: Request) -> Response:
-    try:
-        batches = _batches(request)
-        raw = await read_body(request, batches.settings.max_request_bytes)
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise APIError(400, "request body is not valid JSON") from None
-        if not isinstance(payload, dict) or not isinstance(payload.get("input_file_id"), str):
-            raise APIError(400, "input_file_id: required", param="input_file_id")
-        metadata = payload.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise APIError(400, "metadata: must be an object of strings", param="metadata")
-        batch = await batches.create(
-            payload["input_file_id"],
-            endpoint=str(payload.get("endpoint", "")),
-            completion_window=str(payload.get("completion_window", "24h")),
-            metadata=metadata,
-            batch_key=request.headers.get("idempotency-key"),
-        )
-    except APIError as err:
-        return error_response(err)
+    batches = _batches(request)
+    payload = await read_json(request, batches.settings.max_request_bytes)
+    if not isinstance(payload, dict) or not isinstance(payload.get("input_file_id"), str):
+        raise APIError(400, "input_file_id: required", param="input_file_id")
+    metadata = payload.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise APIError(400, "metadata: must be an object of strings", param="metadata")
+    batch = await batches.create(
+        payload["input_file_id"],
+        endpoint=str(payload.get("endpoint", "")),
+        completion_window=str(payload.get("completion_window", "24h")),
+        metadata=metadata,
+        batch_key=request.headers.get("idempotency-key"),
+    )
     return ORJSONResponse(batch)
 
 
 async def list_batches(request: Request) -> Response:
-    try:
-        batches = _batches(request)
-        limit = request.query_params.get("limit", "20")
-        if not limit.isdigit() or not 1 <= int(limit) <= 100:
-            raise APIError(400, "limit: an integer from 1 to 100", param="limit")
-        body = await batches.list(int(limit), request.query_params.get("after"))
-    except APIError as err:
-        return error_response(err)
-    return ORJSONResponse(body)
+    batches = _batches(request)
+    limit = request.query_params.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise APIError(400, "limit: an integer from 1 to 100", param="limit")
+    return ORJSONResponse(await batches.list(int(limit), request.query_params.get("after")))
 
 
 async def retrieve_batch(request: Request) -> Response:
-    try:
-        batch = await _batches(request).get(request.path_params["batch_id"])
-    except APIError as err:
-        return error_response(err)
-    return ORJSONResponse(batch)
+    return ORJSONResponse(await _batches(request).get(request.path_params["batch_id"]))
 
 
 async def cancel_batch(request: Request) -> Response:
-    try:
-        batch = await _batches(request).cancel(request.path_params["batch_id"])
-    except APIError as err:
-        return error_response(err)
-    return ORJSONResponse(batch)
+    return ORJSONResponse(await _batches(request).cancel(request.path_params["batch_id"]))
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -433,7 +405,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/readyz", readyz, methods=["GET"]),
         ],
         lifespan=lifespan,
-        exception_handlers={Exception: internal_error},
+        exception_handlers={APIError: api_error, Exception: internal_error},
     )
     app.state.settings = settings
     app.state.api_keys = settings.api_key_list()
