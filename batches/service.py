@@ -36,7 +36,7 @@ from pymongo import AsyncMongoClient
 from tqdm import tqdm
 
 from batches.input import CHAT_COMPLETIONS, BatchFileError, parse_batch
-from batches.store import TERMINAL, BatchStore, request_id
+from batches.store import TERMINAL, BatchStore, error_file_id, request_id
 from chatbus.config import Settings
 from edge.protocol import APIError
 from schemas.events import BatchCancelled, BatchCreated, BatchRef, ChatTurnRequest, ReplyTo
@@ -44,6 +44,10 @@ from topics.clients import make_producer
 from topics.registry import BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, topic
 
 MAX_EVENT_ERRORS = 2000  # invalid lines carried in batch.created (all of them are stored)
+
+
+def _no_file(file_id: str) -> APIError:
+    return APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
 
 
 class BatchService:
@@ -81,11 +85,16 @@ class BatchService:
     async def file(self, file_id: str) -> dict[str, Any]:
         meta = await self.store.file(file_id)
         if meta is None:
-            raise APIError(404, f"No such File object: {file_id}", type="invalid_request_error", param="file_id", code="file_not_found")
+            raise _no_file(file_id)
         return meta
 
+    async def check_file(self, file_id: str) -> None:
+        """404 unless the file exists (without rendering an output file to learn its size)."""
+        if not await self.store.file_exists(file_id):
+            raise _no_file(file_id)
+
     async def content(self, file_id: str) -> AsyncIterator[bytes]:
-        await self.file(file_id)
+        await self.check_file(file_id)
         async for piece in self.store.file_content(file_id):
             yield piece
 
@@ -166,7 +175,7 @@ class BatchService:
         if parsed.lines:
             await self.store.set_status(batch_id, "in_progress", only_from=("validating",))
         else:
-            await self.store.set_status(batch_id, "failed", only_from=("validating",), error_file_id=f"file-err-{batch_id.removeprefix('batch_')}")
+            await self.store.set_status(batch_id, "failed", only_from=("validating",), error_file_id=error_file_id(batch_id))
         return await self.get(batch_id)
 
     async def get(self, batch_id: str) -> dict[str, Any]:

@@ -57,6 +57,14 @@ def parse_request_id(correlation_id: str) -> tuple[str, int] | None:
     return f"batch_{hex_part}", int(line)
 
 
+def rendered_file(file_id: str) -> tuple[str, str] | None:
+    """``(batch_id, "output" | "error")`` for a rendered file's id, None for an uploaded file's."""
+    for prefix, kind in (("file-out-", "output"), ("file-err-", "error")):
+        if file_id.startswith(prefix):
+            return f"batch_{file_id.removeprefix(prefix)}", kind
+    return None
+
+
 def output_file_id(batch_id: str) -> str:
     return f"file-out-{batch_hex(batch_id)}"
 
@@ -87,30 +95,40 @@ class BatchStore:
         await self.files.insert_one(doc)  # last: a file is visible only once its content is complete
         return file_object(doc)
 
+    async def file_exists(self, file_id: str) -> bool:
+        """Whether a stored file, or a finished batch's output/error file, has this id (no rendering)."""
+        if await self.files.find_one({"_id": file_id}, {"_id": 1}) is not None:
+            return True
+        named = rendered_file(file_id)
+        if named is None:
+            return False
+        batch = await self.batches.find_one({"_id": named[0]})
+        return batch is not None and batch.get(f"{named[1]}_file_id") == file_id
+
     async def file(self, file_id: str) -> dict[str, Any] | None:
         """The OpenAI file object of a stored or rendered (output/error) file; None if unknown."""
         doc = await self.files.find_one({"_id": file_id})
         if doc is not None:
             return file_object(doc)
-        for prefix, kind in (("file-out-", "output"), ("file-err-", "error")):
-            if file_id.startswith(prefix):
-                batch = await self.batches.find_one({"_id": f"batch_{file_id.removeprefix(prefix)}"})
-                if batch is not None and batch.get(f"{kind}_file_id") == file_id:
-                    size = sum([len(line) async for line in self.rendered(batch["_id"], kind)])
-                    at = batch.get("completed_at") or batch.get("cancelled_at") or batch.get("failed_at") or batch["created_at"]
-                    return file_object({"_id": file_id, "bytes": size, "filename": f"{batch['_id']}_{kind}.jsonl", "purpose": "batch_output", "created_at": at})
-        return None
+        named = rendered_file(file_id)
+        if named is None or not await self.file_exists(file_id):
+            return None
+        batch_id, kind = named
+        batch = await self.get_batch(batch_id)
+        assert batch is not None
+        size = sum([len(line) async for line in self.rendered(batch_id, kind)])
+        at = batch.get("completed_at") or batch.get("cancelled_at") or batch.get("failed_at") or batch["created_at"]
+        return file_object({"_id": file_id, "bytes": size, "filename": f"{batch_id}_{kind}.jsonl", "purpose": "batch_output", "created_at": at})
 
     async def file_content(self, file_id: str) -> AsyncIterator[bytes]:
-        """The bytes of a file in pieces (call :meth:`file` first to know it exists)."""
-        if await self.files.find_one({"_id": file_id}, {"_id": 1}) is not None:
+        """The bytes of a file in pieces (check :meth:`file_exists` first)."""
+        named = rendered_file(file_id)
+        if named is None:
             async for chunk in self.chunks.find({"file_id": file_id}).sort("n", ASCENDING):
                 yield bytes(chunk["data"])
-            return
-        for prefix, kind in (("file-out-", "output"), ("file-err-", "error")):
-            if file_id.startswith(prefix):
-                async for line in self.rendered(f"batch_{file_id.removeprefix(prefix)}", kind):
-                    yield line
+        else:
+            async for line in self.rendered(*named):
+                yield line
 
     # --- batches ------------------------------------------------------------------------------------------
     async def get_batch(self, batch_id: str) -> dict[str, Any] | None:
@@ -234,21 +252,12 @@ class BatchStore:
             if not await self.set_status(batch_id, "finalizing", only_from=(batch["status"],)):
                 return None  # another writer moved it on
         final = "cancelled" if batch.get("cancelling_at") else "completed"
-        counts = await self.counts(batch_id)
-        files = {
-            "output_file_id": output_file_id(batch_id) if counts["completed"] else None,
-            "error_file_id": error_file_id(batch_id) if counts["failed"] + counts["cancelled"] else None,
-        }
-        await self.set_status(batch_id, final, only_from=("finalizing",), **files)
+        await self.set_status(batch_id, final, only_from=("finalizing",), **_result_files(batch_id, await self.counts(batch_id)))
         return final
 
     async def expire(self, batch_id: str) -> None:
         """End a batch past its ``expires_at``: finished lines keep their results, the rest are not run."""
-        counts = await self.reconcile(batch_id)
-        files = {
-            "output_file_id": output_file_id(batch_id) if counts["completed"] else None,
-            "error_file_id": error_file_id(batch_id) if counts["failed"] + counts["cancelled"] else None,
-        }
+        files = _result_files(batch_id, await self.reconcile(batch_id))
         await self.set_status(batch_id, "expired", only_from=("in_progress", "cancelling", "finalizing"), **files)
 
     async def rendered(self, batch_id: str, kind: str) -> AsyncIterator[bytes]:
@@ -279,6 +288,14 @@ class BatchStore:
             # chatbus's own: cancelled lines (counted in ``failed`` above, as OpenAI has no such count)
             "cancelled_count": counts["cancelled"],
         }
+
+
+def _result_files(batch_id: str, counts: dict[str, int]) -> dict[str, str | None]:
+    """The output and error file ids a finished batch gets (None where it has no such lines)."""
+    return {
+        "output_file_id": output_file_id(batch_id) if counts["completed"] else None,
+        "error_file_id": error_file_id(batch_id) if counts["failed"] + counts["cancelled"] else None,
+    }
 
 
 def _openai_error(e: dict[str, Any]) -> dict[str, Any]:
