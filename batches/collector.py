@@ -49,17 +49,16 @@ class BatchCollector:
         self.last_event: dict[str, float] = {}  # batch id -> monotonic time of its latest event
 
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
-        ref = getattr(event, "batch", None) or event
-        early = getattr(ref, "batch_id", None)
-        if isinstance(early, str):  # before the write: a recount racing with it must not look idle
-            self.last_event[early] = time.monotonic()
+        batch_id = self.batch_of(event)
+        if batch_id is None:
+            return []
+        self.last_event[batch_id] = time.monotonic()  # before the write: a recount racing it must not look idle
         try:
-            batch_id = await self.apply(event)
+            await self.apply(event)
         except ConnectionFailure as exc:  # the database is away: retry, never drop (other errors are dead-lettered)
             raise RetryLater(f"database unavailable: {type(exc).__name__}") from exc
-        if batch_id is not None:
-            self.dirty.add(batch_id)
-            self.last_event[batch_id] = time.monotonic()
+        self.dirty.add(batch_id)
+        self.last_event[batch_id] = time.monotonic()
         return []
 
     async def finalize_dirty(self) -> None:
@@ -109,27 +108,39 @@ class BatchCollector:
                 log.warning("batches: finalising failed (%s); retrying", type(exc).__name__)
             await asyncio.sleep(FINALIZE_EVERY_S)
 
+    def batch_of(self, event: AnyEvent) -> str | None:
+        """The batch an event is about (None: not an event for the batch store)."""
+        if isinstance(event, BatchCreated | BatchCancelled):
+            return event.batch_id
+        if isinstance(event, TurnCompleted):
+            return event.batch.batch_id if event.batch is not None else None
+        if isinstance(event, DeadLetter) and event.source_topic in self.batch_topics:
+            parsed = parse_request_id(_line_id(event))
+            return parsed[0] if parsed is not None else None
+        return None
+
     async def apply(self, event: AnyEvent) -> str | None:
         """Record one event; returns the batch it touched (None: not a batch event)."""
+        batch_id = self.batch_of(event)
+        if batch_id is None:
+            return None
         if isinstance(event, BatchCreated):
             valid = event.valid if event.valid is not None else event.total - len(event.invalid)
             await self.store.create_batch(event, "in_progress" if valid > 0 else "failed")
-            return event.batch_id
-        if isinstance(event, BatchCancelled):
-            await self.store.set_status(event.batch_id, "cancelling", only_from=("validating", "in_progress"))
-            return event.batch_id
-        if isinstance(event, TurnCompleted) and event.batch is not None:
+        elif isinstance(event, BatchCancelled):
+            await self.store.set_status(batch_id, "cancelling", only_from=("validating", "in_progress"))
+        elif isinstance(event, TurnCompleted):
             await self.store.record_result(event)
-            return event.batch.batch_id
-        if isinstance(event, DeadLetter) and event.source_topic in self.batch_topics:
-            # an undecodable or refused record has no correlation id; on the batch lane its key is the line's id
-            cid = event.correlation_id or event.key or ""
-            parsed = parse_request_id(cid)
-            if parsed is not None:
-                reason = f"the {event.worker} stage could not process this request"
-                await self.store.record_failure(cid, _custom_id(event.value), "dead_lettered", reason)
-                return parsed[0]
-        return None
+        elif isinstance(event, DeadLetter):
+            reason = f"the {event.worker} stage could not process this request"
+            await self.store.record_failure(_line_id(event), _custom_id(event.value), "dead_lettered", reason)
+        return batch_id
+
+
+def _line_id(letter: DeadLetter) -> str:
+    """The batch line a dead letter is about: an undecodable or refused record has no correlation id,
+    but on the batch lane its key is the line's id."""
+    return letter.correlation_id or letter.key or ""
 
 
 def _custom_id(value: str) -> str | None:
