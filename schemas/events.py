@@ -124,19 +124,26 @@ class Citation(_Model):
     score: float
 
 
-class _Event(_Model):
+class _Envelope(_Model):
+    """What every message on the bus carries, and its wire form (orjson)."""
+
     schema_version: int = SCHEMA_VERSION
     event_id: str = Field(default_factory=new_id)
+    created_at: float = Field(default_factory=now)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+class _Event(_Envelope):
+    """An event of one chat turn."""
+
     correlation_id: str
     conversation_id: str
-    created_at: float = Field(default_factory=now)
     stages: dict[str, float] = Field(default_factory=dict)
 
     def mark(self, stage: str, at: float | None = None) -> None:
         self.stages[stage] = now() if at is None else at
-
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
 
     @property
     def key(self) -> bytes:
@@ -226,17 +233,11 @@ class KbChunk(_Model):
     embedding: list[float]
 
 
-class KbIngest(_Model):
+class KbIngest(_Envelope):
     """``kb.ingest``: chunks (already embedded by the ingest client) for the Milvus owner to upsert."""
 
     event_type: Literal["kb.ingest"] = "kb.ingest"
-    schema_version: int = SCHEMA_VERSION
-    event_id: str = Field(default_factory=new_id)
-    created_at: float = Field(default_factory=now)
     chunks: list[KbChunk]
-
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
 
 
 class BatchLineError(_Model):
@@ -248,14 +249,20 @@ class BatchLineError(_Model):
     message: str
 
 
-class BatchCreated(_Model):
+class _BatchJob(_Envelope):
+    """``batch.jobs``: an event of one batch, keyed by its id."""
+
+    batch_id: str
+
+    @property
+    def key(self) -> bytes:
+        return self.batch_id.encode()
+
+
+class BatchCreated(_BatchJob):
     """``batch.jobs``: a batch was accepted. Published before its lines; the batch store is rebuilt from it."""
 
     event_type: Literal["batch.created"] = "batch.created"
-    schema_version: int = SCHEMA_VERSION
-    event_id: str = Field(default_factory=new_id)
-    created_at: float = Field(default_factory=now)
-    batch_id: str
     input_file_id: str
     input_sha256: str
     endpoint: str = "/v1/chat/completions"
@@ -265,39 +272,18 @@ class BatchCreated(_Model):
     valid: int | None = Field(default=None, ge=0)  # lines published (``invalid`` may be truncated)
     invalid: list[BatchLineError] = Field(default_factory=list)
 
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
 
-    @property
-    def key(self) -> bytes:
-        return self.batch_id.encode()
-
-
-class BatchCancelled(_Model):
+class BatchCancelled(_BatchJob):
     """``batch.jobs``: stop the batch; every stage finishes its remaining lines as ``cancelled``."""
 
     event_type: Literal["batch.cancelled"] = "batch.cancelled"
-    schema_version: int = SCHEMA_VERSION
-    event_id: str = Field(default_factory=new_id)
-    created_at: float = Field(default_factory=now)
-    batch_id: str
     reason: str = "cancelled by the user"
 
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
 
-    @property
-    def key(self) -> bytes:
-        return self.batch_id.encode()
-
-
-class DeadLetter(_Model):
+class DeadLetter(_Envelope):
     """``chat.dlq``: a message a worker could not process, with the reason; the worker moved on."""
 
     event_type: Literal["dead_letter"] = "dead_letter"
-    schema_version: int = SCHEMA_VERSION
-    event_id: str = Field(default_factory=new_id)
-    created_at: float = Field(default_factory=now)
     correlation_id: str | None = None
     source_topic: str
     partition: int
@@ -306,9 +292,6 @@ class DeadLetter(_Model):
     value: str  # the original bytes, decoded as UTF-8 with replacement
     worker: str
     reason: str
-
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
 
 
 AnyEvent = Annotated[
