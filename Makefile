@@ -8,9 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run up down status test lint clean docs-corpus
+.PHONY: setup run up down status test lint clean docs-corpus browser
 
-setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json docs-corpus
+setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json docs-corpus browser
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ docs-corpus:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null) \
 	      || echo "warning: python3.11-doc not installed; the default corpus falls back to README.md"; \
 	  else echo "note: install Debian's python3.11-doc for the default corpus"; fi; }
+
+# Headless Chromium for the browser tests: Debian's chromium package, driven by Playwright for Python
+# (which never downloads a browser of its own here: tests launch /usr/bin/chromium).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
+	  else echo "note: install Debian's chromium for the browser tests"; fi; }
 
 run: setup
 	$(PY) -m chatbus.cli stack run

@@ -51,8 +51,10 @@ def worker(kind: str) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    from chatbus import metrics
     from consumers.stage import run_forever
 
+    metrics.serve(settings.metrics_port, settings.metrics_host, f"{kind} worker")
     if kind == "safety":
         from safety_workers.worker import build_worker
 

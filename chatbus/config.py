@@ -44,6 +44,26 @@ class Settings(BaseSettings):
     max_request_messages: int = 256
     max_request_bytes: int = 256 * 1024  # keeps every event of a turn well under Kafka's 1 MB default
 
+    # --- admission control at the edge (edge/admission.py) ----------------------------------------
+    # A turn is admitted while this edge's open turns < admit_max_inflight and the interactive lane's
+    # consumer lag (records not yet committed by safety, retrieval and inference) < admit_max_lag;
+    # beyond either: 429 with Retry-After. Batch submissions are refused first, from batch_shed_at of
+    # either bound, or when the batch lane already holds max_batch_backlog lines.
+    admit_max_inflight: int = 64
+    admit_max_lag: int = 32
+    admit_poll_s: float = 0.5  # how often the edge reads consumer lag
+    batch_shed_at: float = 0.5
+    max_batch_backlog: int = 100_000
+    # Brownout: with a cap > 0, turns arriving past the bounds are admitted with max_tokens capped to it
+    # (header X-Chatbus-Brownout), and refused only past brownout_limit x the bounds.
+    brownout_max_tokens: int = 0
+    brownout_limit: float = 2.0
+
+    # --- metrics ---------------------------------------------------------------------------------------
+    metrics_port: int = 0  # a worker's Prometheus port (0 = off); the edge serves /metrics on its own port
+    metrics_host: str = "127.0.0.1"
+    metrics_base_port: int = 0  # the local stack gives worker i port base + i (0: edge_port + 1 + i)
+
     # --- model / inference -----------------------------------------------------------------------
     model: str = ""  # HF id or local path; default: the tiny model under state_dir
     served_model_name: str = ""

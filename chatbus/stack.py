@@ -397,8 +397,15 @@ class Stack:
         pid = self.spawn("ferretdb", [str(self.paths.ferretdb_bin), "-listen", f"{host}:{port}", "-sqlite-dir", str(data)], env=self.infra_env())
         wait_port(host, port, 30, "ferretdb", pid)
 
+    def metrics_port(self, kind: str) -> int:
+        """The Prometheus port of a worker kind on this stack (``/metrics``); the edge serves its own."""
+        base = self.settings.metrics_base_port or self.settings.edge_port + 1
+        return base + WORKERS.index(kind)
+
     def start_worker(self, kind: str) -> int:
-        return self.spawn(kind, [sys.executable, "-m", "chatbus.cli", "worker", kind])
+        env = self.env()
+        env["CHATBUS_METRICS_PORT"] = str(self.metrics_port(kind))
+        return self.spawn(kind, [sys.executable, "-m", "chatbus.cli", "worker", kind], env)
 
     def start_edge(self) -> int:
         return self.spawn("edge", [sys.executable, "-m", "chatbus.cli", "edge"])

@@ -11,14 +11,10 @@ records never wait for it. If the backlog cannot be read, the gate stays open (b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-
 from chatbus.config import Settings
-from topics.clients import make_admin, make_consumer, partitions_of
+from topics.lag import LagReader
 from topics.registry import topic
 
 log = logging.getLogger(__name__)
@@ -32,38 +28,23 @@ class DownstreamGate:
         self.high, self.low, self.every_s = high, low, every_s
         self.open = True
         self.backlog = 0
-        self._consumer: AIOKafkaConsumer | None = None
-        self._admin: AIOKafkaAdminClient | None = None
+        self._lag = LagReader(settings)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._consumer = make_consumer(self.settings, group_id=None)
-        self._admin = make_admin(self.settings)
-        await self._consumer.start()
-        await self._admin.start()
+        await self._lag.start()
         self._task = asyncio.create_task(self._loop(), name=f"gate-{self.topic}")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            if self._admin is not None:
-                await self._admin.close()
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self._lag.stop()
 
     async def measure(self) -> int:
         """The downstream group's backlog on the topic (records not yet committed by it)."""
-        assert self._consumer is not None and self._admin is not None
-        tps: list[TopicPartition] = await partitions_of(self._consumer, self.topic)
-        ends = await self._consumer.end_offsets(tps)
-        committed = await self._admin.list_consumer_group_offsets(self.group_id, partitions=tps)
-        backlog = 0
-        for tp in tps:
-            meta = committed.get(tp)
-            backlog += ends[tp] - (meta.offset if meta is not None and meta.offset >= 0 else 0)
-        return backlog
+        lag = await self._lag.read({self.group_id: (self.topic,)})
+        return sum(lag.values())
 
     async def _loop(self) -> None:
         while True:

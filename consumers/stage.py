@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from chatbus import metrics
 from chatbus.config import Settings
 from consumers.gate import DownstreamGate
 from safety_workers.pii import mask_pii
@@ -72,6 +74,7 @@ def dead_letter(settings: Settings, record: ConsumerRecord, worker: str, reason:
         worker=worker,
         reason=reason[:2_000],
     )
+    metrics.DEAD_LETTERS.labels(worker).inc()
     return Outgoing(topic(CHAT_DLQ, settings.topic_prefix), letter.to_bytes(), key=record.key)
 
 
@@ -143,8 +146,13 @@ class StageWorker:
             log.warning("%s: dead-lettering %s[%d]@%d: %s", self.name, record.topic, record.partition, record.offset, exc)
             self.dead_lettered += 1
             return [dead_letter(self.settings, record, self.name, str(exc))]
+        lane = "batch" if record.topic.startswith(topic("batch.", self.settings.topic_prefix)) else "interactive"
+        started = time.perf_counter()
         try:
-            return await self.handler(event, record)
+            out = await self.handler(event, record)
+            metrics.STAGE_SECONDS.labels(self.name, lane).observe(time.perf_counter() - started)
+            metrics.STAGE_RECORDS.labels(self.name, lane).inc()
+            return out
         except RetryLater:
             raise
         except Exception as exc:  # a handler bug or a bad event must not stop the stage

@@ -22,6 +22,7 @@ import logging
 import secrets
 import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,15 +34,21 @@ from starlette.requests import Request
 from pymongo import AsyncMongoClient
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.staticfiles import StaticFiles
 
 from batches.service import BatchService
 from batches.store import BatchStore
-
+from chatbus import metrics
 from chatbus.config import Settings, get_settings
+from edge.admission import LoadMonitor, decide, refuse
+from edge.live import LiveStats
 from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, check_supported, completion_body, parse_request
 from edge.relay import ReplyRelay, TurnStream, TurnTimeout
 from schemas.events import CancelTurn, ChatTurnRequest, ReplyTo
+from schemas.timing import breakdown, server_timing
 from topics.clients import make_admin, make_producer
 from topics.compat import describe_groups
 from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, GROUPS, topic
@@ -49,6 +56,7 @@ from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, GROUPS, t
 log = logging.getLogger(__name__)
 
 STAGE_GROUPS = tuple(g.group_id for g in GROUPS if g.stage)
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 class ORJSONResponse(JSONResponse):
@@ -57,16 +65,18 @@ class ORJSONResponse(JSONResponse):
 
 
 def error_response(err: APIError) -> Response:
-    return ORJSONResponse(err.body(), status_code=err.status)
+    return ORJSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 class ChatService:
     """Publishes turns and turns their reply events into OpenAI responses."""
 
-    def __init__(self, settings: Settings, producer: AIOKafkaProducer, relay: ReplyRelay) -> None:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, relay: ReplyRelay, monitor: LoadMonitor, live: LiveStats) -> None:
         self.settings = settings
         self.producer = producer
         self.relay = relay
+        self.monitor = monitor
+        self.live = live
         self.requests_topic = topic(CHAT_REQUESTS, settings.topic_prefix)
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.reply_to = ReplyTo(topic=topic(CHAT_REPLIES, settings.topic_prefix), partition=settings.reply_partition)
@@ -86,6 +96,45 @@ class ChatService:
         )
         turn.mark("edge_received", received_at)
         return turn
+
+    def admit(self, turn: ChatTurnRequest) -> dict[str, str]:
+        """Admission control (:mod:`edge.admission`): raises a 429, or returns headers for the response
+        (``X-Chatbus-Brownout`` when ``max_tokens`` was capped)."""
+        load = self.monitor.snapshot(len(self.relay.turns))
+        decision = decide(load, self.settings, "interactive", turn.sampling.max_tokens)
+        if not decision.admit:
+            self.live.rejected("interactive")
+            raise refuse(decision, "interactive", load, self.settings)
+        self.monitor.admitted()
+        if decision.max_tokens is not None and decision.max_tokens < turn.sampling.max_tokens:
+            turn.sampling.max_tokens = decision.max_tokens
+            metrics.BROWNOUT_CAPPED.inc()
+            return {"X-Chatbus-Brownout": f"max_tokens={decision.max_tokens}"}
+        return {}
+
+    def finished(self, turn: ChatTurnRequest, stream: TurnStream) -> dict[str, dict[str, float]]:
+        """Record a finished turn's metrics; returns its latency split (:func:`schemas.timing.breakdown`)."""
+        done = stream.done
+        assert done is not None
+        stages = {**turn.stages, **done.stages, "last_relayed": time.time()}
+        if stream.first_relayed is not None:
+            stages["first_relayed"] = stream.first_relayed
+        parts = breakdown(stages)
+        model = turn.model
+        metrics.REQUEST_SUCCESS.labels(model, done.finish_reason).inc()
+        metrics.EDGE_GENERATION_TOKENS.labels(model).inc(done.usage.completion_tokens)
+        totals = parts["totals"]
+        if "ttft" in totals and done.finish_reason in ("stop", "length"):
+            metrics.TTFT.labels(model).observe(totals["ttft"])
+        if "e2e" in totals:
+            metrics.E2E.labels(model).observe(totals["e2e"])
+        for name, seconds in parts["stages"].items():
+            metrics.TURN_STAGE.labels(name).observe(seconds)
+        for name, seconds in parts["hops"].items():
+            metrics.TURN_HOP.labels(name).observe(seconds)
+        self.live.turn(done.finish_reason, parts, done.usage.completion_tokens)
+        self.monitor.turn_finished()
+        return parts
 
     async def publish(self, turn: ChatTurnRequest) -> TurnStream:
         turn.mark("edge_published")
@@ -114,16 +163,23 @@ class ChatService:
 
     async def stream_events(self, turn: ChatTurnRequest, stream: TurnStream, include_usage: bool) -> AsyncIterator[dict[str, str]]:
         chunks = ChunkBuilder(turn.correlation_id, turn.model, include_usage)
+        itl = metrics.ITL.labels(turn.model)
         try:
             yield _data(chunks.role())
+            last: float | None = None
             async for piece in stream.pieces(self.settings.turn_timeout_s):
+                now = time.perf_counter()
+                if last is not None:
+                    itl.observe(now - last)
+                last = now
                 yield _data(chunks.content(piece))
             done = stream.done
             assert done is not None
+            timing = _timing_ms(self.finished(turn, stream))
             if done.finish_reason == "error":
                 yield _data(APIError(500, "generation failed", type="internal_error").body())
             else:
-                yield _data(chunks.finish(done))
+                yield _data({**chunks.finish(done), "timing": timing})
                 if include_usage:
                     yield _data(chunks.usage(done.usage))
         except TurnTimeout as exc:
@@ -172,10 +228,11 @@ class ChatService:
             self.relay.close(turn.correlation_id)
         done = stream.done
         assert done is not None
+        parts = self.finished(turn, stream)
         if done.finish_reason == "error":
             raise APIError(500, "generation failed", type="internal_error")
         # the completion's own text: for a redelivered turn it is the text of the attempt that finished
-        return completion_body(turn.correlation_id, turn.model, done.text, done)
+        return {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": _timing_ms(parts)}
 
     async def _drain_pieces(self, stream: TurnStream) -> None:
         async for _ in stream.pieces(self.settings.turn_timeout_s):
@@ -198,6 +255,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def _data(obj: dict[str, Any]) -> dict[str, str]:
     return {"data": orjson.dumps(obj).decode()}
+
+
+def _timing_ms(parts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The latency split in milliseconds, as sent to clients in the ``timing`` extra field."""
+    return {group: {k: round(v * 1000, 2) for k, v in values.items()} for group, values in parts.items()}
 
 
 # --- routes ----------------------------------------------------------------------------------------------
@@ -233,6 +295,7 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(400, f"at most {service.settings.max_request_messages} messages", param="messages")
     check_supported(req, service.settings.max_model_len)
     turn = service.build_turn(req, received)
+    headers = {"X-Correlation-Id": turn.correlation_id, **service.admit(turn)}
     stream = await service.publish(turn)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -242,10 +305,12 @@ async def chat_completions(request: Request) -> Response:
             sep="\n",
             send_timeout=30,  # a client that stops reading cannot hold the turn (and a worker slot) for ever
             client_close_handler_callable=service.on_client_close(turn, stream),
-            headers={"X-Correlation-Id": turn.correlation_id},
+            headers=headers,
         )
     body = await service.complete(turn, stream, request)
-    return ORJSONResponse(body, headers={"X-Correlation-Id": turn.correlation_id})
+    timing = body["timing"]
+    headers["Server-Timing"] = server_timing({g: {k: v / 1000 for k, v in d.items()} for g, d in timing.items()})
+    return ORJSONResponse(body, headers=headers)
 
 
 async def list_models(request: Request) -> Response:
@@ -295,6 +360,12 @@ async def file_content(request: Request) -> Response:
 
 async def create_batch(request: Request) -> Response:
     batches = _batches(request)
+    service: ChatService = request.app.state.service
+    load = service.monitor.snapshot(len(service.relay.turns))
+    decision = decide(load, batches.settings, "batch")
+    if not decision.admit:  # batch work is shed before interactive work
+        service.live.rejected("batch")
+        raise refuse(decision, "batch", load, batches.settings)
     payload = await read_json(request, batches.settings.max_request_bytes)
     if not isinstance(payload, dict) or not isinstance(payload.get("input_file_id"), str):
         raise APIError(400, "input_file_id: required", param="input_file_id")
@@ -338,6 +409,22 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return error_response(APIError(500, "internal server error", type="internal_error"))
 
 
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text exposition of this edge process (``chatbus:*`` metrics, :mod:`chatbus.metrics`)."""
+    service: ChatService = request.app.state.service
+    metrics.OPEN_STREAMS.set(len(service.relay.turns))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def live_data(request: Request) -> Response:
+    service: ChatService = request.app.state.service
+    return ORJSONResponse(service.live.snapshot(service.monitor.lag_by, len(service.relay.turns)))
+
+
+async def live_page(request: Request) -> Response:
+    return Response((STATIC / "live.html").read_bytes(), media_type="text/html; charset=utf-8")
+
+
 async def healthz(request: Request) -> Response:
     return ORJSONResponse({"status": "ok"})
 
@@ -376,16 +463,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         producer = make_producer(settings)
         relay = ReplyRelay(settings)
+        monitor = LoadMonitor(settings)
         mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=5000)
         await producer.start()
         await relay.start()
+        await monitor.start()
         app.state.relay = relay
-        app.state.service = ChatService(settings, producer, relay)
+        app.state.service = ChatService(settings, producer, relay, monitor, LiveStats())
         app.state.batches = BatchService(settings, BatchStore(mongo[settings.mongo_db]), producer)
         log.info("edge %s ready: reply partition %d, model %s", settings.edge_id, settings.reply_partition, settings.model_name)
         try:
             yield
         finally:
+            await monitor.stop()
             await relay.stop()
             await producer.stop()
             await mongo.close()
@@ -401,6 +491,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/v1/batches", list_batches, methods=["GET"]),
             Route("/v1/batches/{batch_id}", retrieve_batch, methods=["GET"]),
             Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
+            Route("/metrics", prometheus_metrics, methods=["GET"]),
+            Route("/live", live_page, methods=["GET"]),
+            Route("/live.json", live_data, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -39,6 +40,7 @@ class TurnStream:
         self.delivered = 0  # characters of the completion already handed out
         self.done: TurnCompleted | None = None
         self.cancel_sent = False  # the edge published a cancel for this turn (at most once)
+        self.first_relayed: float | None = None  # wall time the first text was handed out (schemas.timing)
 
     def splice(self, ev: TokenEvent) -> str:
         """The part of ``ev.delta`` the client has not seen yet ('' if none)."""
@@ -59,12 +61,16 @@ class TurnStream:
             if isinstance(ev, TokenEvent):
                 piece = self.splice(ev)
                 if piece:
+                    if self.first_relayed is None:
+                        self.first_relayed = time.time()
                     yield piece
                 continue
             self.done = ev
             if len(ev.text) > self.delivered:  # anything a lost token event did not carry
                 rest = ev.text[self.delivered :]
                 self.delivered = len(ev.text)
+                if self.first_relayed is None:
+                    self.first_relayed = time.time()
                 yield rest
             return
 

@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from batches.cancellations import CancelledBatches
+from chatbus import metrics
 from chatbus.config import Settings
 from consumers.stage import Outgoing, dead_letter, produce_all
 from inference_workers.engines import Engine, GenerationRequest, make_engine
@@ -283,6 +284,7 @@ class InferenceWorker:
         self.tracker.start(tp, record.offset)
         task = asyncio.create_task(self._run_turn(event, tp, record), name=f"turn-{cid}")
         self.running[cid] = Running(task, tp, record.offset, batch_id=event.request.batch.batch_id if event.request.batch else None)
+        metrics.RUNNING.labels(event.request.source).inc()
 
     async def _commit(self, tp: TopicPartition, offset: int, started: bool = True) -> None:
         if not started:
@@ -387,10 +389,12 @@ class InferenceWorker:
                 batch=request.batch,
             )
             extra.append(to_reply(request, done.to_bytes()))
+            observe_turn(done)
             # delivering the completion and committing must not be cut short by a late cancel
             await asyncio.shield(self._complete(done, futures, extra, tp, record.offset))
         finally:
             self.running.pop(cid, None)
+            metrics.RUNNING.labels(request.source).dec()
 
     async def _complete(self, done: TurnCompleted, futures: list[asyncio.Future[object]], extra: list[Outgoing], tp: TopicPartition, offset: int) -> None:
         """Produce the completion (and any dead letter), await every ack of the turn, then commit."""
@@ -409,6 +413,17 @@ class InferenceWorker:
         self.completed_turns += 1
         log.info("turn %s %s: %d tokens", done.correlation_id, done.finish_reason, done.usage.completion_tokens)
         await self._commit(tp, offset)
+
+
+def observe_turn(done: TurnCompleted) -> None:
+    """The engine's share of a finished turn in this process's metrics (TTFT, TPOT, token counters)."""
+    model, stages, usage = done.model, done.stages, done.usage
+    metrics.PROMPT_TOKENS.labels(model).inc(usage.prompt_tokens)
+    metrics.GENERATION_TOKENS.labels(model).inc(usage.completion_tokens)
+    if "first_token" in stages and "inference_dequeued" in stages:
+        metrics.ENGINE_TTFT.labels(model).observe(stages["first_token"] - stages["inference_dequeued"])
+    if usage.completion_tokens > 1 and "last_token" in stages and "first_token" in stages:
+        metrics.TPOT.labels(model).observe((stages["last_token"] - stages["first_token"]) / (usage.completion_tokens - 1))
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

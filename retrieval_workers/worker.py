@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka import ConsumerRecord
 
+from chatbus import metrics
 from chatbus.config import Settings
 from batches.cancellations import CancelledBatches
 from consumers.gate import DownstreamGate
@@ -64,10 +65,14 @@ class RetrievalStage:
             )
             passages = await asyncio.wait_for(search, remaining)
         except TimeoutError:
+            metrics.RETRIEVAL_SKIPPED.labels("timeout").inc()
             return RetrievalResult(status="skipped", reason=f"timeout after {self.settings.retrieval_budget_ms:.0f} ms", latency_ms=_ms(t0))
         except Exception as exc:  # Milvus down, collection missing …: answer without sources
             log.warning("retrieval failed for %s: %s", turn.correlation_id, exc)
+            metrics.RETRIEVAL_SKIPPED.labels("error").inc()
             return RetrievalResult(status="skipped", reason=f"error: {type(exc).__name__}: {exc}"[:500], latency_ms=_ms(t0))
+        metrics.RETRIEVAL_SECONDS.observe(time.perf_counter() - t0)
+        metrics.RETRIEVAL_HITS.observe(len(passages))
         return RetrievalResult(status="ok", passages=passages, latency_ms=_ms(t0))
 
     async def handle_turn(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from aiokafka import ConsumerRecord
 
+from chatbus import metrics
 from chatbus.config import Settings
 from batches.cancellations import CancelledBatches
 from consumers.gate import DownstreamGate
@@ -52,7 +53,9 @@ class SafetyStage:
             kinds.update(found)
             masked.append(ChatMessage(role=m.role, content=text))
         query = last_user_text(masked)
+        t_embed = time.perf_counter()
         embedding = self.embedder.encode([query])[0]
+        metrics.EMBEDDING_SECONDS.observe(time.perf_counter() - t_embed)
         result = self.screener.screen(query, embedding)
         verdict = SafetyVerdict(
             allowed=result.allowed,
@@ -74,6 +77,8 @@ class SafetyStage:
         event.mark("safety_start")
         masked, verdict, embedding = await asyncio.to_thread(self.screen, event)
         masked.mark("safety_end")
+        action = "block" if not verdict.allowed else "flag" if verdict.flags else "allow"
+        metrics.SAFETY_VERDICTS.labels(action, verdict.category or "none").inc()
         if not verdict.allowed:
             log.info("turn %s blocked: category=%s score=%.3f", event.correlation_id, verdict.category, verdict.score)
             return whole_reply(

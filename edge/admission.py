@@ -1,0 +1,179 @@
+"""Admission control at the edge: admit a turn only while the pipeline can take it, else a fast 429.
+
+Two signals, both cheap:
+
+* **in-flight**: the turns this edge is waiting on (streamed or not), known exactly;
+* **consumer lag** of the interactive lane: records of ``chat.requests``, ``chat.screened`` and
+  ``chat.grounded`` not yet committed by the safety, retrieval and inference groups
+  (:mod:`topics.lag`; inference commits a turn when it finishes, so its lag counts running turns too).
+  A :class:`LoadMonitor` reads it every ``admit_poll_s``; turns this edge admitted since the last
+  read are added, so a burst between two reads cannot overshoot the bound.
+
+:func:`decide` (pure) turns a :class:`Load` into a :class:`Decision`:
+
+* interactive: admitted while ``load < 1`` where ``load = max(inflight / admit_max_inflight,
+  lag / admit_max_lag)``; past that, with ``brownout_max_tokens > 0``, admitted with ``max_tokens``
+  capped (up to ``brownout_limit`` x the bounds), otherwise refused;
+* batch (``POST /v1/batches``, ``n`` lines): refused first — from ``load >= batch_shed_at`` or when
+  the batch lane's backlog plus ``n`` passes ``max_batch_backlog``.
+
+A refusal is HTTP 429 with ``Retry-After`` (seconds, RFC 9110 §10.2.3) estimated as the excess over
+the bound divided by the rate this edge sees turns finish (at least 1 s, at most 60 s for turns,
+600 s for batches), and OpenAI's error JSON (``type: "rate_limit_error"``, which the ``openai``
+client raises as ``RateLimitError``). Nothing is published for a refused request. If lag cannot be
+read (broker trouble), the last reading ages out after 10 s and only the in-flight bound applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from chatbus import metrics
+from chatbus.config import Settings
+from edge.protocol import APIError
+from topics.lag import LagReader
+from topics.registry import (
+    BATCH_GROUNDED,
+    BATCH_REQUESTS,
+    BATCH_SCREENED,
+    CHAT_GROUNDED,
+    CHAT_REQUESTS,
+    CHAT_SCREENED,
+    GROUPS,
+    INFERENCE,
+    RETRIEVAL,
+    SAFETY,
+    topic,
+)
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE = {SAFETY.group_id: CHAT_REQUESTS, RETRIEVAL.group_id: CHAT_SCREENED, INFERENCE.group_id: CHAT_GROUNDED}
+BATCH = {SAFETY.group_id: BATCH_REQUESTS, RETRIEVAL.group_id: BATCH_SCREENED, INFERENCE.group_id: BATCH_GROUNDED}
+LAG_MAX_AGE_S = 10.0
+
+
+@dataclass(frozen=True)
+class Load:
+    inflight: int  # turns open on this edge
+    lag: int  # interactive-lane records not yet committed by the stage groups
+    batch_backlog: int  # batch-lane records not yet committed by the stage groups
+    drain_per_s: float  # turns finishing per second on this edge (recent)
+
+
+@dataclass(frozen=True)
+class Decision:
+    admit: bool
+    reason: str = ""  # why refused: inflight | lag | interactive_load | batch_backlog
+    max_tokens: int | None = None  # the brownout cap, when one applies
+    retry_after_s: int = 0
+
+    def error(self, lane: str, load: Load, settings: Settings) -> APIError:
+        """The 429 for a refusal (OpenAI error JSON + ``Retry-After``)."""
+        what = {
+            "inflight": f"{load.inflight} turns in flight on this edge (bound {settings.admit_max_inflight})",
+            "lag": f"{load.lag} turns queued in the pipeline (bound {settings.admit_max_lag})",
+            "interactive_load": "interactive traffic is near capacity; batch jobs are shed first",
+            "batch_backlog": f"{load.batch_backlog} batch lines already queued (bound {settings.max_batch_backlog})",
+        }[self.reason]
+        return APIError(
+            429,
+            f"chatbus is at capacity: {what}. Retry after {self.retry_after_s} s.",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+
+def _retry_after(excess: float, drain_per_s: float, ceiling: int) -> int:
+    return int(min(ceiling, max(1, math.ceil(max(excess, 1.0) / max(drain_per_s, 0.5)))))
+
+
+def decide(load: Load, settings: Settings, lane: str = "interactive", max_tokens: int = 0, lines: int = 0) -> Decision:
+    """Admit or refuse one request given the current load (see the module docstring)."""
+    inflight_ratio = load.inflight / max(settings.admit_max_inflight, 1)
+    lag_ratio = load.lag / max(settings.admit_max_lag, 1)
+    ratio = max(inflight_ratio, lag_ratio)
+    reason = "inflight" if inflight_ratio >= lag_ratio else "lag"
+    if lane == "batch":
+        if ratio >= settings.batch_shed_at:
+            return Decision(False, "interactive_load", retry_after_s=_retry_after(max(load.inflight, load.lag), load.drain_per_s, 600))
+        if load.batch_backlog + lines > settings.max_batch_backlog:
+            excess = load.batch_backlog + lines - settings.max_batch_backlog
+            return Decision(False, "batch_backlog", retry_after_s=_retry_after(excess, load.drain_per_s, 600))
+        return Decision(True)
+    if ratio < 1.0:
+        return Decision(True)
+    excess = max(load.inflight - settings.admit_max_inflight, load.lag - settings.admit_max_lag) + 1
+    if settings.brownout_max_tokens > 0 and ratio < settings.brownout_limit:
+        return Decision(True, reason, max_tokens=min(max_tokens, settings.brownout_max_tokens) if max_tokens else settings.brownout_max_tokens)
+    return Decision(False, reason, retry_after_s=_retry_after(excess, load.drain_per_s, 60))
+
+
+class LoadMonitor:
+    """Reads consumer lag every ``admit_poll_s`` (also exported as ``chatbus:consumer_lag``) and tracks
+    how fast this edge's turns finish."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        p = settings.topic_prefix
+        self.groups = {g.group_id: tuple(topic(t, p) for t in g.topics) for g in GROUPS}
+        self.interactive = {(g, topic(t, p)) for g, t in INTERACTIVE.items()}
+        self.batch = {(g, topic(t, p)) for g, t in BATCH.items()}
+        self.lag_by: dict[tuple[str, str], int] = {}
+        self.read_at = 0.0  # monotonic time of the last good read
+        self.admitted_since_read = 0
+        self.finished: collections.deque[float] = collections.deque(maxlen=4096)
+        self._reader = LagReader(settings)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._reader.start()
+        self._task = asyncio.create_task(self._loop(), name="load-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._reader.stop()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                admitted = self.admitted_since_read
+                lag = await self._reader.read(self.groups)
+                self.lag_by, self.read_at = lag, time.monotonic()
+                self.admitted_since_read -= admitted  # those are in the reading now
+                for (group, name), value in lag.items():
+                    metrics.CONSUMER_LAG.labels(group, name).set(value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("consumer lag unreadable: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.settings.admit_poll_s)
+
+    def snapshot(self, inflight: int) -> Load:
+        fresh = time.monotonic() - self.read_at < LAG_MAX_AGE_S
+        lag = sum(v for k, v in self.lag_by.items() if k in self.interactive) + self.admitted_since_read if fresh else 0
+        backlog = sum(v for k, v in self.lag_by.items() if k in self.batch) if fresh else 0
+        now = time.monotonic()
+        recent = sum(1 for t in self.finished if now - t < 10.0)
+        return Load(inflight=inflight, lag=lag, batch_backlog=backlog, drain_per_s=recent / 10.0)
+
+    def admitted(self) -> None:
+        self.admitted_since_read += 1
+
+    def turn_finished(self) -> None:
+        self.finished.append(time.monotonic())
+
+
+def refuse(decision: Decision, lane: str, load: Load, settings: Settings) -> APIError:
+    """Count a refusal and build its 429."""
+    metrics.ADMISSION_REJECTED.labels(lane, decision.reason).inc()
+    log.info("admission: %s request refused (%s): inflight=%d lag=%d batch_backlog=%d", lane, decision.reason, load.inflight, load.lag, load.batch_backlog)
+    return decision.error(lane, load, settings)

@@ -1,0 +1,140 @@
+"""Overload answers 429 (with Retry-After and OpenAI's error JSON) instead of queueing; batches are shed
+first; a brownout caps max_tokens instead of refusing. Extra edges run as separate processes against the
+session's real stack, each with its own bounds and reply partition."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from chatbus.config import ROOT, Settings
+from chatbus.stack import Stack
+from edge.admission import Load, decide
+from tests.conftest import end_offsets, free_port
+from topics.registry import CHAT_REQUESTS
+
+LONG = {"model": "chatbus-tiny", "messages": [{"role": "user", "content": "Tell me about Python lists."}], "max_tokens": 400, "temperature": 0, "stream": True}
+
+
+@contextmanager
+def extra_edge(stack: Stack, partition: int, **bounds: object) -> Iterator[str]:
+    """Run another edge process on the stack with these settings (e.g. ``admit_max_inflight=2``)."""
+    port = free_port()
+    env = stack.env()
+    env.update({"CHATBUS_EDGE_PORT": str(port), "CHATBUS_REPLY_PARTITION": str(partition), "CHATBUS_EDGE_ID": f"edge-test-{partition}"})
+    env.update({f"CHATBUS_{k.upper()}": str(v) for k, v in bounds.items()})
+    log = open(stack.paths.logs / f"edge-test-{partition}.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "chatbus.cli", "edge"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "extra edge did not start"
+            time.sleep(0.2)
+        time.sleep(1.0)  # one consumer-lag reading
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+async def stream(http: httpx.AsyncClient, url: str, body: dict) -> tuple[int, dict[str, str], list[dict]]:
+    """(status, headers, chunks) of one streamed request (the error body as a single chunk for a non-200)."""
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return r.status_code, dict(r.headers), [orjson.loads(await r.aread())]
+        chunks = [orjson.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: {")]
+        return 200, dict(r.headers), chunks
+
+
+pytestmark = pytest.mark.stack
+
+
+async def test_overload_answers_429_with_retry_after_and_loses_nothing(stack: Stack, settings: Settings) -> None:
+    with extra_edge(stack, 6, admit_max_inflight=2, admit_max_lag=1000) as url:
+        before = sum((await end_offsets(settings, CHAT_REQUESTS)).values())
+        async with httpx.AsyncClient(timeout=120) as http:
+            held = [asyncio.create_task(stream(http, url, LONG)) for _ in range(2)]
+            await asyncio.sleep(1.0)  # both admitted and streaming
+            t0 = time.perf_counter()
+            status, headers, body = await stream(http, url, {**LONG, "max_tokens": 8})
+            refused_in = time.perf_counter() - t0
+            assert status == 429, body
+            assert int(headers["retry-after"]) >= 1
+            err = body[0]["error"]
+            assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded" and "in flight" in err["message"]
+            assert refused_in < 1.0  # refused at once, not queued
+            # batch work is shed before interactive work
+            batch = await http.post(f"{url}/v1/batches", json={"input_file_id": "file-none", "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+            assert batch.status_code == 429 and "shed first" in batch.json()["error"]["message"]
+            # the official client sees a RateLimitError
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            with pytest.raises(openai.RateLimitError):
+                await client.chat.completions.create(model="chatbus-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            results = await asyncio.gather(*held)
+            assert [r[0] for r in results] == [200, 200]
+            for _, _, chunks in results:  # the admitted turns completed normally
+                assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            # capacity is back: admitted again
+            status, _, chunks = await stream(http, url, {**LONG, "max_tokens": 4})
+            assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            live = (await http.get(f"{url}/live.json")).json()
+            assert live["totals"]["rate_limited"] == 3 and live["inflight"] == 0
+            metrics = (await http.get(f"{url}/metrics")).text
+            assert 'chatbus:admission_rejected_total{lane="interactive",reason="inflight"} 2.0' in metrics
+            assert 'chatbus:admission_rejected_total{lane="batch",reason="interactive_load"} 1.0' in metrics
+        after = sum((await end_offsets(settings, CHAT_REQUESTS)).values())
+        assert after - before == 3  # only admitted turns were published: nothing refused is queued
+
+
+async def test_brownout_caps_max_tokens_instead_of_refusing(stack: Stack) -> None:
+    with extra_edge(stack, 7, admit_max_inflight=1, admit_max_lag=1000, brownout_max_tokens=3, brownout_limit=4) as url:
+        async with httpx.AsyncClient(timeout=120) as http:
+            first = asyncio.create_task(stream(http, url, {**LONG, "stream_options": {"include_usage": True}}))
+            await asyncio.sleep(1.0)
+            rest = await asyncio.gather(*(stream(http, url, {**LONG, "stream_options": {"include_usage": True}}) for _ in range(2)))
+            status, headers, chunks = await first
+            assert status == 200 and "x-chatbus-brownout" not in headers
+            assert chunks[-1]["usage"]["completion_tokens"] > 3
+            for status, headers, chunks in rest:
+                assert status == 200 and headers["x-chatbus-brownout"] == "max_tokens=3"
+                assert chunks[-1]["usage"]["completion_tokens"] <= 3
+            # past brownout_limit x the bound, refusal after all
+            many = await asyncio.gather(*(stream(http, url, LONG) for _ in range(8)))
+            assert 429 in [m[0] for m in many] and all(m[0] in (200, 429) for m in many)
+
+
+def test_decide_bounds_lanes_and_brownout() -> None:
+    s = Settings(admit_max_inflight=10, admit_max_lag=20, batch_shed_at=0.5, max_batch_backlog=100)
+    idle = Load(inflight=0, lag=0, batch_backlog=0, drain_per_s=2.0)
+    assert decide(idle, s).admit and decide(idle, s, "batch", lines=50).admit
+    assert not decide(idle, s, "batch", lines=101).admit  # the batch lane's own bound
+    half = Load(inflight=5, lag=0, batch_backlog=0, drain_per_s=2.0)
+    assert decide(half, s).admit and not decide(half, s, "batch").admit  # batch is shed first
+    full = Load(inflight=10, lag=3, batch_backlog=0, drain_per_s=2.0)
+    d = decide(full, s)
+    assert not d.admit and d.reason == "inflight" and d.retry_after_s == 1  # (10 - 10 + 1) / 2 per s, rounded up
+    lagging = Load(inflight=1, lag=40, batch_backlog=0, drain_per_s=0.0)
+    d = decide(lagging, s)
+    assert d.reason == "lag" and d.retry_after_s == 42  # 21 over the bound at the 0.5/s floor
+    assert decide(Load(0, 10_000, 0, 0.0), s).retry_after_s == 60  # capped
+    brown = s.model_copy(update={"brownout_max_tokens": 64, "brownout_limit": 2.0})
+    d = decide(full, brown, max_tokens=512)
+    assert d.admit and d.max_tokens == 64
+    assert decide(full, brown, max_tokens=16).max_tokens == 16  # never raises a request's own limit
+    assert not decide(Load(20, 0, 0, 1.0), brown).admit  # past brownout_limit x the bound

@@ -1,0 +1,60 @@
+"""Consumer lag: for a consumer group and topic, the end offsets minus the group's committed offsets.
+
+Lag counts records written but not yet *committed* by the group: waiting in its queue, or in work
+(the inference worker commits a turn only once its completion is acknowledged, so its lag includes
+the turns it is generating). A partition the group never committed counts from offset 0 (what the
+group would read with ``auto_offset_reset="earliest"``).
+
+:class:`LagReader` keeps one consumer (for end offsets, no group) and one admin client open, so a
+poller (the edge's admission control, the batch lane's flow control) pays two round trips per read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from chatbus.config import Settings
+from topics.clients import make_admin, make_consumer, partitions_of
+
+
+class LagReader:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None)
+        self._admin: AIOKafkaAdminClient = make_admin(settings)
+        self._partitions: dict[str, list[TopicPartition]] = {}
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        await self._admin.start()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._admin.close()
+        await self._consumer.stop()
+
+    async def _tps(self, topics: Iterable[str]) -> list[TopicPartition]:
+        out: list[TopicPartition] = []
+        for name in topics:
+            if name not in self._partitions:
+                self._partitions[name] = await partitions_of(self._consumer, name)
+            out += self._partitions[name]
+        return out
+
+    async def read(self, groups: dict[str, tuple[str, ...]]) -> dict[tuple[str, str], int]:
+        """``{(group, topic): lag}`` (records, summed over partitions) for each group's full topic names."""
+        tps = await self._tps({t for names in groups.values() for t in names})
+        ends = await self._consumer.end_offsets(tps)
+        out: dict[tuple[str, str], int] = {}
+        for group, names in groups.items():
+            mine = [tp for tp in tps if tp.topic in names]
+            committed = await self._admin.list_consumer_group_offsets(group, partitions=mine)
+            for tp in mine:
+                meta = committed.get(tp)
+                pos = meta.offset if meta is not None and meta.offset >= 0 else 0
+                out[(group, tp.topic)] = out.get((group, tp.topic), 0) + max(0, ends[tp] - pos)
+        return out
