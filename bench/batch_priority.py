@@ -12,7 +12,7 @@ Run against a running stack (``make up``)::
 3. the batch is cancelled (``--finish`` waits for it instead).
 
 TTFT is measured as the client sees it (request sent → first content chunk, official ``openai``
-client); the per-stage split of each turn (``bench/ttft_bus.py``'s spans) is read back from the
+client); the per-stage split of each turn (:mod:`schemas.timing`'s stages and hops) is read back from the
 recorder's turn documents, to show where a turn waits behind batch work. Writes ``bench/results/batch_priority.json`` and ``.md``. Loopback only; bounded counts.
 """
 
@@ -28,12 +28,16 @@ from typing import Any
 import orjson
 from openai import AsyncOpenAI
 from pymongo import AsyncMongoClient
-from ttft_bus import QUESTIONS, SPANS, pct  # bench/ is the script's folder
+from bus_overhead import QUESTIONS  # bench/ is the script's folder
+from report import pct
 
 from batches.service import BatchService
 from chatbus.config import Settings, get_settings
 from chatbus.ops import end_offsets
+from schemas.timing import HOPS, STAGES
 from topics.registry import BATCH_RESULTS, topic
+
+SPANS = {**STAGES, **HOPS}
 
 OUT = Path(__file__).resolve().parent / "results"
 def summary(values: list[float]) -> dict[str, float]:

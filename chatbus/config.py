@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # beyond either: 429 with Retry-After. Batch submissions are refused first, from batch_shed_at of
     # either bound, or when the batch lane already holds max_batch_backlog lines.
     admit_max_inflight: int = 64
-    admit_max_lag: int = 32
+    admit_max_lag: int = 12  # about max_inflight_turns x inference workers, plus a few waiting
     admit_poll_s: float = 0.5  # how often the edge reads consumer lag
     batch_shed_at: float = 0.5
     max_batch_backlog: int = 100_000

@@ -57,3 +57,17 @@ def test_every_chatbus_environment_name_exists_in_settings() -> None:
 def test_edges_own_distinct_reply_partitions() -> None:
     parts = [s["environment"]["CHATBUS_REPLY_PARTITION"] for n, s in COMPOSE["services"].items() if n.startswith("edge")]
     assert len(parts) == len(set(parts)) >= 2
+
+
+def test_prometheus_scrapes_every_worker_kind_and_every_edge() -> None:
+    services = COMPOSE["services"]
+    config = yaml.safe_load((ROOT / "tools" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    sd = jobs["chatbus-workers"]["dns_sd_configs"][0]
+    kinds = {shlex.split(s["command"])[2] for s in services.values() if str(s.get("command", "")).startswith("chatbus worker")}
+    assert set(sd["names"]) == kinds
+    assert str(sd["port"]) == services["safety"]["environment"]["CHATBUS_METRICS_PORT"]
+    edges = {n for n, s in services.items() if str(s.get("command", "")).startswith("chatbus edge")}
+    assert {t.split(":")[0] for t in jobs["chatbus-edges"]["static_configs"][0]["targets"]} == edges
+    mount = services["prometheus"]["volumes"][0].split(":")[0]
+    assert (ROOT / mount).resolve() == (ROOT / "tools" / "prometheus" / "prometheus.yml").resolve()
