@@ -149,11 +149,14 @@ def stack_run() -> None:
 
 @stack.command("status")
 def stack_status() -> None:
-    """Which services run (pid) and which do not."""
-    from chatbus.stack import Stack
+    """Which services run (pid, and each worker's metrics address) and which do not."""
+    from chatbus.stack import WORKERS, Stack
 
-    for name, pid in Stack(get_settings()).status().items():
-        click.echo(f"{name:10s} {'running (pid %d)' % pid if pid else 'stopped'}")
+    stack = Stack(get_settings())
+    for name, pid in stack.status().items():
+        port = stack.metrics_port(name) if name in WORKERS and pid else None
+        metrics = f"  metrics http://{stack.settings.metrics_host}:{port}/metrics" if port else ""
+        click.echo(f"{name:10s} {'running (pid %d)' % pid if pid else 'stopped'}{metrics}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # --- metrics ---------------------------------------------------------------------------------------
     metrics_port: int = 0  # a worker's Prometheus port (0 = off); the edge serves /metrics on its own port
     metrics_host: str = "127.0.0.1"
-    metrics_base_port: int = 0  # the local stack gives worker i port base + i (0: edge_port + 1 + i)
+    metrics_base_port: int = 0  # the local stack gives worker i port base + i (0: a free port each, see `chatbus stack status`)
 
     # --- model / inference -----------------------------------------------------------------------
     model: str = ""  # HF id or local path; default: the tiny model under state_dir

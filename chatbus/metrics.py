@@ -71,5 +71,9 @@ def serve(port: int, host: str = "0.0.0.0", what: str = "worker") -> None:
     """Expose this process's metrics at ``http://host:port/metrics`` (a daemon thread); ``port`` 0 = off."""
     if port <= 0:
         return
-    start_http_server(port, addr=host)
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:  # metrics are for operators: a taken port must not stop the worker
+        log.error("%s: cannot serve metrics on %s:%d (%s); running without", what, host, port, exc)
+        return
     log.info("%s metrics on http://%s:%d/metrics", what, host, port)

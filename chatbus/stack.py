@@ -85,6 +85,13 @@ class Paths:
         return self.pids / f"{name}.pid"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def host_port(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host or "127.0.0.1", int(port)
@@ -397,15 +404,23 @@ class Stack:
         pid = self.spawn("ferretdb", [str(self.paths.ferretdb_bin), "-listen", f"{host}:{port}", "-sqlite-dir", str(data)], env=self.infra_env())
         wait_port(host, port, 30, "ferretdb", pid)
 
-    def metrics_port(self, kind: str) -> int:
-        """The Prometheus port of a worker kind on this stack (``/metrics``); the edge serves its own."""
-        base = self.settings.metrics_base_port or self.settings.edge_port + 1
-        return base + WORKERS.index(kind)
+    def metrics_port(self, kind: str) -> int | None:
+        """The Prometheus port a running worker serves ``/metrics`` on (the edge serves its own), or None."""
+        path = self.paths.pids / f"{kind}.metrics"
+        return int(path.read_text()) if path.exists() else None
 
     def start_worker(self, kind: str) -> int:
+        """Start a worker with its own metrics port: ``metrics_base_port + i`` when that is set (the i-th of
+        WORKERS), else a free port; the port is recorded next to the pid file (``chatbus stack status``)."""
+        existing = self.running(kind)
+        if existing:
+            return existing
+        port = self.settings.metrics_base_port + WORKERS.index(kind) if self.settings.metrics_base_port else free_port(self.settings.metrics_host)
         env = self.env()
-        env["CHATBUS_METRICS_PORT"] = str(self.metrics_port(kind))
-        return self.spawn(kind, [sys.executable, "-m", "chatbus.cli", "worker", kind], env)
+        env["CHATBUS_METRICS_PORT"] = str(port)
+        pid = self.spawn(kind, [sys.executable, "-m", "chatbus.cli", "worker", kind], env)
+        (self.paths.pids / f"{kind}.metrics").write_text(f"{port}\n")
+        return pid
 
     def start_edge(self) -> int:
         return self.spawn("edge", [sys.executable, "-m", "chatbus.cli", "edge"])

@@ -52,27 +52,39 @@ class TurnStream:
         return piece
 
     async def pieces(self, timeout_s: float) -> AsyncIterator[str]:
-        """Yield new text until the completion arrives (then ``self.done`` is set). Raises TurnTimeout."""
+        """Yield new text until the completion arrives (then ``self.done`` is set). Raises TurnTimeout.
+
+        Events already waiting are joined into one piece: a client that fell behind gets one SSE chunk
+        instead of many (the edge's cost is per chunk, not per character).
+        """
         while True:
-            try:
-                ev = await asyncio.wait_for(self.queue.get(), timeout_s)
-            except TimeoutError:
-                raise TurnTimeout(f"no reply for turn {self.correlation_id} within {timeout_s:.0f}s") from None
-            if isinstance(ev, TokenEvent):
-                piece = self.splice(ev)
-                if piece:
-                    if self.first_relayed is None:
-                        self.first_relayed = time.time()
-                    yield piece
-                continue
-            self.done = ev
-            if len(ev.text) > self.delivered:  # anything a lost token event did not carry
-                rest = ev.text[self.delivered :]
-                self.delivered = len(ev.text)
+            if self.queue.empty():
+                try:
+                    async with asyncio.timeout(timeout_s):  # no task per wait, unlike asyncio.wait_for on 3.11
+                        ev = await self.queue.get()
+                except TimeoutError:
+                    raise TurnTimeout(f"no reply for turn {self.correlation_id} within {timeout_s:.0f}s") from None
+            else:
+                ev = self.queue.get_nowait()
+            text = ""
+            while True:
+                if isinstance(ev, TokenEvent):
+                    text += self.splice(ev)
+                else:
+                    self.done = ev
+                    if len(ev.text) > self.delivered:  # anything a lost token event did not carry
+                        text += ev.text[self.delivered :]
+                        self.delivered = len(ev.text)
+                    break
+                if self.queue.empty():
+                    break
+                ev = self.queue.get_nowait()
+            if text:
                 if self.first_relayed is None:
                     self.first_relayed = time.time()
-                yield rest
-            return
+                yield text
+            if self.done is not None:
+                return
 
 
 class ReplyRelay:
