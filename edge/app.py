@@ -5,7 +5,14 @@ Routes: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``, `
 group has a live member), and OpenAI's Files and Batch APIs for batch jobs (:mod:`batches.service`):
 ``POST /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``POST /v1/batches``
 (an ``Idempotency-Key`` header makes re-submission return the same batch), ``GET /v1/batches``,
-``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``.
+``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``; for operators ``GET /metrics``
+(Prometheus, :mod:`chatbus.metrics`), ``GET /live`` (a page of live plots) and ``GET /live.json``
+(its data, :mod:`edge.live`).
+
+Admission control (:mod:`edge.admission`) runs before anything is published: past its bounds a turn
+or a batch submission gets a 429 with ``Retry-After``. Every answer carries its latency split
+(:mod:`schemas.timing`): ``timing`` on the last chunk or in the body, and ``Server-Timing`` on a
+non-streamed response.
 
 A request is validated and only then published to ``chat.requests`` keyed by conversation id, with
 ``reply_to`` this instance's reply partition. The response is built from the token events the relay
@@ -209,8 +216,10 @@ class ChatService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def complete(self, turn: ChatTurnRequest, stream: TurnStream, request: Request) -> dict[str, Any]:
-        """Wait for the whole answer; a client that disconnects meanwhile cancels the turn."""
+    async def complete(self, turn: ChatTurnRequest, stream: TurnStream, request: Request) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+        """Wait for the whole answer; a client that disconnects meanwhile cancels the turn.
+
+        Returns the response body and the turn's latency split (seconds, :func:`schemas.timing.breakdown`)."""
         waiter = asyncio.ensure_future(self._drain_pieces(stream))
         try:
             while not waiter.done():
@@ -232,7 +241,7 @@ class ChatService:
         if done.finish_reason == "error":
             raise APIError(500, "generation failed", type="internal_error")
         # the completion's own text: for a redelivered turn it is the text of the attempt that finished
-        return {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": _timing_ms(parts)}
+        return {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": _timing_ms(parts)}, parts
 
     async def _drain_pieces(self, stream: TurnStream) -> None:
         async for _ in stream.pieces(self.settings.turn_timeout_s):
@@ -307,9 +316,8 @@ async def chat_completions(request: Request) -> Response:
             client_close_handler_callable=service.on_client_close(turn, stream),
             headers=headers,
         )
-    body = await service.complete(turn, stream, request)
-    timing = body["timing"]
-    headers["Server-Timing"] = server_timing({g: {k: v / 1000 for k, v in d.items()} for g, d in timing.items()})
+    body, parts = await service.complete(turn, stream, request)
+    headers["Server-Timing"] = server_timing(parts)
     return ORJSONResponse(body, headers=headers)
 
 

@@ -67,7 +67,10 @@ class LiveStats:
         self.turns.append(_Turn(now, parts))
 
     def rejected(self, lane: str) -> None:
-        """Record one 429."""
+        """Record one 429: an interactive turn in the series, a batch submission in the totals only."""
+        if lane != "interactive":
+            self.totals[f"{lane}_rate_limited"] += 1
+            return
         b = self._bucket(time.time())
         b.outcomes["rate_limited"] += 1
         self.totals["rate_limited"] += 1

@@ -94,7 +94,7 @@ async def test_overload_answers_429_with_retry_after_and_loses_nothing(stack: St
             status, _, chunks = await stream(http, url, {**LONG, "max_tokens": 4})
             assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
             live = (await http.get(f"{url}/live.json")).json()
-            assert live["totals"]["rate_limited"] == 3 and live["inflight"] == 0
+            assert live["totals"]["rate_limited"] == 2 and live["totals"]["batch_rate_limited"] == 1 and live["inflight"] == 0
             metrics = (await http.get(f"{url}/metrics")).text
             assert 'chatbus:admission_rejected_total{lane="interactive",reason="inflight"} 2.0' in metrics
             assert 'chatbus:admission_rejected_total{lane="batch",reason="interactive_load"} 1.0' in metrics
