@@ -42,6 +42,8 @@ class RetrievalStage:
         self.kb = kb or KnowledgeBase(settings.resolved_milvus_uri, settings.milvus_collection)
         self._embedder = embedder
         self.milvus = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")  # one caller at a time
+        self.unflushed_since = 0.0  # monotonic time of the first upsert not yet flushed (0: none)
+        self.last_upsert = 0.0
         self.cancelled = CancelledBatches(settings)
 
     @property
@@ -101,8 +103,25 @@ class RetrievalStage:
         if not isinstance(event, KbIngest):
             raise TypeError(f"unexpected {event.event_type} on {record.topic}")
         n = await asyncio.get_running_loop().run_in_executor(self.milvus, self.kb.upsert, event.chunks)
+        self.unflushed_since = self.unflushed_since or time.monotonic()
+        self.last_upsert = time.monotonic()
         log.info("upserted %d chunks", n)
         return []
+
+
+    async def seal_when_idle(self, stop: asyncio.Event, idle_s: float = 2.0) -> None:
+        """Flush upserted chunks once ingestion pauses for ``idle_s`` (or after 30 s of steady ingest), so
+        searches run on indexed, sealed segments instead of milvus-lite's brute-force memtable."""
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            if self.unflushed_since and (now - self.last_upsert >= idle_s or now - self.unflushed_since >= 30.0):
+                self.unflushed_since = 0.0
+                try:
+                    await asyncio.get_running_loop().run_in_executor(self.milvus, self.kb.flush)
+                    log.info("knowledge base flushed (sealed for indexed search)")
+                except Exception as exc:  # searching unsealed rows still works, only slower
+                    log.warning("knowledge base flush failed: %s", exc)
 
 
 def _ms(t0: float) -> float:
@@ -127,5 +146,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(turns.run(stop))
             group.create_task(ingest.run(stop))
+            group.create_task(stage.seal_when_idle(stop))
     finally:
         stage.kb.close()
