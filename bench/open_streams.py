@@ -2,8 +2,8 @@
 
 Run with a stack up (``make up``; only its Kafka broker is used)::
 
-    .venv/bin/python bench/open_streams.py                   # 10,000 streams, ~4-6 minutes
-    .venv/bin/python bench/open_streams.py --quick           # 1,000 streams, ~1 minute
+    .venv/bin/python bench/open_streams.py                   # 10,000 streams, ~5-7 minutes
+    .venv/bin/python bench/open_streams.py --quick           # 1,000 streams, ~1.5 minutes
     .venv/bin/python bench/open_streams.py --streams 20000   # another size (the open-file limit allowing)
 
 Writes ``bench/results/open_streams.{json,md,png}``.
@@ -25,8 +25,9 @@ as open once its first SSE chunk (the assistant role) arrived. A helper process 
 3. **reopen + close by disconnect** (leak check): the same number of streams is opened again — memory
    must come back near the first peak, not grow by another peak — then the clients drop the connections;
    the edge must publish one ``chat.turn.cancel`` (``client_disconnected``) per stream (the answerer counts
-   them on ``bench.chat.control``): the sign each turn's clean-up (``finally`` of the stream, which also
-   removes it from the relay's table) ran. Memory is read once more.
+   them on ``bench.chat.control``), so that generation would stop. Memory is read once more.
+4. **reopen after the disconnects**, read memory (does it stay at the level the disconnects left, or
+   grow again?), and close by answering.
 
 **Memory per stream** = (edge memory at N streams − at 0) ÷ N, in KB (1 KB = 1,000 bytes), for RSS and USS,
 and the slope of a least-squares line through the ramp. Target: 10,000 streams, ≤ 50 KB each.
@@ -364,7 +365,7 @@ def attribute(args: argparse.Namespace) -> None:
 
             time.sleep(args.ping + 2)
             base = snap(0)
-            open_to(edge, clients, n, 0, args.concurrency)
+            open_to(edge, clients, n, 0, min(args.concurrency, 50))  # tracemalloc slows the edge: fewer opens in flight
             m = settle_and_measure(edge, clients, args.ping + 2, args.ping)
             peak = snap(1)
         finally:
@@ -500,6 +501,21 @@ def main() -> None:
             counts = answerer.call({"cmd": "count"})
             phases["closed_by_disconnect"] = {"closed": closed, **counts, **{k: after_close[k] for k in ("rss_mib", "uss_mib", "edge_cpu")}}
             print(f"closed by disconnect: {phases['closed_by_disconnect']}", flush=True)
+            # 4. reopen once more (is what the disconnects left behind reused?), then close by answering
+            for c in clients:
+                c.call({"cmd": "reset"})
+            answerer.call({"cmd": "reset"})
+            opening = open_to(edge, clients, peak["streams"], 0, args.concurrency)
+            again = settle_and_measure(edge, clients, settle, args.ping)
+            answerer.call({"cmd": "answer", "model": edge.model}, timeout_s=300)
+            waits = [c.call({"cmd": "wait_done", "timeout_s": 120, "ping_s": args.ping}, timeout_s=200) for c in clients]
+            phases["reopened_after_disconnect"] = {
+                "streams": peak["streams"],
+                "opening": opening,
+                **{k: again[k] for k in ("rss_mib", "uss_mib", "edge_cpu", "open", "alive", "min_pings")},
+                "done_after_answer": sum(w["done"] for w in waits),
+            }
+            print(f"reopened after disconnect: {phases['reopened_after_disconnect']}", flush=True)
             if not edge.alive():
                 raise BenchError(f"the bench edge died; log: {edge.log_path}\n{edge.log_tail()}")
         finally:
@@ -536,7 +552,7 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
     kb = max(peak["rss_kb_per_stream"], peak["uss_kb_per_stream"])
     held = peak["alive"] == peak["open"] == peak["streams"] and (peak["min_pings"] or 0) >= 1
     met = held and peak["streams"] >= 10_000 and kb <= 50
-    a, r_, c = phases["closed_by_answer"], phases["reopened"], phases["closed_by_disconnect"]
+    a, r_, c, r2 = phases["closed_by_answer"], phases["reopened"], phases["closed_by_disconnect"], phases["reopened_after_disconnect"]
     leak_mib = round(r_["rss_mib"] - peak["rss_mib"], 1)
     md = [
         "# Open SSE streams on one edge process",
@@ -558,6 +574,10 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
                 ["closed by answering", a["answered"], a["rss_mib"], a["uss_mib"], f"{a['done']} got [DONE], {a['content_ok']} got the content, {a['still_open']} still open"],
                 ["reopened", r_["streams"], r_["rss_mib"], r_["uss_mib"], f"{r_['alive']}/{r_['open']} alive; RSS {leak_mib:+} MiB vs the first peak"],
                 ["closed by disconnect", c["closed"], c["rss_mib"], c["uss_mib"], f"{c['cancels']} chat.turn.cancel published {c['cancel_reasons']}"],
+                [
+                    "reopened after disconnect", r2["streams"], r2["rss_mib"], r2["uss_mib"],
+                    f"{r2['alive']}/{r2['open']} alive; RSS {r2['rss_mib'] - c['rss_mib']:+.1f} MiB vs after the disconnects; {r2['done_after_answer']} got [DONE] when answered",
+                ],
                 ["idle (0 streams, start)", 0, base["rss_mib"], base["uss_mib"], ""],
             ],
         ),
@@ -570,7 +590,7 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
     if missing > 0:
         md += [
             f"**{missing:,} of {c['closed']:,} dropped streams published no `chat.turn.cancel`** (none more arrived for 15 s): "
-            "a worker would keep generating those turns. The relay's table is still cleaned (it is emptied before the cancel is sent).",
+            "a worker would keep generating those turns.",
             "",
         ]
     fig, (ax1, ax2) = figure(2)
@@ -578,7 +598,8 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
     ax1.plot(xs, [r["rss_mib"] for r in ramp], "o-", label="RSS")
     ax1.plot(xs, [r["uss_mib"] for r in ramp], "s-", label="USS")
     ax1.plot([0, xs[-1]], [base["rss_mib"], base["rss_mib"] + xs[-1] * 50 * KB / 2**20], "r--", lw=1, label="50 KB/stream budget")
-    ax1.scatter([r_["streams"]], [r_["rss_mib"]], marker="x", color="k", zorder=5, label="RSS after reopen")
+    ax1.scatter([r_["streams"]], [r_["rss_mib"]], marker="x", color="k", zorder=5, label="RSS, reopened after answering")
+    ax1.scatter([r2["streams"]], [r2["rss_mib"]], marker="+", s=80, color="m", zorder=5, label="RSS, reopened after disconnects")
     ax1.set(xlabel="open streams", ylabel="edge memory (MiB)", title="one edge process")
     ax2.plot(xs, [r["edge_cpu"] for r in ramp], "o-")
     ax2.set(xlabel="open streams", ylabel="edge CPU (cores) holding them", title=f"heartbeat every {args.ping:g} s")
