@@ -526,8 +526,9 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str,
         rs = [r for r in rows if r["clients"] == n]
         a1.plot([r["offered_tok_s"] for r in rs], [r["delivered_tok_s"] for r in rs], "o-", label=f"{n} clients")
         a2.plot([r["offered_tok_s"] for r in rs], [r["added_delay_ms"].get("p99", float("nan")) for r in rs], "o-", label=f"{n} clients")
-    lim = max([r["offered_tok_s"] for r in rows] + [1])
-    a1.plot([0, lim], [0, lim], "k:", lw=1, label="delivered = offered")
+    offered = [r["offered_tok_s"] for r in rows] or [1.0]
+    lo, hi = min(offered), max(offered)
+    a1.plot([lo, hi], [lo, hi], "k:", lw=1, label="delivered = offered")
     a1.axhline(100_000, color="r", ls="--", lw=1, label="target 100k tok/s")
     a1.set(xlabel="offered tokens/s", ylabel="delivered tokens/s", title="one edge process")
     a2.axhline(50, color="r", ls="--", lw=1, label="target p99 50 ms")
