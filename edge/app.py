@@ -206,7 +206,10 @@ class ChatService:
         async def handler(message: Any) -> None:
             if stream.done is None:
                 self.relay.close(turn.correlation_id)
-                await self.cancel(turn, "client_disconnected", stream)
+                # not awaited here: sse-starlette cancels its task group (this handler included) as soon as
+                # its heartbeat task sees the stream closed, which lost most cancels when 10,000 clients
+                # dropped at once (bench/open_streams.py); a background task outlives the response
+                self.cancel_soon(turn, "client_disconnected", stream)
 
         return handler
 

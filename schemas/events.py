@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -319,6 +319,12 @@ def decode(raw: bytes | None) -> AnyEvent:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"not JSON: {exc}") from None
+    return decode_object(data)
+
+
+def decode_object(data: Any) -> AnyEvent:
+    """A parsed JSON value to a typed event (what :func:`decode` does after ``orjson.loads``), for readers
+    that look at a field before paying for validation. Raises :class:`DecodeError`."""
     if not isinstance(data, dict):
         raise DecodeError("not a JSON object")
     version = data.get("schema_version")
