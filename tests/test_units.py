@@ -75,8 +75,16 @@ async def test_pieces_finish_with_what_the_completion_adds() -> None:
     s = TurnStream("c")
     s.queue.put_nowait(tok("a", 0, "Hi", 0))
     s.queue.put_nowait(TurnCompleted(correlation_id="c", conversation_id="v", attempt="a", seq=2, finish_reason="stop", text="Hi there", model="m"))
-    assert [p async for p in s.pieces(1)] == ["Hi", " there"]
+    assert [p async for p in s.pieces(1)] == ["Hi there"]  # events already waiting are joined into one piece
     assert s.done is not None and s.done.finish_reason == "stop"
+    # arriving one at a time, each is its own piece
+    s = TurnStream("c")
+    pieces = s.pieces(1)
+    s.queue.put_nowait(tok("a", 0, "Hi", 0))
+    assert await anext(pieces) == "Hi"
+    s.queue.put_nowait(TurnCompleted(correlation_id="c", conversation_id="v", attempt="a", seq=2, finish_reason="stop", text="Hi there", model="m"))
+    assert [p async for p in pieces] == [" there"]
+    assert s.first_relayed is not None
 
 
 def test_chunks_overlap_and_ids_are_content_hashes() -> None:
