@@ -169,12 +169,17 @@ class ChatService:
             log.exception("could not publish cancel for %s", turn.correlation_id)
 
     async def stream_events(self, turn: ChatTurnRequest, stream: TurnStream, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+        """The SSE events of a streamed turn (OpenAI chunks, then ``[DONE]``), with ``: ping`` comments
+        every ``sse_ping_s`` while no event arrives."""
         chunks = ChunkBuilder(turn.correlation_id, turn.model, include_usage)
         itl = metrics.ITL.labels(turn.model)
         try:
             yield _data(chunks.role())
             last: float | None = None
-            async for piece in stream.pieces(self.settings.turn_timeout_s):
+            async for piece in stream.pieces(self.settings.turn_timeout_s, self.settings.sse_ping_s or None):
+                if piece is None:  # keep-alive while waiting (sse-starlette's own ping task is off: ~7 KB a stream)
+                    yield {"comment": "ping"}
+                    continue
                 now = time.perf_counter()
                 if last is not None:
                     itl.observe(now - last)
@@ -313,7 +318,7 @@ async def chat_completions(request: Request) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventSourceResponse(
             service.stream_events(turn, stream, include_usage),
-            ping=int(service.settings.sse_ping_s),
+            ping=0,  # heartbeats come from stream_events (one task less per open stream)
             sep="\n",
             send_timeout=30,  # a client that stops reading cannot hold the turn (and a worker slot) for ever
             client_close_handler_callable=service.on_client_close(turn, stream),

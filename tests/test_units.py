@@ -6,7 +6,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from edge.protocol import APIError, parse_request
-from edge.relay import TurnStream
+from edge.relay import TurnStream, TurnTimeout
 from inference_workers.worker import OffsetTracker, derived_seed
 from retrieval_workers.chunking import chunk_text
 from retrieval_workers.prompt import assemble
@@ -73,16 +73,16 @@ def test_splice_skips_text_a_redelivered_attempt_repeats() -> None:
 
 async def test_pieces_finish_with_what_the_completion_adds() -> None:
     s = TurnStream("c")
-    s.queue.put_nowait(tok("a", 0, "Hi", 0))
-    s.queue.put_nowait(TurnCompleted(correlation_id="c", conversation_id="v", attempt="a", seq=2, finish_reason="stop", text="Hi there", model="m"))
+    s.put(tok("a", 0, "Hi", 0))
+    s.put(TurnCompleted(correlation_id="c", conversation_id="v", attempt="a", seq=2, finish_reason="stop", text="Hi there", model="m"))
     assert [p async for p in s.pieces(1)] == ["Hi there"]  # events already waiting are joined into one piece
     assert s.done is not None and s.done.finish_reason == "stop"
     # arriving one at a time, each is its own piece
     s = TurnStream("c")
     pieces = s.pieces(1)
-    s.queue.put_nowait(tok("a", 0, "Hi", 0))
+    s.put(tok("a", 0, "Hi", 0))
     assert await anext(pieces) == "Hi"
-    s.queue.put_nowait(TurnCompleted(correlation_id="c", conversation_id="v", attempt="a", seq=2, finish_reason="stop", text="Hi there", model="m"))
+    s.put(TurnCompleted(correlation_id="c", conversation_id="v", attempt="a", seq=2, finish_reason="stop", text="Hi there", model="m"))
     assert [p async for p in pieces] == [" there"]
     assert s.first_relayed is not None
 
@@ -145,3 +145,15 @@ def test_unexpected_errors_become_openai_500s_without_details() -> None:
     r = TestClient(app, raise_server_exceptions=False).get("/x")
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "internal_error" and "secret" not in r.text
+
+
+async def test_pieces_send_heartbeats_while_waiting_and_time_out_without_events() -> None:
+    s = TurnStream("c")
+    pieces = s.pieces(timeout_s=1.0, heartbeat_s=0.05)
+    assert await anext(pieces) is None  # a heartbeat: nothing arrived for 50 ms
+    s.put(tok("a", 0, "Hi", 0))
+    assert await anext(pieces) == "Hi"
+    silent = TurnStream("d")
+    with pytest.raises(TurnTimeout):
+        async for piece in silent.pieces(timeout_s=0.2, heartbeat_s=0.05):
+            assert piece is None  # heartbeats until the turn's own timeout
