@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None  # comma-separated bearer keys; unset = no auth (local use)
     turn_timeout_s: float = 120.0
     sse_ping_s: float = 15.0
+    # a streamed turn whose client disconnects is cancelled only if no client resumes it (Last-Event-ID)
+    # within this many seconds; 0 cancels at once
+    resume_grace_s: float = 5.0
     max_request_messages: int = 256
     max_request_bytes: int = 256 * 1024  # keeps every event of a turn well under Kafka's 1 MB default
 

@@ -31,10 +31,11 @@ import time
 import uuid
 from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -53,17 +54,34 @@ from chatbus.config import Settings, get_settings
 from edge.admission import LoadMonitor, decide, refuse
 from edge.live import LiveStats
 from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, check_supported, completion_body, parse_request
-from edge.relay import ReplyRelay, TurnStream, TurnTimeout
-from schemas.events import CancelTurn, ChatTurnRequest, ReplyTo
+from edge.relay import ReplyRelay, TurnStream, TurnTimeout, parse_event_id, sse_event_id
+from schemas.events import CancelTurn, ChatTurnRequest, DecodeError, ReplyTo, TokenEvent, TurnCompleted, decode_object
 from schemas.timing import breakdown, server_timing
-from topics.clients import make_admin, make_producer
+from topics.clients import make_admin, make_consumer, make_producer, records_forever
 from topics.compat import describe_groups
-from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, GROUPS, topic
+from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, GROUPS, spec, topic
 
 log = logging.getLogger(__name__)
 
 STAGE_GROUPS = tuple(g.group_id for g in GROUPS if g.stage)
 STATIC = Path(__file__).resolve().parent / "static"
+CHAT_REPLIES_PARTITIONS = spec(CHAT_REPLIES).partitions
+
+
+class TurnKey(Protocol):
+    """What a cancel needs of a turn."""
+
+    @property
+    def correlation_id(self) -> str: ...
+
+    @property
+    def conversation_id(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class _TurnRef:
+    correlation_id: str
+    conversation_id: str
 
 
 class ORJSONResponse(JSONResponse):
@@ -88,6 +106,7 @@ class ChatService:
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.reply_to = ReplyTo(topic=topic(CHAT_REPLIES, settings.topic_prefix), partition=settings.reply_partition)
         self._background: set[asyncio.Task[None]] = set()
+        self.pending_cancels: dict[str, asyncio.TimerHandle] = {}  # disconnected turns a resume may still claim
 
     def build_turn(self, req: ChatCompletionRequest, received_at: float) -> ChatTurnRequest:
         if req.model != self.settings.model_name:
@@ -155,7 +174,7 @@ class ChatService:
             raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc
         return stream
 
-    async def cancel(self, turn: ChatTurnRequest, reason: str, stream: TurnStream | None = None) -> None:
+    async def cancel(self, turn: TurnKey, reason: str, stream: TurnStream | None = None) -> None:
         """Publish ``chat.turn.cancel`` for the turn (once per stream)."""
         if stream is not None:
             if stream.cancel_sent:
@@ -173,8 +192,13 @@ class ChatService:
         every ``sse_ping_s`` while no event arrives."""
         chunks = ChunkBuilder(turn.correlation_id, turn.model, include_usage)
         itl = metrics.ITL.labels(turn.model)
+        since_ms = int(turn.stages.get("edge_published", time.time()) * 1000) - 1000  # margin for clock skew
+
+        def sid() -> str:
+            return sse_event_id(turn.correlation_id, self.reply_to.partition or 0, since_ms, stream.delivered)
+
         try:
-            yield _data(chunks.role())
+            yield {**_data(chunks.role()), "id": sid()}
             last: float | None = None
             async for piece in stream.pieces(self.settings.turn_timeout_s, self.settings.sse_ping_s or None):
                 if piece is None:  # keep-alive while waiting (sse-starlette's own ping task is off: ~7 KB a stream)
@@ -184,7 +208,7 @@ class ChatService:
                 if last is not None:
                     itl.observe(now - last)
                 last = now
-                yield _data(chunks.content(piece))
+                yield {**_data(chunks.content(piece)), "id": sid()}
             done = stream.done
             assert done is not None
             timing = _timing_ms(self.finished(turn, stream))
@@ -201,8 +225,8 @@ class ChatService:
             self.relay.close(turn.correlation_id)
             if stream.done is None:
                 # The client went away mid-turn: sse-starlette cancels the generator (CancelledError) or
-                # closes it (GeneratorExit) — either way, stop generation over the bus.
-                self.cancel_soon(turn, "client_disconnected", stream)
+                # closes it (GeneratorExit) — stop generation over the bus unless it resumes in time.
+                self.cancel_unless_resumed(turn, stream)
         yield {"data": "[DONE]"}
 
     def on_client_close(self, turn: ChatTurnRequest, stream: TurnStream) -> Callable[[Any], Awaitable[None]]:
@@ -214,11 +238,89 @@ class ChatService:
                 # not awaited here: sse-starlette cancels its task group (this handler included) as soon as
                 # its heartbeat task sees the stream closed, which lost most cancels when 10,000 clients
                 # dropped at once (bench/open_streams.py); a background task outlives the response
-                self.cancel_soon(turn, "client_disconnected", stream)
+                self.cancel_unless_resumed(turn, stream)
 
         return handler
 
-    def cancel_soon(self, turn: ChatTurnRequest, reason: str, stream: TurnStream) -> None:
+    def cancel_unless_resumed(self, turn: TurnKey, stream: TurnStream) -> None:
+        """A client left mid-turn: cancel it after ``resume_grace_s`` unless a client resumes it first
+        (:meth:`resume_events`); at once when the grace is 0."""
+        cid = turn.correlation_id
+        if stream.cancel_sent or cid in self.pending_cancels:
+            return
+        if self.settings.resume_grace_s <= 0:
+            self.cancel_soon(turn, "client_disconnected", stream)
+            return
+
+        def fire() -> None:
+            if self.pending_cancels.pop(cid, None) is not None:
+                self.cancel_soon(turn, "client_disconnected", stream)
+
+        self.pending_cancels[cid] = asyncio.get_running_loop().call_later(self.settings.resume_grace_s, fire)
+
+    async def resume_events(self, cid: str, partition: int, since_ms: int, delivered: int, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+        """The rest of a streamed turn after ``delivered`` characters, read back from its reply partition
+        (from ``since_ms``) and then live: no character lost or repeated (:meth:`TurnStream.splice`)."""
+        pending = self.pending_cancels.pop(cid, None)
+        if pending is not None:
+            pending.cancel()
+        stream = TurnStream(cid)
+        stream.delivered = delivered
+        chunks = ChunkBuilder(cid, self.settings.model_name, include_usage)
+        consumer = make_consumer(self.settings, group_id=None, fetch_max_wait_ms=5)
+        tp = TopicPartition(self.reply_to.topic, partition)
+        conversation = {"id": ""}
+
+        async def feed() -> None:
+            async for record in records_forever(consumer, f"resume {cid}"):
+                try:
+                    data = orjson.loads(record.value or b"")
+                    if isinstance(data, dict) and data.get("correlation_id") == cid:
+                        ev = decode_object(data)
+                        if isinstance(ev, TokenEvent | TurnCompleted):
+                            conversation["id"] = ev.conversation_id
+                            stream.put(ev)
+                except (orjson.JSONDecodeError, DecodeError):
+                    continue
+
+        def sid() -> str:
+            return sse_event_id(cid, partition, since_ms, stream.delivered)
+
+        feeder: asyncio.Task[None] | None = None
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            found = await consumer.offsets_for_times({tp: since_ms})
+            if found.get(tp) is not None:
+                consumer.seek(tp, found[tp].offset)
+            else:
+                await consumer.seek_to_end(tp)
+            feeder = asyncio.create_task(feed())
+            async for piece in stream.pieces(self.settings.turn_timeout_s, self.settings.sse_ping_s or None):
+                if piece is None:
+                    yield {"comment": "ping"}
+                    continue
+                yield {**_data(chunks.content(piece)), "id": sid()}
+            done = stream.done
+            assert done is not None
+            if done.finish_reason == "error":
+                yield _data(APIError(500, "generation failed", type="internal_error").body())
+            else:
+                yield {**_data(chunks.finish(done)), "id": sid()}
+                if include_usage:
+                    yield _data(chunks.usage(done.usage))
+        except TurnTimeout as exc:
+            yield _data(APIError(504, str(exc), type="timeout").body())
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            if stream.done is None and conversation["id"]:  # this client left too: the same grace applies
+                self.cancel_unless_resumed(_TurnRef(cid, conversation["id"]), stream)
+        yield {"data": "[DONE]"}
+
+    def cancel_soon(self, turn: TurnKey, reason: str, stream: TurnStream) -> None:
         """Publish a cancel from a context that cannot await (a closing generator); the task is kept alive."""
         task = asyncio.get_running_loop().create_task(self.cancel(turn, reason, stream))
         self._background.add(task)
@@ -327,6 +429,30 @@ async def chat_completions(request: Request) -> Response:
     body, parts = await service.complete(turn, stream, request)
     headers["Server-Timing"] = server_timing(parts)
     return ORJSONResponse(body, headers=headers)
+
+
+async def resume_chat_completion(request: Request) -> Response:
+    """``GET /v1/chat/completions/{id}/events`` with ``Last-Event-ID`` (or ``?last_event_id=``): the rest
+    of a streamed turn after the last SSE event the client received — on any edge, the tokens are on Kafka."""
+    service: ChatService = request.app.state.service
+    _check_auth(request)
+    last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if not last:
+        raise APIError(400, "Last-Event-ID: required (the id of the last SSE event received)", param="Last-Event-ID")
+    try:
+        cid, partition, since_ms, delivered = parse_event_id(last)
+    except ValueError:
+        raise APIError(400, "Last-Event-ID: not an event id of this server", param="Last-Event-ID") from None
+    if cid != request.path_params["completion_id"] or not 0 <= partition < CHAT_REPLIES_PARTITIONS or delivered < 0:
+        raise APIError(400, "Last-Event-ID: does not belong to this completion", param="Last-Event-ID")
+    include_usage = request.query_params.get("include_usage") in ("1", "true")
+    return EventSourceResponse(
+        service.resume_events(cid, partition, since_ms, delivered, include_usage),
+        ping=0,
+        sep="\n",
+        send_timeout=30,
+        headers={"X-Correlation-Id": cid},
+    )
 
 
 async def list_models(request: Request) -> Response:
@@ -499,6 +625,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/chat/completions/{completion_id}/events", resume_chat_completion, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/files", create_file, methods=["POST"]),
             Route("/v1/files/{file_id}", retrieve_file, methods=["GET"]),

@@ -33,6 +33,21 @@ class TurnTimeout(Exception):
     pass
 
 
+def sse_event_id(correlation_id: str, partition: int, since_ms: int, delivered: int) -> str:
+    """The SSE ``id`` of a streamed turn's event: enough to resume it from Kafka on any edge —
+    the turn, its reply partition, a time (ms) before its first reply event, and the characters the
+    client has received so far."""
+    return f"{correlation_id}:{partition}:{since_ms}:{delivered}"
+
+
+def parse_event_id(value: str) -> tuple[str, int, int, int]:
+    """``(correlation_id, partition, since_ms, delivered)`` of an :func:`sse_event_id`; ValueError if malformed."""
+    cid, partition, since_ms, delivered = value.strip().split(":")
+    if not cid.startswith("chatcmpl-") or not cid[9:].isalnum():
+        raise ValueError("not a chatbus turn id")
+    return cid, int(partition), int(since_ms), int(delivered)
+
+
 class TurnStream:
     """The events of one turn, in order, as text pieces followed by the completion."""
 
