@@ -61,7 +61,9 @@ class RetrievalStage:
             if vector is None:
                 query = last_user_text(turn.request.messages)
                 vector = (await asyncio.wait_for(asyncio.to_thread(self.embedder.encode, [query]), budget))[0].tolist()
-            remaining = max(budget - (time.perf_counter() - t0), 0.001)
+            remaining = budget - (time.perf_counter() - t0)
+            if remaining <= 0:  # the embedding used the whole budget: no search at all
+                raise TimeoutError
             search = loop.run_in_executor(
                 self.milvus, self.kb.search, vector, self.settings.retrieval_top_k, self.settings.retrieval_min_score
             )
