@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:  # this checkout's packages, not whichever one the
     sys.path.insert(0, str(ROOT))
 
 from chatbus.config import Settings  # noqa: E402
+from chatbus.stack import free_port  # noqa: E402
 
 PY = sys.executable
 # Admission control (429 past a number of in-flight turns or a reply lag) must not limit a bench of the
@@ -55,11 +56,6 @@ def raise_nofile() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def check_broker(bootstrap: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from pymongo import AsyncMongoClient
 
 from chatbus.config import ROOT, Settings
 from chatbus.ops import read_records
-from chatbus.stack import Stack
+from chatbus.stack import Stack, free_port
 from schemas.events import decode
 from topics.clients import make_consumer, partitions_of
 from topics.registry import topic
@@ -29,11 +28,6 @@ from topics.registry import topic
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T = TypeVar("T")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import stat
 import sys
 import time
@@ -22,16 +21,11 @@ import pytest
 from pydantic import SecretStr
 
 from chatbus.config import Settings
-from chatbus.stack import Stack, StackError, pid_alive, proc_start_time, read_pidfile
+from chatbus.stack import Stack, StackError, free_port, pid_alive, proc_start_time, read_pidfile
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
 SECRETS = ("api-key-s3cret", "sk-openai-s3cret")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
