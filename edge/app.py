@@ -54,8 +54,8 @@ from chatbus.config import Settings, get_settings
 from edge.admission import LoadMonitor, decide, refuse
 from edge.live import LiveStats
 from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, check_supported, completion_body, parse_request
-from edge.relay import ReplyRelay, TurnStream, TurnTimeout, parse_event_id, sse_event_id
-from schemas.events import CancelTurn, ChatTurnRequest, DecodeError, ReplyTo, TokenEvent, TurnCompleted, decode_object
+from edge.relay import ReplyRelay, TurnStream, TurnTimeout, parse_event_id, reply_event, sse_event_id
+from schemas.events import CancelTurn, ChatTurnRequest, ReplyTo, TurnCompleted
 from schemas.timing import breakdown, server_timing
 from topics.clients import make_admin, make_consumer, make_producer, records_forever
 from topics.compat import describe_groups
@@ -212,12 +212,8 @@ class ChatService:
             done = stream.done
             assert done is not None
             timing = _timing_ms(self.finished(turn, stream))
-            if done.finish_reason == "error":
-                yield _data(APIError(500, "generation failed", type="internal_error").body())
-            else:
-                yield _data({**chunks.finish(done), "timing": timing})
-                if include_usage:
-                    yield _data(chunks.usage(done.usage))
+            for event in _closing_events(chunks, done, include_usage, finish_extra={"timing": timing}):
+                yield event
         except TurnTimeout as exc:
             await self.cancel(turn, "timeout", stream)
             yield _data(APIError(504, str(exc), type="timeout").body())
@@ -273,15 +269,10 @@ class ChatService:
 
         async def feed() -> None:
             async for record in records_forever(consumer, f"resume {cid}"):
-                try:
-                    data = orjson.loads(record.value or b"")
-                    if isinstance(data, dict) and data.get("correlation_id") == cid:
-                        ev = decode_object(data)
-                        if isinstance(ev, TokenEvent | TurnCompleted):
-                            conversation["id"] = ev.conversation_id
-                            stream.put(ev)
-                except (orjson.JSONDecodeError, DecodeError):
-                    continue
+                ev = reply_event(record.value, (cid,))
+                if ev is not None:
+                    conversation["id"] = ev.conversation_id
+                    stream.put(ev)
 
         def sid() -> str:
             return sse_event_id(cid, partition, since_ms, stream.delivered)
@@ -303,12 +294,8 @@ class ChatService:
                 yield {**_data(chunks.content(piece)), "id": sid()}
             done = stream.done
             assert done is not None
-            if done.finish_reason == "error":
-                yield _data(APIError(500, "generation failed", type="internal_error").body())
-            else:
-                yield {**_data(chunks.finish(done)), "id": sid()}
-                if include_usage:
-                    yield _data(chunks.usage(done.usage))
+            for event in _closing_events(chunks, done, include_usage, event_id=sid()):
+                yield event
         except TurnTimeout as exc:
             yield _data(APIError(504, str(exc), type="timeout").body())
         finally:
@@ -374,6 +361,19 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def _data(obj: dict[str, Any]) -> dict[str, str]:
     return {"data": orjson.dumps(obj).decode()}
+
+
+def _closing_events(
+    chunks: ChunkBuilder, done: TurnCompleted, include_usage: bool, finish_extra: dict[str, Any] | None = None, event_id: str | None = None
+) -> list[dict[str, str]]:
+    """The SSE events that end a streamed turn: its finish chunk (plus ``finish_extra`` fields and an SSE
+    ``id`` if given) and the usage chunk when asked for — or one error chunk if generation failed."""
+    if done.finish_reason == "error":
+        return [_data(APIError(500, "generation failed", type="internal_error").body())]
+    finish = _data({**chunks.finish(done), **(finish_extra or {})})
+    if event_id is not None:
+        finish["id"] = event_id
+    return [finish, _data(chunks.usage(done.usage))] if include_usage else [finish]
 
 
 def _timing_ms(parts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -16,7 +16,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -173,20 +173,26 @@ class ReplyRelay:
             self._dispatch(record.value)
 
     def _dispatch(self, raw: bytes | None) -> None:
-        try:
-            data = orjson.loads(raw or b"")
-        except orjson.JSONDecodeError as exc:
-            log.warning("undecodable reply event dropped: not JSON: %s", exc)
-            return
-        # events of turns nobody here waits for (a client gone) are dropped before paying for validation
-        stream = self.turns.get(str(data.get("correlation_id"))) if isinstance(data, dict) else None
-        if stream is None:
-            return
-        try:
-            ev = decode_object(data)
-        except DecodeError as exc:
-            log.warning("undecodable reply event dropped: %s", exc)
-            return
-        if isinstance(ev, TokenEvent | TurnCompleted):
-            stream.put(ev)
+        ev = reply_event(raw, self.turns)
+        if ev is not None:
+            self.turns[ev.correlation_id].put(ev)
             self.relayed += 1
+
+
+def reply_event(raw: bytes | None, wanted: Container[str]) -> TokenEvent | TurnCompleted | None:
+    """A reply-topic record as a token or completion event, if it belongs to a turn in ``wanted``
+    (correlation ids); None otherwise. Other turns' events are dropped before paying for validation;
+    undecodable ones are logged and dropped."""
+    try:
+        data = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError as exc:
+        log.warning("undecodable reply event dropped: not JSON: %s", exc)
+        return None
+    if not isinstance(data, dict) or str(data.get("correlation_id")) not in wanted:
+        return None
+    try:
+        ev = decode_object(data)
+    except DecodeError as exc:
+        log.warning("undecodable reply event dropped: %s", exc)
+        return None
+    return ev if isinstance(ev, TokenEvent | TurnCompleted) else None
