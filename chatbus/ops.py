@@ -8,7 +8,8 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from chatbus.config import Settings
 from schemas.events import DeadLetter, DecodeError, decode
-from topics.clients import make_admin, make_consumer, partitions_of
+from topics.clients import make_consumer, partitions_of
+from topics.lag import LagReader
 from topics.registry import CHAT_DLQ, GROUPS, REGISTRY, topic
 
 
@@ -36,22 +37,16 @@ async def describe_topics(settings: Settings) -> list[str]:
 
 async def consumer_lag(settings: Settings) -> list[str]:
     """Rows ``group topic partition committed end lag`` for every stage's consumer group."""
-    names = sorted({topic(t, settings.topic_prefix) for g in GROUPS for t in g.topics})
-    ends = await end_offsets(settings, names)
-    admin = make_admin(settings)
-    await admin.start()
-    rows = [f"{'group':26s} {'topic':20s} {'part':>4s} {'committed':>10s} {'end':>10s} {'lag':>8s}"]
+    reader = LagReader(settings)
+    await reader.start()
     try:
-        for g in GROUPS:
-            group = g.group_id
-            tps = [tp for tp in ends if tp.topic in {topic(t, settings.topic_prefix) for t in g.topics}]
-            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
-            for tp in sorted(tps):
-                meta = committed.get(tp)
-                pos = meta.offset if meta is not None and meta.offset >= 0 else 0
-                rows.append(f"{group:26s} {tp.topic:20s} {tp.partition:4d} {pos:10d} {ends[tp]:10d} {ends[tp] - pos:8d}")
+        found = await reader.partitions({g.group_id: tuple(topic(t, settings.topic_prefix) for t in g.topics) for g in GROUPS})
     finally:
-        await admin.close()
+        await reader.stop()
+    rows = [f"{'group':26s} {'topic':20s} {'part':>4s} {'committed':>10s} {'end':>10s} {'lag':>8s}"]
+    for g in GROUPS:
+        for (group, tp), (pos, end) in sorted((k, v) for k, v in found.items() if k[0] == g.group_id):
+            rows.append(f"{group:26s} {tp.topic:20s} {tp.partition:4d} {pos:10d} {end:10d} {end - pos:8d}")
     return rows
 
 

@@ -45,16 +45,23 @@ class LagReader:
             out += self._partitions[name]
         return out
 
-    async def read(self, groups: dict[str, tuple[str, ...]]) -> dict[tuple[str, str], int]:
-        """``{(group, topic): lag}`` (records, summed over partitions) for each group's full topic names."""
+    async def partitions(self, groups: dict[str, tuple[str, ...]]) -> dict[tuple[str, TopicPartition], tuple[int, int]]:
+        """``{(group, partition): (committed, end)}`` for each group's full topic names (committed counts
+        from 0 where the group never committed)."""
         tps = await self._tps({t for names in groups.values() for t in names})
         ends = await self._consumer.end_offsets(tps)
-        out: dict[tuple[str, str], int] = {}
+        out: dict[tuple[str, TopicPartition], tuple[int, int]] = {}
         for group, names in groups.items():
             mine = [tp for tp in tps if tp.topic in names]
             committed = await self._admin.list_consumer_group_offsets(group, partitions=mine)
             for tp in mine:
                 meta = committed.get(tp)
-                pos = meta.offset if meta is not None and meta.offset >= 0 else 0
-                out[(group, tp.topic)] = out.get((group, tp.topic), 0) + max(0, ends[tp] - pos)
+                out[(group, tp)] = (meta.offset if meta is not None and meta.offset >= 0 else 0, ends[tp])
+        return out
+
+    async def read(self, groups: dict[str, tuple[str, ...]]) -> dict[tuple[str, str], int]:
+        """``{(group, topic): lag}`` (records, summed over partitions) for each group's full topic names."""
+        out: dict[tuple[str, str], int] = {}
+        for (group, tp), (committed, end) in (await self.partitions(groups)).items():
+            out[(group, tp.topic)] = out.get((group, tp.topic), 0) + max(0, end - committed)
         return out
