@@ -166,7 +166,10 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
 class BenchEdge:
     """An edge process owned by the bench (see the module docstring)."""
 
-    def __init__(self, prefix: str, env: dict[str, str] | None = None, reply_partition: int = 0, argv: list[str] | None = None) -> None:
+    def __init__(
+        self, prefix: str, env: dict[str, str] | None = None, reply_partition: int = 0, argv: list[str] | None = None, wide_open: bool = True
+    ) -> None:
+        """``wide_open``: admission bounds too large to matter (:data:`WIDE_OPEN`); False keeps the settings'."""
         self.prefix = prefix
         self.argv = argv or [PY, "-m", "chatbus.cli", "edge"]
         self.port = free_port()
@@ -178,7 +181,7 @@ class BenchEdge:
             CHATBUS_EDGE_PORT=str(self.port),
             CHATBUS_EDGE_ID=f"bench-edge-{self.port}",
             CHATBUS_REPLY_PARTITION=str(reply_partition),
-            **WIDE_OPEN,
+            **(WIDE_OPEN if wide_open else {}),
             **(env or {}),
         )
         self.env.pop("CHATBUS_API_KEYS", None)

@@ -5,7 +5,8 @@ Run against a running stack (``make up``)::
     .venv/bin/python bench/overload.py                 # rates 1,2,4,8,16 turns/s, 15 s each
     .venv/bin/python bench/overload.py --quick         # a one-minute smoke run
 
-The bench starts two extra edges on the stack (their own processes, reply partitions 6 and 7):
+The bench starts two extra edges on the stack (``bench/edge_harness.py``'s ``BenchEdge``: their own
+processes, reply partitions 6 and 7):
 
 * **admission on**: the default bounds (``CHATBUS_ADMIT_MAX_INFLIGHT``, ``CHATBUS_ADMIT_MAX_LAG``,
   :mod:`edge.admission`), or ``--max-lag`` / ``--max-inflight``;
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,31 +37,13 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import report  # noqa: E402  (bench/ is the script's folder)
+from edge_harness import BenchEdge  # noqa: E402
 
-from chatbus.config import ROOT, get_settings  # noqa: E402
+from chatbus.config import get_settings  # noqa: E402
 from chatbus.ops import end_offsets  # noqa: E402
 from topics.registry import CHAT_REQUESTS, topic  # noqa: E402
 
 QUESTION = "Explain how Python's for loop works, with an example."
-
-
-def start_edge(port: int, partition: int, **overrides: object) -> subprocess.Popen[bytes]:
-    settings = get_settings()
-    env = {**settings.child_env(), "CHATBUS_EDGE_PORT": str(port), "CHATBUS_REPLY_PARTITION": str(partition), "CHATBUS_EDGE_ID": f"edge-bench-{partition}"}
-    env.update({f"CHATBUS_{k.upper()}": str(v) for k, v in overrides.items()})
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHATBUS_")}, **env}
-    proc = subprocess.Popen([sys.executable, "-m", "chatbus.cli", "edge"], env=env, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                time.sleep(1.5)  # a consumer-lag reading
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("bench edge did not start")
 
 
 async def one(http: httpx.AsyncClient, url: str, model: str, max_tokens: int, timeout_s: float, step: int, sent_at: float) -> dict[str, Any]:
@@ -158,21 +139,22 @@ async def main() -> None:
     requests_topic = topic(CHAT_REQUESTS, settings.topic_prefix)
     on_bounds = {k: v for k, v in {"admit_max_lag": args.max_lag, "admit_max_inflight": args.max_inflight}.items() if v is not None}
     modes = {
-        "admission on": (18101, 6, on_bounds),
-        "admission off": (18102, 7, {"admit_max_lag": 10**9, "admit_max_inflight": 10**9}),
+        "admission on": (6, on_bounds),
+        "admission off": (7, {"admit_max_lag": 10**9, "admit_max_inflight": 10**9}),
     }
     results: dict[str, Any] = {}
-    for mode, (port, partition, bounds) in modes.items():
-        edge = start_edge(port, partition, **bounds)
+    for mode, (partition, bounds) in modes.items():
+        env = {f"CHATBUS_{k.upper()}": str(v) for k, v in bounds.items()}
+        edge = BenchEdge(settings.topic_prefix, env, reply_partition=partition, wide_open=False).start()
         try:
+            time.sleep(1.5)  # one consumer-lag reading before the first request
             before = sum((await end_offsets(settings, [requests_topic])).values())
             t0 = time.perf_counter()
-            rows = await run_mode(f"http://127.0.0.1:{port}", settings.model_name, rates, args.step_s, args.max_tokens, args.timeout_s)
+            rows = await run_mode(edge.url, settings.model_name, rates, args.step_s, args.max_tokens, args.timeout_s)
             wall = time.perf_counter() - t0
             published = sum((await end_offsets(settings, [requests_topic])).values()) - before
         finally:
-            edge.terminate()
-            edge.wait(30)
+            edge.stop()
         steps = summarise_steps(rows, rates, args.step_s)
         admitted = sum(1 for r in rows if r.get("status") == 200)
         results[mode] = {"bounds": bounds or "defaults", "steps": steps, "admitted": admitted, "published": published, "wall_s": round(wall, 1), "per_request": rows}
