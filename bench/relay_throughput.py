@@ -106,24 +106,27 @@ class LoadTurn:
         self.seq = self.offset = self.tokens = 0
 
 
-def token_event(t: LoadTurn, now: float, stages: dict[str, float]) -> bytes:
-    head = f"|{now:.6f},{t.k}|"
-    delta = head + "x" * max(0, 4 * t.k - len(head))
-    t.tokens += t.k
-    ev = {
+def _event(t: LoadTurn, now: float, event_type: str, stages: dict[str, float]) -> dict[str, Any]:
+    """The fields every event of turn ``t`` carries (schemas.events: envelope + turn), built by hand: the
+    load tool must not spend its CPU on pydantic."""
+    return {
         "schema_version": 1,
         "event_id": os.urandom(16).hex(),
         "created_at": now,
         "correlation_id": t.cid,
         "conversation_id": t.conv,
         "stages": stages,
-        "event_type": "chat.token",
+        "event_type": event_type,
         "attempt": t.attempt,
         "seq": t.seq,
-        "delta": delta,
-        "text_offset": t.offset,
-        "completion_tokens": t.tokens,
     }
+
+
+def token_event(t: LoadTurn, now: float, stages: dict[str, float]) -> bytes:
+    head = f"|{now:.6f},{t.k}|"
+    delta = head + "x" * max(0, 4 * t.k - len(head))
+    t.tokens += t.k
+    ev = {**_event(t, now, "chat.token", stages), "delta": delta, "text_offset": t.offset, "completion_tokens": t.tokens}
     t.seq += 1
     t.offset += len(delta)
     return orjson.dumps(ev)
@@ -131,15 +134,7 @@ def token_event(t: LoadTurn, now: float, stages: dict[str, float]) -> bytes:
 
 def completion_event(t: LoadTurn, now: float, model: str) -> bytes:
     ev = {
-        "schema_version": 1,
-        "event_id": os.urandom(16).hex(),
-        "created_at": now,
-        "correlation_id": t.cid,
-        "conversation_id": t.conv,
-        "stages": {},
-        "event_type": "chat.turn.completed",
-        "attempt": t.attempt,
-        "seq": t.seq,
+        **_event(t, now, "chat.turn.completed", {}),
         "finish_reason": "stop",
         "text": "",
         "model": model,
