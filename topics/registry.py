@@ -41,6 +41,9 @@ BATCH_SCREENED = "batch.screened"
 BATCH_GROUNDED = "batch.grounded"
 BATCH_RESULTS = "batch.results"
 BATCH_JOBS = "batch.jobs"
+CHAT_FEEDBACK = "chat.feedback"
+DPO_PAIRS = "dpo.pairs"
+KTO_EXAMPLES = "kto.examples"
 
 # The batch lane: the same stages as interactive chat on topics of its own, so every stage can take
 # interactive turns first (see consumers.stage.StageWorker and the inference worker's admission).
@@ -66,6 +69,11 @@ REGISTRY: tuple[TopicSpec, ...] = (
     TopicSpec(BATCH_GROUNDED, 6, "conversation_id", "the batch lane of chat.grounded (taken only when interactive turns leave room)", 7 * DAY_MS),
     TopicSpec(BATCH_RESULTS, 6, "conversation_id", "completions of batch lines (no token events)", 7 * DAY_MS),
     TopicSpec(BATCH_JOBS, 1, "batch id", "batch created / cancelled events; stages tail it for cancels, the batch store is rebuilt from it", 30 * DAY_MS),
+    # feedback and the preference dataset (schemas.feedback); 6 partitions like chat.requests/chat.screened,
+    # all keyed by conversation id, so the feedback app's tables are co-partitioned with its sources
+    TopicSpec(CHAT_FEEDBACK, 6, "conversation_id", "thumbs ratings and pairwise preferences from people (POST /v1/feedback)", 365 * DAY_MS),
+    TopicSpec(DPO_PAIRS, 3, "record id", "curated DPO pairs, TRL conversational format; a null value deletes a record", 365 * DAY_MS, compacted=True),
+    TopicSpec(KTO_EXAMPLES, 3, "record id", "curated KTO examples, TRL conversational unpaired format; a null value deletes a record", 365 * DAY_MS, compacted=True),
 )
 
 

@@ -1,0 +1,200 @@
+"""Feedback events and the preference records built from them (the analysts' topics).
+
+* ``chat.feedback`` (key: conversation id) — :class:`FeedbackEvent`: a thumbs rating of one response
+  (with an optional reason from :data:`REASONS` and a comment) or a pairwise preference between sibling
+  responses (responses to the same prompt in the same conversation: a regenerate makes a sibling).
+  A vote has a stable ``feedback_id`` (who voted on what, :func:`feedback_id`): voting again publishes
+  the same id with a later ``created_at``, and every reader keeps the latest — an update, never a
+  duplicate. ``rating: null`` withdraws a rating.
+* ``dpo.pairs`` (key: record id, compacted) — :class:`DpoPair`, TRL's conversational preference format
+  ``{prompt: [messages], chosen: [assistant message], rejected: [assistant message]}``
+  (https://huggingface.co/docs/trl/dataset_formats#preference) plus ``metadata``.
+* ``kto.examples`` (key: record id, compacted) — :class:`KtoExample`, TRL's conversational unpaired
+  preference format ``{prompt: [messages], completion: [assistant message], label: bool}``
+  (https://huggingface.co/docs/trl/dataset_formats#unpaired-preference) plus ``metadata``.
+
+A record that no longer holds (a vote changed or was withdrawn) is deleted: a tombstone (the record id
+as key, a null value) on its topic, and the document removed from the database.
+
+Sibling responses share a :func:`prompt_group`: a hash of the conversation id and the PII-masked prompt
+messages, so the edge, the feedback app and analysts compute the same value from the same turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import orjson
+from pydantic import Field, ValidationError, model_validator
+
+from schemas.events import SCHEMA_VERSION, ChatMessage, DecodeError, _Envelope, _Model
+
+# The fixed list of reasons a person can give with a rating (the page shows them; the API accepts no others).
+REASONS: dict[str, str] = {
+    "not_factual": "Not factually correct",
+    "ignored_instructions": "Didn't follow instructions",
+    "refused_unnecessarily": "Refused when it shouldn't have",
+    "unsafe": "Unsafe or harmful",
+    "style": "Style or tone",
+    "other": "Other",
+}
+Reason = Literal["not_factual", "ignored_instructions", "refused_unnecessarily", "unsafe", "style", "other"]
+Rating = Literal["up", "down"]
+MAX_COMMENT_CHARS = 2000
+
+
+def _digest(*parts: str, size: int = 24) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:size]
+
+
+def prompt_group(conversation_id: str, messages: Iterable[ChatMessage | dict[str, Any]]) -> str:
+    """The id siblings share: ``pg-`` + 24 hex of sha256(conversation id, then each message's role and
+    content). ``messages`` must be PII-masked (:func:`safety_workers.pii.mask_pii`), as stored and as on
+    ``chat.screened``."""
+    parts = [conversation_id]
+    for m in messages:
+        role, content = (m.role, m.content) if isinstance(m, ChatMessage) else (str(m["role"]), str(m["content"]))
+        parts += [role, content]
+    return "pg-" + _digest(*parts)
+
+
+def feedback_id(kind: str, user: str | None, target: str) -> str:
+    """A vote's stable id: ``fb-`` + 24 hex of sha256(kind, user, target), where the target is the rated
+    response id (rating) or the prompt group (preference). The same person voting again gets the same id."""
+    return "fb-" + _digest(kind, user or "", target)
+
+
+def dpo_record_id(chosen_id: str, rejected_id: str) -> str:
+    return "dpo-" + _digest(chosen_id, rejected_id)
+
+
+def kto_record_id(response_id: str) -> str:
+    return "kto-" + _digest(response_id)
+
+
+class FeedbackEvent(_Envelope):
+    """``chat.feedback``: one vote. ``kind="rating"`` sets ``response_id`` and ``rating`` (``None``
+    withdraws it), optionally ``reason`` and ``comment`` (PII-masked by the edge); ``kind="preference"``
+    sets ``chosen_id`` and ``rejected_ids`` (siblings of ``chosen_id``, same ``prompt_group``)."""
+
+    event_type: Literal["chat.feedback"] = "chat.feedback"
+    feedback_id: str
+    kind: Literal["rating", "preference"]
+    conversation_id: str
+    prompt_group: str
+    response_id: str | None = None
+    rating: Rating | None = None
+    reason: Reason | None = None
+    comment: str | None = Field(default=None, max_length=MAX_COMMENT_CHARS)
+    chosen_id: str | None = None
+    rejected_ids: list[str] = Field(default_factory=list)
+    user: str | None = None
+    model: str = ""
+
+    @model_validator(mode="after")
+    def _shape(self) -> FeedbackEvent:
+        if self.kind == "rating" and not self.response_id:
+            raise ValueError("a rating needs response_id")
+        if self.kind == "preference":
+            if not self.chosen_id or not self.rejected_ids:
+                raise ValueError("a preference needs chosen_id and rejected_ids")
+            if self.chosen_id in self.rejected_ids:
+                raise ValueError("chosen_id is also in rejected_ids")
+        return self
+
+    @property
+    def key(self) -> bytes:
+        return self.conversation_id.encode()
+
+
+class Message(_Model):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class DpoMetadata(_Model):
+    """Where a pair came from: enough ids to trace it back to its turns and votes."""
+
+    source: Literal["explicit_preference", "inferred_from_ratings"]
+    conversation_id: str
+    prompt_group: str
+    chosen_id: str  # correlation ids of the two responses (``chatcmpl-…``)
+    rejected_id: str
+    feedback_ids: list[str]
+    model: str
+    user: str | None = None
+    chosen_reason: str | None = None  # the rating reasons, when inferred from ratings
+    rejected_reason: str | None = None
+
+
+class DpoPair(_Envelope):
+    """``dpo.pairs``: one preference pair in TRL's conversational format, plus ``metadata``."""
+
+    event_type: Literal["dpo.pair"] = "dpo.pair"
+    record_id: str
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    metadata: DpoMetadata
+
+    @property
+    def key(self) -> bytes:
+        return self.record_id.encode()
+
+
+class KtoMetadata(_Model):
+    conversation_id: str
+    prompt_group: str
+    response_id: str
+    feedback_id: str
+    rating: Rating
+    reason: str | None = None
+    comment: str | None = None
+    model: str
+    user: str | None = None
+
+
+class KtoExample(_Envelope):
+    """``kto.examples``: one rated response in TRL's conversational unpaired format, plus ``metadata``."""
+
+    event_type: Literal["kto.example"] = "kto.example"
+    record_id: str
+    prompt: list[Message]
+    completion: list[Message]
+    label: bool  # True: thumbs up (desirable), False: thumbs down
+    metadata: KtoMetadata
+
+    @property
+    def key(self) -> bytes:
+        return self.record_id.encode()
+
+
+FEEDBACK_TYPES = {"chat.feedback": FeedbackEvent, "dpo.pair": DpoPair, "kto.example": KtoExample}
+
+
+def decode_feedback(raw: bytes | None) -> FeedbackEvent:
+    """Bytes from ``chat.feedback`` to a :class:`FeedbackEvent`. Raises :class:`DecodeError` with a reason."""
+    if raw is None:
+        raise DecodeError("empty message (tombstone)")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DecodeError("not a JSON object")
+    version = data.get("schema_version")
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise DecodeError(f"schema_version {version} is newer than this worker's {SCHEMA_VERSION}")
+    if data.get("event_type") != "chat.feedback":
+        raise DecodeError(f"expected chat.feedback, got {data.get('event_type')!r}")
+    try:
+        return FeedbackEvent.model_validate(data)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise DecodeError(f"invalid chat.feedback: {errors}") from None
