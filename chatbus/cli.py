@@ -2,7 +2,7 @@
 
 Users: ``chat``, ``ingest``. Operators: ``stack up|down|run|status``, ``topics``, ``lag``, ``dlq``.
 Batch jobs: ``batch submit|status|list|wait|results|cancel|rebuild``.
-Processes: ``edge``, ``worker safety|retrieval|inference|recorder|batches`` (what the stack and compose.yaml
+Processes: ``edge``, ``worker safety|retrieval|inference|recorder|batches|feedback`` (what the stack and compose.yaml
 start). Builders: ``make-tiny-model``. Configuration comes from ``CHATBUS_*`` environment variables.
 """
 
@@ -41,7 +41,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["safety", "retrieval", "inference", "recorder", "batches"]))
+@click.argument("kind", type=click.Choice(["safety", "retrieval", "inference", "recorder", "batches", "feedback"]))
 def worker(kind: str) -> None:
     """Run one pipeline worker until SIGTERM/SIGINT."""
     settings = get_settings()
@@ -71,6 +71,10 @@ def worker(kind: str) -> None:
         from batches.collector import run as run_batches
 
         run_forever(lambda stop: run_batches(settings, stop))
+    elif kind == "feedback":  # a faust app: faust's worker owns the loop and the signal handling
+        from consumers.feedback_app import run as run_feedback
+
+        run_feedback(settings)
     else:
         from consumers.recorder import run as run_recorder
 

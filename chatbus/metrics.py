@@ -66,6 +66,9 @@ RUNNING = Gauge("chatbus:num_requests_running", "Turns running in this inference
 PROMPT_TOKENS = Counter("chatbus:prompt_tokens_total", "Prompt tokens processed.", ["model_name"])
 GENERATION_TOKENS = Counter("chatbus:generation_tokens_total", "Tokens generated.", ["model_name"])
 
+# --- feedback app ------------------------------------------------------------------------------------------
+FEEDBACK_RECORDS = Counter("chatbus:feedback_records_total", "Preference records published, retracted or dropped by curation.", ["kind", "action"])
+
 
 def serve(port: int, host: str = "0.0.0.0", what: str = "worker") -> None:
     """Expose this process's metrics at ``http://host:port/metrics`` (a daemon thread); ``port`` 0 = off."""

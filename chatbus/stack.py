@@ -37,7 +37,7 @@ from chatbus.config import ROOT, Settings
 
 log = logging.getLogger(__name__)
 
-WORKERS = ("safety", "retrieval", "inference", "recorder", "batches")
+WORKERS = ("safety", "retrieval", "inference", "recorder", "batches", "feedback")
 ORDER = ("kafka", "ferretdb", *WORKERS, "edge")
 
 LOG4J2 = """Configuration:

@@ -63,7 +63,7 @@ def stack(settings: Settings) -> Iterator[Stack]:
         s.up()
         yield s
     except BaseException:
-        for name in ("kafka", "ferretdb", "safety", "retrieval", "inference", "recorder", "batches", "edge"):
+        for name in ("kafka", "ferretdb", "safety", "retrieval", "inference", "recorder", "batches", "feedback", "edge"):
             log = s.paths.logs / f"{name}.log"
             if log.exists():
                 print(f"===== {name}.log (tail) =====\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
