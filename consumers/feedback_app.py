@@ -99,6 +99,8 @@ T = TypeVar("T")
 APP_NAME = "chatbus-feedback"
 JOIN_PARTITIONS = 6  # chat.screened and chat.feedback have 6; the completions repartition topic too
 OUTPUTS = {"dpo": (DPO_PAIRS, "dpo_pairs"), "kto": (KTO_EXAMPLES, "kto_examples")}
+# table -> partitions: the joiner's are co-partitioned with its sources, the curator's with A-candidates
+TABLES = {"turns": JOIN_PARTITIONS, "groups": JOIN_PARTITIONS, "votes": JOIN_PARTITIONS, "preferences": JOIN_PARTITIONS, "prompts": 1, "emitted": 1, "group_records": 1}
 
 
 def app_id(settings: Settings) -> str:
@@ -153,14 +155,10 @@ class FeedbackApp:
         self.candidates = self.app.topic(self.candidates_name, **raw)  # type: ignore[arg-type]
         self.screened_name = topic(CHAT_SCREENED, p)
         self.feedback_name = topic(CHAT_FEEDBACK, p)
-        table = self.app.Table
-        self.turns = table("turns", default=None, partitions=JOIN_PARTITIONS, key_type=str, value_type=dict)
-        self.groups = table("groups", default=None, partitions=JOIN_PARTITIONS, key_type=str, value_type=dict)
-        self.votes = table("votes", default=None, partitions=JOIN_PARTITIONS, key_type=str, value_type=dict)
-        self.preferences = table("preferences", default=None, partitions=JOIN_PARTITIONS, key_type=str, value_type=dict)
-        self.prompts = table("prompts", default=None, partitions=1, key_type=str, value_type=dict)
-        self.emitted = table("emitted", default=None, partitions=1, key_type=str, value_type=str)
-        self.group_records = table("group_records", default=None, partitions=1, key_type=str, value_type=dict)
+        # values are JSON objects: no value_type (faust would expect a faust.Record and fail recovery)
+        tables = {name: self.app.Table(name, default=None, partitions=parts, key_type=str) for name, parts in TABLES.items()}
+        self.turns, self.groups, self.votes, self.preferences = (tables[n] for n in ("turns", "groups", "votes", "preferences"))
+        self.prompts, self.emitted, self.group_records = tables["prompts"], tables["emitted"], tables["group_records"]
         self._deduper: PromptDeduper | None = None
         self._db: AsyncDatabase[dict[str, Any]] | None = None
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
@@ -423,7 +421,7 @@ class FeedbackApp:
     async def publish(self, rid: str, kind: str, record: dict[str, Any]) -> None:
         model = DpoPair.model_validate(record) if kind == "dpo" else KtoExample.model_validate(record)
         digest = record_digest(model)
-        if self.emitted.get(rid) == digest:
+        if (self.emitted.get(rid) or {}).get("digest") == digest:
             return
         name, collection = OUTPUTS[kind]
         await self.send(topic(name, self.settings.topic_prefix), rid.encode(), model.to_bytes())
@@ -434,7 +432,7 @@ class FeedbackApp:
             await self.db.curation_drops.delete_one({"_id": rid})
 
         await retry_forever(write, "mongodb")
-        self.emitted[rid] = digest
+        self.emitted[rid] = {"digest": digest, "kind": kind}
         metrics.FEEDBACK_RECORDS.labels(kind, "emitted").inc()
 
     async def retract(self, rid: str, kind: str) -> None:
@@ -454,17 +452,21 @@ class FeedbackApp:
 
 
 async def declare_internal_topics(settings: Settings) -> list[str]:
-    """Create ``A-completions`` (6 partitions) and ``A-candidates`` (1) if missing; faust creates its
-    changelog topics itself. Returns the names created."""
+    """Create the app's own topics if missing, before faust starts: ``A-completions`` (6 partitions),
+    ``A-candidates`` (1) and every table's compacted ``A-<table>-changelog`` (the table's partitions).
+    Faust would create the changelogs itself, but on a first start its consumer's metadata can miss a
+    just-created one and it then refuses writes to that table. Returns the names created."""
     aid = app_id(settings)
-    wanted = {f"{aid}-completions": JOIN_PARTITIONS, f"{aid}-candidates": 1}
+    week = {"retention.ms": str(7 * DAY_MS)}
+    wanted = {f"{aid}-completions": (JOIN_PARTITIONS, week), f"{aid}-candidates": (1, week)}
+    wanted |= {f"{aid}-{name}-changelog": (parts, {"cleanup.policy": "compact"}) for name, parts in TABLES.items()}
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15_000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(name=n, num_partitions=parts, replication_factor=settings.kafka_replication_factor, topic_configs={"retention.ms": str(7 * DAY_MS)})
-            for n, parts in wanted.items()
+            NewTopic(name=n, num_partitions=parts, replication_factor=settings.kafka_replication_factor, topic_configs=config)
+            for n, (parts, config) in wanted.items()
             if n not in existing
         ]
         if new:
