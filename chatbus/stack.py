@@ -389,7 +389,9 @@ class Stack:
         (data / "log4j2.yaml").write_text(LOG4J2)
         java = ["java", "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", f"-Dlog4j2.configurationFile={data / 'log4j2.yaml'}", "-cp", f"{libs}/*"]
         if not (data / "log" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # StorageTool would read a leading "-" as an option (1 in 64 ids)
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run([*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)], check=True, capture_output=True, env=self.infra_env())
         pid = self.spawn("kafka", [*java, "kafka.Kafka", str(props)], env=self.infra_env())
         wait_port(host, port, 90, "kafka", pid)
