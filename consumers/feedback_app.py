@@ -103,6 +103,11 @@ OUTPUTS = {"dpo": (DPO_PAIRS, "dpo_pairs"), "kto": (KTO_EXAMPLES, "kto_examples"
 TABLES = {"turns": JOIN_PARTITIONS, "groups": JOIN_PARTITIONS, "votes": JOIN_PARTITIONS, "preferences": JOIN_PARTITIONS, "prompts": 1, "emitted": 1, "group_records": 1}
 
 
+def record_document(record: DpoPair | KtoExample) -> dict[str, Any]:
+    """The MongoDB document of a record (``dpo_pairs`` / ``kto_examples``): its JSON, ``_id`` = record id, ``updated_at``."""
+    return {**record.model_dump(mode="json"), "_id": record.record_id, "updated_at": time.time()}
+
+
 def app_id(settings: Settings) -> str:
     return f"{settings.topic_prefix}{APP_NAME}"
 
@@ -425,7 +430,7 @@ class FeedbackApp:
             return
         name, collection = OUTPUTS[kind]
         await self.send(topic(name, self.settings.topic_prefix), rid.encode(), model.to_bytes())
-        doc = {**model.model_dump(mode="json"), "_id": rid, "updated_at": time.time()}
+        doc = record_document(model)
 
         async def write() -> None:
             await self.db[collection].replace_one({"_id": rid}, doc, upsert=True)

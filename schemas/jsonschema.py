@@ -1,4 +1,5 @@
-"""Generate JSON Schema (draft 2020-12) files for every event into ``schemas/json/``.
+"""Generate JSON Schema (draft 2020-12) files for every event into ``schemas/json/`` (bus events from
+:data:`schemas.events.EVENT_TYPES`, feedback and preference records from :data:`schemas.feedback.FEEDBACK_TYPES`).
 
 Run ``python -m schemas.jsonschema`` after changing an event; ``tests/test_schemas.py`` fails while the
 committed files differ from what the models produce. Consumers in other languages validate against them.
@@ -12,13 +13,14 @@ from pathlib import Path
 import orjson
 
 from schemas.events import EVENT_TYPES, SCHEMA_VERSION
+from schemas.feedback import FEEDBACK_TYPES
 
 OUT = Path(__file__).resolve().parent / "json"
 
 
 def render() -> dict[str, bytes]:
     files = {}
-    for event_type, model in EVENT_TYPES.items():
+    for event_type, model in {**EVENT_TYPES, **FEEDBACK_TYPES}.items():
         schema = model.model_json_schema(mode="serialization")
         schema = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
