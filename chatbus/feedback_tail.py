@@ -8,7 +8,7 @@ event's JSON. Undecodable records are skipped (the feedback app dead-letters the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -53,7 +53,7 @@ def line(event: FeedbackEvent, as_json: bool = False) -> str:
     return f"{at} {event.conversation_id} {what} user={event.user or '-'} [{event.feedback_id}]"
 
 
-async def tail(settings: Settings, keep: Callable[[FeedbackEvent], bool], from_beginning: bool = False) -> AsyncIterator[FeedbackEvent]:
+async def tail(settings: Settings, keep: Callable[[FeedbackEvent], bool], from_beginning: bool = False) -> AsyncGenerator[FeedbackEvent, None]:
     """Matching events as they arrive, for ever (the caller stops iterating)."""
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()

@@ -270,16 +270,17 @@ def build_group(
                 )
     for response_id, vote in live.items():
         rid = kto_record_id(response_id)
-        turn = turns.get(response_id)
-        problem = turn_problem(turn)
+        maybe_turn = turns.get(response_id)
+        problem = turn_problem(maybe_turn)
         if problem == "pending":
             group.pending.append(rid)
             continue
         if problem is not None:
             group.drops.append(Drop(rid, "kto", problem, prompt_group, conversation_id, (response_id,)))
             continue
-        assert turn is not None
-        rating = "up" if vote.get("rating") == "up" else "down"
+        assert maybe_turn is not None
+        turn = maybe_turn
+        rating: Literal["up", "down"] = "up" if vote.get("rating") == "up" else "down"
         group.records.append(
             KtoExample(
                 record_id=rid,

@@ -63,6 +63,7 @@ exception escaping an agent crashes it, which would only re-read from the last c
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -419,7 +420,7 @@ class FeedbackApp:
             await self.publish(rid, r["kind"], r["record"])
         for drop in drops:
             if drop["record_id"] not in current:
-                await retry_forever(lambda d=drop: self.save_drop(d), "mongodb")
+                await retry_forever(functools.partial(self.save_drop, drop), "mongodb")
         if previous.keys() != current.keys():
             self.group_records[pg] = {rid: r["kind"] for rid, r in current.items()}
 

@@ -175,7 +175,7 @@ class KtoExample(_Envelope):
         return self.record_id.encode()
 
 
-FEEDBACK_TYPES = {"chat.feedback": FeedbackEvent, "dpo.pair": DpoPair, "kto.example": KtoExample}
+FEEDBACK_TYPES: dict[str, type[_Envelope]] = {"chat.feedback": FeedbackEvent, "dpo.pair": DpoPair, "kto.example": KtoExample}
 
 
 def decode_feedback(raw: bytes | None) -> FeedbackEvent:

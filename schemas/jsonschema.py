@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import orjson
+from pydantic import BaseModel
 
 from schemas.events import EVENT_TYPES, SCHEMA_VERSION
 from schemas.feedback import FEEDBACK_TYPES
@@ -20,7 +21,8 @@ OUT = Path(__file__).resolve().parent / "json"
 
 def render() -> dict[str, bytes]:
     files = {}
-    for event_type, model in {**EVENT_TYPES, **FEEDBACK_TYPES}.items():
+    models: dict[str, type[BaseModel]] = {**EVENT_TYPES, **FEEDBACK_TYPES}
+    for event_type, model in models.items():
         schema = model.model_json_schema(mode="serialization")
         schema = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",

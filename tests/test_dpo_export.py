@@ -123,5 +123,5 @@ def test_parquet_export_from_the_command_line_and_one_trl_training_step(
     trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "dpo-run"), **common), train_dataset=dpo, processing_class=tokenizer)
     assert trainer.train().global_step == 1
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    trainer = KTOTrainer(model=model, args=KTOConfig(output_dir=str(tmp_path / "kto-run"), **common), train_dataset=kto, processing_class=tokenizer)
-    assert trainer.train().global_step == 1
+    kto_trainer = KTOTrainer(model=model, args=KTOConfig(output_dir=str(tmp_path / "kto-run"), **common), train_dataset=kto, processing_class=tokenizer)
+    assert kto_trainer.train().global_step == 1

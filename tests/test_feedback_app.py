@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 import string
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -14,7 +16,7 @@ import openai
 import orjson
 import pytest
 
-from chatbus.config import Settings
+from chatbus.config import ROOT, Settings
 from chatbus.ops import read_records
 from chatbus.stack import Stack
 from schemas.events import DeadLetter, ScreenedTurn
@@ -124,7 +126,7 @@ async def record_on(settings: Settings, name: str, rid: str, timeout_s: float = 
     return await eventually(probe, timeout_s, f"{rid} on {name} with {expect}")
 
 
-async def test_votes_become_pairs_and_a_preference_replaces_them(edge_url: str, settings: Settings, mongo: Any) -> None:
+async def test_votes_become_pairs_and_a_preference_replaces_them(edge_url: str, settings: Settings, mongo: Any, stack: Stack) -> None:
     conv, (a, b), pg = await siblings(edge_url, settings)
     await publish(settings, rating(conv, pg, a, "up"), rating(conv, pg, b, "down", reason="not_factual", comment="wrong, mail me at jo@example.com"))
 
@@ -172,6 +174,19 @@ async def test_votes_become_pairs_and_a_preference_replaces_them(edge_url: str, 
 
     await eventually(withdrawn, 30, "KTO example of A retracted")
     assert await mongo.dpo_pairs.find_one({"_id": ba}) is not None  # the explicit preference still holds
+
+    # the analysts' tail sees this conversation's five votes, filtered
+    lines = chatbus(stack, "feedback", "tail", "--conversation", conv, "--from-beginning", "--json", "-n", "5").splitlines()
+    events = [FeedbackEvent.model_validate_json(x) for x in lines]
+    assert [e.kind for e in events] == ["rating", "rating", "preference", "rating", "rating"] and {e.conversation_id for e in events} == {conv}
+    [pref_line] = chatbus(stack, "feedback", "tail", "--conversation", conv, "--kind", "preference", "--from-beginning", "-n", "1").splitlines()
+    assert f"preference {b} > {a}" in pref_line and f"user={USER}" in pref_line
+
+
+def chatbus(stack: Stack, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "chatbus.cli", *args], env=stack.env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
 
 
 async def test_table_state_recovers_from_the_changelog_after_a_restart(edge_url: str, settings: Settings, stack: Stack) -> None:
