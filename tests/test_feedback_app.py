@@ -1,5 +1,5 @@
 """The feedback app (consumers.feedback_app) on the real stack: real turns through the edge, votes on
-``chat.feedback``, curated records on ``dpo.pairs`` / ``kto.examples`` and in MongoDB, retractions,
+``chat.feedback`` (through the edge's ``POST /v1/feedback``, or published directly), curated records on ``dpo.pairs`` / ``kto.examples`` and in MongoDB, retractions,
 recovery of table state from the changelog after a restart, dead letters."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -64,6 +65,14 @@ async def siblings(edge_url: str, settings: Settings, n: int = 2) -> tuple[str, 
     return conversation_id, ids, prompt_group(conversation_id, screened[0].request.messages)
 
 
+async def vote(edge_url: str, **body: Any) -> str:
+    """``POST /v1/feedback`` as the chat page sends it; returns the vote's feedback id."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{edge_url}/v1/feedback", json={**body, "user": USER})
+    assert r.status_code == 200, r.text
+    return str(r.json()["id"])
+
+
 def rating(conv: str, pg: str, response_id: str, value: str | None, **kw: Any) -> FeedbackEvent:
     return FeedbackEvent(
         feedback_id=feedback_id("rating", USER, response_id),
@@ -75,19 +84,6 @@ def rating(conv: str, pg: str, response_id: str, value: str | None, **kw: Any) -
         user=USER,
         model=MODEL,
         **kw,
-    )
-
-
-def preference(conv: str, pg: str, chosen: str, rejected: list[str]) -> FeedbackEvent:
-    return FeedbackEvent(
-        feedback_id=feedback_id("preference", USER, pg),
-        kind="preference",
-        conversation_id=conv,
-        prompt_group=pg,
-        chosen_id=chosen,
-        rejected_ids=rejected,
-        user=USER,
-        model=MODEL,
     )
 
 
@@ -128,7 +124,9 @@ async def record_on(settings: Settings, name: str, rid: str, timeout_s: float = 
 
 async def test_votes_become_pairs_and_a_preference_replaces_them(edge_url: str, settings: Settings, mongo: Any, stack: Stack) -> None:
     conv, (a, b), pg = await siblings(edge_url, settings)
-    await publish(settings, rating(conv, pg, a, "up"), rating(conv, pg, b, "down", reason="not_factual", comment="wrong, mail me at jo@example.com"))
+    # through the edge's POST /v1/feedback, which computes the prompt group on its side
+    assert await vote(edge_url, type="rating", response_id=a, rating="up") == feedback_id("rating", USER, a)
+    await vote(edge_url, type="rating", response_id=b, rating="down", reason="not_factual", comment="wrong, mail me at jo@example.com")
 
     ab = dpo_record_id(a, b)
     pair = await record_on(settings, "dpo.pairs", ab)
@@ -148,7 +146,7 @@ async def test_votes_become_pairs_and_a_preference_replaces_them(edge_url: str, 
     assert vote_doc["rating"] == "down" and vote_doc["response_id"] == b and vote_doc["updated_at"] > 0
 
     # an explicit preference B over A replaces the inferred pair
-    await publish(settings, preference(conv, pg, b, [a]))
+    await vote(edge_url, type="preference", chosen_id=b, rejected_ids=[a])
     ba = dpo_record_id(b, a)
     flipped = await record_on(settings, "dpo.pairs", ba, meta_source="explicit_preference")
     assert flipped["chosen"] == pair["rejected"] and flipped["rejected"] == pair["chosen"]
@@ -160,14 +158,14 @@ async def test_votes_become_pairs_and_a_preference_replaces_them(edge_url: str, 
     assert await mongo.dpo_pairs.find_one({"_id": ba}) is not None
 
     # voting again updates the same record: one id, one document
-    await publish(settings, rating(conv, pg, b, "down", reason="style"))
+    await vote(edge_url, type="rating", response_id=b, rating="down", reason="style")
     await record_on(settings, "kto.examples", kto_record_id(b), meta_reason="style")
     docs = [d async for d in mongo.kto_examples.find({"metadata.response_id": b})]
     assert [d["_id"] for d in docs] == [kto_record_id(b)] and docs[0]["metadata"]["reason"] == "style"
     assert (await mongo.feedback.find_one({"_id": feedback_id("rating", USER, b)}))["reason"] == "style"
 
     # withdrawing a rating retracts its KTO example
-    await publish(settings, rating(conv, pg, a, None))
+    await vote(edge_url, type="rating", response_id=a, rating=None)
 
     async def withdrawn() -> bool:
         return (await latest(settings, "kto.examples")).get(kto_record_id(a), "missing") is None
