@@ -33,7 +33,7 @@ def test_compose_has_the_cluster_the_database_the_vector_store_and_every_worker(
     services = COMPOSE["services"]
     assert {"kafka-1", "kafka-2", "kafka-3", "mongo", "milvus"} <= services.keys()
     commands = {" ".join(shlex.split(s["command"])[:3]) for s in services.values() if str(s.get("command", "")).startswith("chatbus")}
-    for kind in ("safety", "retrieval", "inference", "recorder", "batches"):
+    for kind in ("safety", "retrieval", "inference", "recorder", "batches", "feedback"):
         assert f"chatbus worker {kind}" in commands
     assert "chatbus edge" in commands
     voters = services["kafka-1"]["environment"]["KAFKA_CONTROLLER_QUORUM_VOTERS"]
