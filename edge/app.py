@@ -5,9 +5,12 @@ Routes: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``, `
 group has a live member), and OpenAI's Files and Batch APIs for batch jobs (:mod:`batches.service`):
 ``POST /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``POST /v1/batches``
 (an ``Idempotency-Key`` header makes re-submission return the same batch), ``GET /v1/batches``,
-``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``; for operators ``GET /metrics``
-(Prometheus, :mod:`chatbus.metrics`), ``GET /live`` (a page of live plots) and ``GET /live.json``
-(its data, :mod:`edge.live`).
+``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``; for the chat page (``GET /``)
+``POST /v1/chat/completions/{id}/cancel`` (Stop), ``GET /v1/chat/completions/{id}/events`` (resume a
+stream), ``GET /v1/conversations[/{id}]`` (:mod:`edge.conversations`) and ``POST /v1/feedback``
+(:mod:`edge.feedback`, published to ``chat.feedback``); for analysts ``GET /dashboard`` (+
+``/dashboard.json``); for operators ``GET /metrics`` (Prometheus, :mod:`chatbus.metrics`), ``GET /live``
+(a page of live plots) and ``GET /live.json`` (its data, :mod:`edge.live`).
 
 Admission control (:mod:`edge.admission`) runs before anything is published: past its bounds a turn
 or a batch submission gets a 429 with ``Retry-After``. Every answer carries its latency split
@@ -24,6 +27,7 @@ with ``data: [DONE]`` (as vLLM's server does).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
@@ -52,14 +56,18 @@ from batches.store import BatchStore
 from chatbus import metrics
 from chatbus.config import Settings, get_settings
 from edge.admission import LoadMonitor, decide, refuse
+from edge.conversations import ConversationStore, TurnInfo
+from edge.feedback import feedback_event, parse_feedback
 from edge.live import LiveStats
 from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, check_supported, completion_body, parse_request
 from edge.relay import ReplyRelay, TurnStream, TurnTimeout, parse_event_id, reply_event, sse_event_id
-from schemas.events import CancelTurn, ChatTurnRequest, ReplyTo, TurnCompleted
+from safety_workers.pii import mask_pii
+from schemas.events import CancelTurn, ChatMessage, ChatTurnRequest, ReplyTo, TurnCompleted
+from schemas.feedback import prompt_group
 from schemas.timing import breakdown, server_timing
 from topics.clients import make_admin, make_consumer, make_producer, records_forever
 from topics.compat import describe_groups
-from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, GROUPS, spec, topic
+from topics.registry import CHAT_CONTROL, CHAT_FEEDBACK, CHAT_REPLIES, CHAT_REQUESTS, GROUPS, spec, topic
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,23 @@ class _TurnRef:
     conversation_id: str
 
 
+@dataclass(frozen=True)
+class _Finished:
+    """A turn this edge finished recently: feedback on it is accepted before the recorder has stored it."""
+
+    conversation_id: str
+    messages: list[ChatMessage]
+    model: str
+    finish_reason: str
+
+    def info(self, correlation_id: str) -> TurnInfo:
+        masked = [{"role": m.role, "content": mask_pii(m.content)[0]} for m in self.messages]
+        return TurnInfo(correlation_id, self.conversation_id, prompt_group(self.conversation_id, masked), self.model, self.finish_reason)
+
+
+RECENT_TURNS = 4096  # finished turns remembered per edge (for feedback that outruns the recorder)
+
+
 class ORJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -105,8 +130,12 @@ class ChatService:
         self.requests_topic = topic(CHAT_REQUESTS, settings.topic_prefix)
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.reply_to = ReplyTo(topic=topic(CHAT_REPLIES, settings.topic_prefix), partition=settings.reply_partition)
+        self.feedback_topic = topic(CHAT_FEEDBACK, settings.topic_prefix)
         self._background: set[asyncio.Task[None]] = set()
         self.pending_cancels: dict[str, asyncio.TimerHandle] = {}  # disconnected turns a resume may still claim
+        # correlation id -> conversation id of turns this edge published and not yet saw end (for Stop)
+        self.open_turns: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.recent: collections.OrderedDict[str, _Finished] = collections.OrderedDict()
 
     def build_turn(self, req: ChatCompletionRequest, received_at: float) -> ChatTurnRequest:
         if req.model != self.settings.model_name:
@@ -160,16 +189,24 @@ class ChatService:
             metrics.TURN_HOP.labels(name).observe(seconds)
         self.live.turn(done.finish_reason, parts, done.usage.completion_tokens)
         self.monitor.turn_finished()
+        self.open_turns.pop(turn.correlation_id, None)
+        self.recent[turn.correlation_id] = _Finished(turn.conversation_id, turn.messages, done.model or turn.model, done.finish_reason)
+        while len(self.recent) > RECENT_TURNS:
+            self.recent.popitem(last=False)
         return parts
 
     async def publish(self, turn: ChatTurnRequest) -> TurnStream:
         turn.mark("edge_published")
         value = turn.to_bytes()  # validated input always serialises; do it before anything is opened
         stream = self.relay.open(turn.correlation_id)
+        self.open_turns[turn.correlation_id] = turn.conversation_id
+        while len(self.open_turns) > RECENT_TURNS:  # turns abandoned without an end are forgotten, oldest first
+            self.open_turns.popitem(last=False)
         try:
             await self.producer.send_and_wait(self.requests_topic, value, key=turn.key)
         except Exception as exc:
             self.relay.close(turn.correlation_id)
+            self.open_turns.pop(turn.correlation_id, None)
             log.exception("publishing turn %s failed", turn.correlation_id)
             raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc
         return stream
@@ -306,6 +343,31 @@ class ChatService:
             if stream.done is None and conversation["id"]:  # this client left too: the same grace applies
                 self.cancel_unless_resumed(_TurnRef(cid, conversation["id"]), stream)
         yield {"data": "[DONE]"}
+
+    async def stop(self, cid: str, conversations: ConversationStore) -> dict[str, Any]:
+        """The chat page's Stop: publish ``chat.turn.cancel`` now (no resume grace). The turn may be relayed
+        by any edge; its conversation id (the cancel's key) comes from this edge or the database.
+        404 if the turn is unknown; ``cancelled: false`` if it had already finished."""
+        pending = self.pending_cancels.pop(cid, None)
+        if pending is not None:
+            pending.cancel()
+        conversation = self.open_turns.get(cid)
+        if conversation is None:
+            if cid in self.recent:
+                return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
+            doc = await conversations.db.turns.find_one({"_id": cid}, {"conversation_id": 1, "answer.finish_reason": 1})
+            if doc is None or not doc.get("conversation_id"):
+                raise APIError(404, f"No chat completion found with id '{cid}'.", type="NotFoundError", param="completion_id")
+            if doc.get("answer"):
+                return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
+            conversation = doc["conversation_id"]
+        await self.cancel(_TurnRef(cid, conversation), "stopped_by_user", self.relay.turns.get(cid))
+        return {"id": cid, "object": "chat.completion.cancel", "cancelled": True}
+
+    async def turn_info(self, cid: str, conversations: ConversationStore) -> TurnInfo | None:
+        """A completed turn: one this edge finished, else one the recorder stored."""
+        recent = self.recent.get(cid)
+        return recent.info(cid) if recent is not None else await conversations.turn(cid)
 
     def cancel_soon(self, turn: TurnKey, reason: str, stream: TurnStream) -> None:
         """Publish a cancel from a context that cannot await (a closing generator); the task is kept alive."""
@@ -455,6 +517,82 @@ async def resume_chat_completion(request: Request) -> Response:
     )
 
 
+async def stop_chat_completion(request: Request) -> Response:
+    """``POST /v1/chat/completions/{id}/cancel``: stop generating (Stop on the chat page)."""
+    _check_auth(request)
+    service: ChatService = request.app.state.service
+    return ORJSONResponse(await service.stop(request.path_params["completion_id"], request.app.state.conversations))
+
+
+def _limit(request: Request, default: int, most: int) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise APIError(400, f"limit: an integer from 1 to {most}", param="limit")
+    return int(raw)
+
+
+async def list_conversations(request: Request) -> Response:
+    """``GET /v1/conversations?user=U&limit=N``: newest first (``limit`` 1–200, default 50)."""
+    _check_auth(request)
+    conversations: ConversationStore = request.app.state.conversations
+    data = await conversations.list(request.query_params.get("user") or None, _limit(request, 50, 200))
+    return ORJSONResponse({"object": "list", "data": data})
+
+
+async def get_conversation(request: Request) -> Response:
+    """``GET /v1/conversations/{id}``: the turns (masked messages, answer, verdict, vote) and preferences."""
+    _check_auth(request)
+    conversations: ConversationStore = request.app.state.conversations
+    cid = request.path_params["conversation_id"]
+    conv = await conversations.get(cid)
+    if conv is None:
+        raise APIError(404, f"No conversation found with id '{cid}'.", type="NotFoundError", param="conversation_id")
+    return ORJSONResponse(conv)
+
+
+async def create_feedback(request: Request) -> Response:
+    """``POST /v1/feedback`` (:mod:`edge.feedback`): 400 bad body, 404 unknown response, else published."""
+    _check_auth(request)
+    service: ChatService = request.app.state.service
+    conversations: ConversationStore = request.app.state.conversations
+    req = parse_feedback(await read_json(request, 16_384))
+    turns: dict[str, TurnInfo] = {}
+    for rid in req.response_ids:
+        info = await service.turn_info(rid, conversations)
+        if info is None:
+            raise APIError(404, f"No completed response found with id '{rid}'.", type="NotFoundError", param="response_id", code="response_not_found")
+        turns[rid] = info
+    event = feedback_event(req, turns)
+    try:
+        await service.producer.send_and_wait(service.feedback_topic, event.to_bytes(), key=event.key)
+    except Exception as exc:
+        log.exception("publishing feedback %s failed", event.feedback_id)
+        raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc
+    return ORJSONResponse({"id": event.feedback_id, "object": "feedback", "status": "accepted", "event_id": event.event_id})
+
+
+async def dashboard_data(request: Request) -> Response:
+    """``GET /dashboard.json?hours=H`` (default 24, at most 720): see :meth:`ConversationStore.dashboard`."""
+    _check_auth(request)
+    raw = request.query_params.get("hours", "24")
+    try:
+        hours = float(raw)
+    except ValueError:
+        hours = -1
+    if not 0 < hours <= 720:
+        raise APIError(400, "hours: a number in (0, 720]", param="hours")
+    bucket_s = 60 if hours <= 2 else 300 if hours <= 24 else 3600
+    conversations: ConversationStore = request.app.state.conversations
+    return ORJSONResponse(await conversations.dashboard(hours, bucket_s))
+
+
+def _page(name: str) -> Callable[[Request], Awaitable[Response]]:
+    async def page(request: Request) -> Response:
+        return Response((STATIC / name).read_bytes(), media_type="text/html; charset=utf-8")
+
+    return page
+
+
 async def list_models(request: Request) -> Response:
     _check_auth(request)
     settings: Settings = request.app.state.settings
@@ -526,10 +664,7 @@ async def create_batch(request: Request) -> Response:
 
 async def list_batches(request: Request) -> Response:
     batches = _batches(request)
-    limit = request.query_params.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= 100:
-        raise APIError(400, "limit: an integer from 1 to 100", param="limit")
-    return ORJSONResponse(await batches.list(int(limit), request.query_params.get("after")))
+    return ORJSONResponse(await batches.list(_limit(request, 20, 100), request.query_params.get("after")))
 
 
 async def retrieve_batch(request: Request) -> Response:
@@ -561,10 +696,6 @@ async def prometheus_metrics(request: Request) -> Response:
 async def live_data(request: Request) -> Response:
     service: ChatService = request.app.state.service
     return ORJSONResponse(service.live.snapshot(service.monitor.lag_by, len(service.relay.turns)))
-
-
-async def live_page(request: Request) -> Response:
-    return Response((STATIC / "live.html").read_bytes(), media_type="text/html; charset=utf-8")
 
 
 async def healthz(request: Request) -> Response:
@@ -613,6 +744,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.relay = relay
         app.state.service = ChatService(settings, producer, relay, monitor, LiveStats())
         app.state.batches = BatchService(settings, BatchStore(mongo[settings.mongo_db]), producer)
+        app.state.conversations = ConversationStore(mongo[settings.mongo_db])
         log.info("edge %s ready: reply partition %d, model %s", settings.edge_id, settings.reply_partition, settings.model_name)
         try:
             yield
@@ -626,6 +758,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/chat/completions/{completion_id}/events", resume_chat_completion, methods=["GET"]),
+            Route("/v1/chat/completions/{completion_id}/cancel", stop_chat_completion, methods=["POST"]),
+            Route("/v1/conversations", list_conversations, methods=["GET"]),
+            Route("/v1/conversations/{conversation_id}", get_conversation, methods=["GET"]),
+            Route("/v1/feedback", create_feedback, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/files", create_file, methods=["POST"]),
             Route("/v1/files/{file_id}", retrieve_file, methods=["GET"]),
@@ -635,7 +771,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/v1/batches/{batch_id}", retrieve_batch, methods=["GET"]),
             Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
             Route("/metrics", prometheus_metrics, methods=["GET"]),
-            Route("/live", live_page, methods=["GET"]),
+            Route("/", _page("chat.html"), methods=["GET"]),
+            Route("/dashboard", _page("dashboard.html"), methods=["GET"]),
+            Route("/dashboard.json", dashboard_data, methods=["GET"]),
+            Route("/live", _page("live.html"), methods=["GET"]),
             Route("/live.json", live_data, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
             Route("/healthz", healthz, methods=["GET"]),

@@ -1,0 +1,121 @@
+"""``POST /v1/feedback``: validate a person's vote and publish it to ``chat.feedback``.
+
+Body (JSON object), one of
+
+* ``{"type": "rating", "response_id": "chatcmpl-…", "rating": "up" | "down" | null, "reason": <one of
+  schemas.feedback.REASONS>, "comment": str ≤ 2000 chars, "user": str}`` — ``null`` withdraws a rating;
+* ``{"type": "preference", "chosen_id": "chatcmpl-…", "rejected_ids": ["chatcmpl-…", …] (or
+  "rejected_id"), "user": str}`` — the responses must be siblings (same conversation and prompt).
+
+Errors (OpenAI-style JSON): 400 for a body that is not such an object, 404 for a response id that is
+not a completed turn. The answer is ``{"id": feedback_id, "object": "feedback", "status": "accepted"}``;
+the event is keyed by conversation id, and voting again publishes the same ``feedback_id``, so every
+reader keeps one vote per person and target (:mod:`schemas.feedback`). Comments are PII-masked before
+they leave the edge.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge.conversations import TurnInfo
+from edge.protocol import APIError
+from safety_workers.pii import mask_pii
+from schemas.feedback import MAX_COMMENT_CHARS, FeedbackEvent, Rating, Reason, feedback_id
+
+
+
+def _id() -> Any:
+    return Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["rating", "preference"]
+    response_id: str | None = _id()
+    rating: Rating | None = None
+    reason: Reason | None = None
+    comment: str | None = Field(default=None, max_length=MAX_COMMENT_CHARS)
+    chosen_id: str | None = _id()
+    rejected_ids: list[str] = Field(default_factory=list, max_length=16)
+    rejected_id: str | None = _id()
+    user: str | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _shape(self) -> FeedbackRequest:
+        if self.type == "rating":
+            if self.response_id is None:
+                raise ValueError("response_id: required for a rating")
+            if "rating" not in self.model_fields_set:
+                raise ValueError("rating: required (up, down, or null to withdraw)")
+            if self.chosen_id or self.rejected_ids or self.rejected_id:
+                raise ValueError("chosen_id/rejected_ids: only for a preference")
+        else:
+            if self.rejected_id:
+                self.rejected_ids = [*self.rejected_ids, self.rejected_id]
+            if not self.chosen_id or not self.rejected_ids:
+                raise ValueError("chosen_id and rejected_ids: required for a preference")
+            if self.chosen_id in self.rejected_ids or len(set(self.rejected_ids)) != len(self.rejected_ids):
+                raise ValueError("rejected_ids: must be distinct and not include chosen_id")
+            if self.response_id or "rating" in self.model_fields_set or self.reason or self.comment:
+                raise ValueError("response_id/rating/reason/comment: only for a rating")
+        return self
+
+    @property
+    def response_ids(self) -> list[str]:
+        if self.type == "rating":
+            assert self.response_id is not None
+            return [self.response_id]
+        assert self.chosen_id is not None
+        return [self.chosen_id, *self.rejected_ids]
+
+
+def parse_feedback(payload: object) -> FeedbackRequest:
+    """The request, or a 400 naming the first problem."""
+    if not isinstance(payload, dict):
+        raise APIError(400, "the body must be a JSON object")
+    try:
+        return FeedbackRequest.model_validate(payload)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc and ": " in msg:  # a whole-body check names its field first
+            loc = msg.split(": ", 1)[0].split("/")[0].split(" ")[0]
+            msg = msg.split(": ", 1)[1]
+        raise APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None) from None
+
+
+def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo]) -> FeedbackEvent:
+    """The event for a validated request whose responses were all found (``turns`` by id); 400 if a
+    preference names responses that are not siblings."""
+    first = turns[req.response_ids[0]]
+    if req.type == "rating":
+        assert req.response_id is not None
+        return FeedbackEvent(
+            feedback_id=feedback_id("rating", req.user, req.response_id),
+            kind="rating",
+            conversation_id=first.conversation_id,
+            prompt_group=first.prompt_group,
+            response_id=req.response_id,
+            rating=req.rating,
+            reason=req.reason,
+            comment=mask_pii(req.comment)[0] if req.comment else None,
+            user=req.user,
+            model=first.model,
+        )
+    if any(turns[r].prompt_group != first.prompt_group for r in req.rejected_ids):
+        raise APIError(400, "rejected_ids: not siblings of chosen_id (same conversation and prompt)", param="rejected_ids")
+    return FeedbackEvent(
+        feedback_id=feedback_id("preference", req.user, first.prompt_group),
+        kind="preference",
+        conversation_id=first.conversation_id,
+        prompt_group=first.prompt_group,
+        chosen_id=req.chosen_id,
+        rejected_ids=req.rejected_ids,
+        user=req.user,
+        model=first.model,
+    )
