@@ -36,7 +36,7 @@
       // raw HTML in model output or retrieved text is shown as text, never rendered
       html({ text, block }) { return block ? `<p>${escapeHtml(text)}</p>` : escapeHtml(text); },
       // no remote images from model output (a classic exfiltration channel): show a link instead
-      image({ href, text }) { return `<a href="${escapeHtml(href || "")}">${escapeHtml("🖼 " + (text || href || "image"))}</a>`; },
+      image({ href, text }) { return `<a href="${escapeHtml(href || "")}">${escapeHtml("[image: " + (text || href || "") + "]")}</a>`; },
     },
   });
   const PURIFY = { FORBID_TAGS: ["style", "img", "svg", "math", "form", "input", "button", "textarea", "select", "iframe"], FORBID_ATTR: ["style"] };
@@ -120,6 +120,19 @@
   }
   const getJSON = async (path) => (await request("GET", path)).json();
   const postJSON = async (path, body) => (await request("POST", path, body)).json();
+
+  /** POST /v1/feedback. A response finished a moment ago may not be recorded yet (the recorder consumes the
+   * bus): a 404 is retried for a few seconds before it is shown. */
+  async function postFeedback(body) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await postFeedback(body);
+      } catch (e) {
+        if (e.status !== 404 || attempt >= 6) throw e;
+        await sleep(250 * 2 ** Math.min(attempt, 3));
+      }
+    }
+  }
 
   function askForKey() {
     $("key-form").hidden = false;
@@ -711,7 +724,7 @@
     turn.feedbackStatus = "Saving…";
     refreshExchange(turn);
     try {
-      await postJSON("/v1/feedback", body);
+      await postFeedback(body);
       state.votes.set(turn.id, turn.feedback);
       turn.feedbackStatus = rating === null ? "Rating withdrawn" : fromForm ? "Thanks — feedback saved" : "Thanks!";
       if (fromForm) turn.formOpen = false;
@@ -728,7 +741,7 @@
     chosen.feedbackStatus = "Saving…";
     fillAnswer(ex);
     try {
-      await postJSON("/v1/feedback", { type: "preference", chosen_id: chosen.id, rejected_ids: rejected, user: USER });
+      await postFeedback({ type: "preference", chosen_id: chosen.id, rejected_ids: rejected, user: USER });
       ex.preferred = chosen.id;
       state.prefs = state.prefs.filter((p) => !ex.turns.some((t) => t.id === p.chosen_id));
       state.prefs.push({ chosen_id: chosen.id, rejected_ids: rejected });
