@@ -126,7 +126,7 @@
   async function postFeedback(body) {
     for (let attempt = 0; ; attempt++) {
       try {
-        return await postFeedback(body);
+        return await postJSON("/v1/feedback", body);
       } catch (e) {
         if (e.status !== 404 || attempt >= 6) throw e;
         await sleep(250 * 2 ** Math.min(attempt, 3));
