@@ -303,6 +303,34 @@ async def test_refusals_and_errors_are_shown(edge_url: str) -> None:
         assert not errors, errors
 
 
+async def test_a_401_asks_for_the_api_key_and_every_call_then_sends_it(edge_url: str) -> None:
+    """The stack runs without keys: a route stands in for a server that needs one (and passes the rest on)."""
+    async with chat_page() as (page, errors):
+        seen: list[str | None] = []
+
+        async def guard(route: Route, request: Request) -> None:
+            auth = request.headers.get("authorization")
+            seen.append(auth)
+            if auth != "Bearer sk-test":
+                await route.fulfill(status=401, json={"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}})
+            else:
+                await route.continue_()
+
+        await page.route("**/v1/**", guard)
+        await open_chat(page, f"{edge_url}/?max_tokens=8")
+        await expect(page.locator("#key-form")).to_be_visible()
+        await expect(page.locator("#banner")).to_contain_text("API key")
+        await page.fill("#api-key", "sk-test")
+        await page.click("#key-form button[type=submit]")
+        await expect(page.locator("#model-name")).to_have_text("model: chatbus-tiny")
+        await ask(page, "hello")
+        await wait_idle(page)
+        await expect(page.locator(".answer")).to_have_attribute("data-status", "done")
+        assert seen[-1] == "Bearer sk-test" and seen.count(None) >= 1
+        assert await page.evaluate("localStorage.getItem('chatbus.apiKey')") == "sk-test"
+        assert not errors, errors
+
+
 async def test_dashboard_draws_its_plots(edge_url: str) -> None:
     async with httpx.AsyncClient(timeout=60) as http:  # at least one turn in the window
         r = await http.post(f"{edge_url}/v1/chat/completions", json={"model": "chatbus-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})

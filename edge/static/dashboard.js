@@ -32,6 +32,9 @@ function plot(id, opts, data) {
   plots[id] = new uPlot({ width: width(el), height: HEIGHT, ...opts }, data, el);
 }
 
+// the x axis covers whole buckets: a bar starts at its bucket's time, so the newest one needs room on the right
+const xScale = (t, bucket) => ({ time: true, range: () => [t[0], (t[t.length - 1] ?? t[0]) + bucket] });
+
 function drawOutcomes(o, bucket) {
   const t = o.t;
   const sums = stacked(t, OUTCOMES.map(([k]) => o[k] || []));
@@ -39,7 +42,7 @@ function drawOutcomes(o, bucket) {
   // drawn top-down so each stacked total paints over by the one beneath it
   const order = OUTCOMES.map((s, i) => i).reverse();
   plot("outcomes", {
-    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+    scales: { x: xScale(t, bucket), y: { range: (u, min, max) => [0, Math.max(1, max)] } },
     series: [{}, ...order.map((i) => ({
       label: OUTCOMES[i][0], fill: OUTCOMES[i][1], stroke: OUTCOMES[i][1], width: 0, paths: bars, points: { show: false },
       value: (u, v, si, di) => (di == null ? "–" : String((o[OUTCOMES[i][0]] || [])[di] ?? 0)),
@@ -51,7 +54,7 @@ function drawOutcomes(o, bucket) {
     return total ? (100 * ((o.refused || [])[i] || 0)) / total : null;
   });
   plot("rate", {
-    scales: { x: { time: true }, y: { range: [0, 100] } },
+    scales: { x: xScale(t, bucket), y: { range: [0, 100] } },
     series: [{}, { label: "refused %", stroke: "#f0ad4e", width: 2, spanGaps: true, points: { show: true, size: 4 }, value: (u, v) => (v == null ? "–" : v.toFixed(0) + " %") }],
     axes: [{}, { size: 50, values: (u, vals) => vals.map((v) => v + " %") }],
   }, [t, rate]);
@@ -77,9 +80,9 @@ function drawThumbs(th) {
   document.getElementById("k-up").textContent = total ? `${((100 * up) / total).toFixed(0)} %` : "–";
 }
 
-function drawRecords(r) {
+function drawRecords(r, bucket) {
   plot("records", {
-    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+    scales: { x: xScale(r.t, bucket), y: { range: (u, min, max) => [0, Math.max(1, max)] } },
     series: [{}, { label: "DPO pairs", stroke: "#337ab7", width: 2, fill: "rgba(51,122,183,.08)" }, { label: "KTO examples", stroke: "#8e44ad", width: 2, dash: [6, 4] }],
     axes: [{}, { size: 50 }],
   }, [r.t, r.dpo || [], r.kto || []]);
@@ -104,7 +107,7 @@ async function refresh() {
   }
   drawOutcomes(d.outcomes, d.bucket_s);
   drawThumbs(d.thumbs || {});
-  drawRecords(d.records);
+  drawRecords(d.records, d.bucket_s);
   const totals = d.totals || {};
   document.getElementById("k-turns").textContent = totals.turns ?? 0;
   document.getElementById("k-dpo").textContent = totals.dpo ?? 0;
