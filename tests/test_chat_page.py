@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Page, Request, Route, expect
+from playwright.async_api import Page, Request, Response, Route, expect
 
 from tests.browser import artifact, chromium
 from tests.conftest import eventually
@@ -85,6 +85,12 @@ def feedback_post(r: Any) -> bool:
     return "/v1/feedback" in r.url and r.request.method == "POST"
 
 
+def body_of(response: Response) -> dict[str, Any]:
+    body = response.request.post_data_json
+    assert isinstance(body, dict), body
+    return body
+
+
 async def test_answer_streams_in_and_matches_the_stored_turn(edge_url: str) -> None:
     async with chat_page() as (page, errors):
         await open_chat(page, f"{edge_url}/?max_tokens=150")
@@ -150,7 +156,7 @@ async def test_regenerate_and_choose_the_better_sibling(edge_url: str) -> None:
         response = await info.value
         assert response.status == 200, await response.text()
         assert (await response.json())["status"] == "accepted"
-        body = response.request.post_data_json
+        body = body_of(response)
         assert body["type"] == "preference" and body["chosen_id"] == first["id"] and body["rejected_ids"] == [second["id"]]
         assert body["user"] == await page.evaluate("localStorage.getItem('chatbus.user')")
         await expect(page.locator(".answer .preferred")).to_be_visible()
@@ -203,7 +209,7 @@ async def test_thumbs_down_with_reason_and_comment_then_change_the_vote(edge_url
             await page.click(".fb-form .fb-send")
         response = await info.value
         assert response.status == 200, await response.text()
-        body = response.request.post_data_json
+        body = body_of(response)
         assert body == {
             "type": "rating", "response_id": turn["id"], "rating": "down", "reason": "ignored_instructions",
             "comment": "It ignored the question.", "user": body["user"],
@@ -214,7 +220,7 @@ async def test_thumbs_down_with_reason_and_comment_then_change_the_vote(edge_url
         async with page.expect_response(feedback_post, timeout=30_000) as info:
             await page.click(".answer .thumb.up")
         response = await info.value
-        assert response.status == 200 and response.request.post_data_json["rating"] == "up"
+        assert response.status == 200 and body_of(response)["rating"] == "up"
         await expect(page.locator(".answer .thumb.up")).to_have_attribute("aria-pressed", "true")
         await expect(page.locator(".answer .thumb.down")).to_have_attribute("aria-pressed", "false")
         await page.screenshot(path=str(artifact("chat-feedback.png")))
@@ -268,19 +274,19 @@ async def test_markdown_is_rendered_and_html_never_executed(edge_url: str) -> No
 async def test_refusals_and_errors_are_shown(edge_url: str) -> None:
     async with chat_page() as (page, errors):
         await open_chat(page, f"{edge_url}/")
-        replies = [
-            ("sse", sse_body(["I can't help with that."], finish="content_filter")),
-            ("http", (429, {"error": {"message": "too many turns in flight", "type": "rate_limit_error", "code": "rate_limited"}}, {"Retry-After": "7"})),
-            ("sse", sse_body(["partial"], finish=None, error={"message": "generation failed", "type": "internal_error", "code": None})),
+        rate_limited = {"error": {"message": "too many turns in flight", "type": "rate_limit_error", "code": "rate_limited"}}
+        streams = [
+            sse_body(["I can't help with that."], finish="content_filter"),
+            None,  # a 429 before the stream starts
+            sse_body(["partial"], finish=None, error={"message": "generation failed", "type": "internal_error", "code": None}),
         ]
 
         async def handler(route: Route, request: Request) -> None:
-            kind, reply = replies.pop(0)
-            if kind == "sse":
-                await fulfil_sse(route, str(reply))
+            body = streams.pop(0)
+            if body is None:
+                await route.fulfill(status=429, json=rate_limited, headers={"Retry-After": "7"})
             else:
-                status, body, headers = reply  # type: ignore[misc]
-                await route.fulfill(status=status, json=body, headers=headers)
+                await fulfil_sse(route, body)
 
         await page.route("**/v1/chat/completions", handler)
         await ask(page, "refuse me")
