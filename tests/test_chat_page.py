@@ -306,6 +306,15 @@ async def test_refusals_and_errors_are_shown(edge_url: str) -> None:
         await expect(third.locator(".error-box")).to_contain_text("generation failed")
         await expect(third.locator(".content")).to_have_text("partial")
         await page.screenshot(path=str(artifact("chat-errors.png")))
+        # narrow screens: the conversation list becomes a drawer behind the ☰ button
+        await page.set_viewport_size({"width": 390, "height": 800})
+        await expect(page.locator("#sidebar")).not_to_be_in_viewport()
+        await page.click("#toggle-sidebar")
+        await expect(page.locator("#new-conv")).to_be_in_viewport()
+        await page.screenshot(path=str(artifact("chat-narrow-drawer.png")))
+        await page.mouse.click(375, 400)  # a tap outside the drawer closes it
+        await expect(page.locator("#sidebar")).not_to_be_in_viewport()
+        await page.screenshot(path=str(artifact("chat-narrow.png")))
         assert not errors, errors
 
 

@@ -773,7 +773,9 @@
     });
     $("stop").addEventListener("click", stop);
     $("new-conv").addEventListener("click", () => { closeSidebar(); newConversation(); });
-    $("toggle-sidebar").addEventListener("click", () => $("sidebar").classList.toggle("open"));
+    $("toggle-sidebar").addEventListener("click", (e) => { e.stopPropagation(); $("sidebar").classList.toggle("open"); });
+    // the drawer (narrow screens) closes on a tap outside it
+    document.addEventListener("click", (e) => { if (!$("sidebar").contains(e.target)) closeSidebar(); });
     $("key-form").addEventListener("submit", (e) => {
       e.preventDefault();
       const v = $("api-key").value.trim();
