@@ -17,8 +17,12 @@ import httpx
 import pytest
 from playwright.async_api import Page, Request, Response, Route, expect
 
+from chatbus.config import Settings
+from chatbus.ops import read_records
+from schemas.feedback import DpoPair, dpo_record_id
 from tests.browser import artifact, chromium
 from tests.conftest import eventually
+from topics.registry import topic
 
 pytestmark = pytest.mark.stack
 
@@ -138,7 +142,7 @@ async def test_stop_mid_stream_records_a_cancelled_turn(edge_url: str) -> None:
         assert not errors, errors
 
 
-async def test_regenerate_and_choose_the_better_sibling(edge_url: str) -> None:
+async def test_regenerate_and_choose_the_better_sibling(edge_url: str, settings: Settings) -> None:
     async with chat_page() as (page, errors):
         await open_chat(page, f"{edge_url}/?max_tokens=24")
         await ask(page, "Name three uses of a dictionary.")
@@ -163,6 +167,18 @@ async def test_regenerate_and_choose_the_better_sibling(edge_url: str) -> None:
         await expect(page.locator(".answer .better")).to_be_hidden()
         await page.screenshot(path=str(artifact("chat-siblings.png")))
         assert not errors, errors
+
+    # the choice becomes an explicit DPO pair on dpo.pairs (the feedback app), in TRL's conversational format
+    async def pair() -> list[DpoPair]:
+        out = []
+        for r in await read_records(settings, topic("dpo.pairs", settings.topic_prefix)):
+            if r.value and r.key and r.key.decode() == dpo_record_id(first["id"], second["id"]):
+                out.append(DpoPair.model_validate_json(r.value))
+        return out
+
+    found = await eventually(pair, timeout_s=60, what="the chosen sibling as a pair on dpo.pairs")
+    assert found[-1].metadata.source == "explicit_preference"
+    assert found[-1].chosen[0].role == "assistant" and found[-1].prompt[-1].content == "Name three uses of a dictionary."
 
 
 async def test_reload_mid_stream_completes_the_turn_once(edge_url: str) -> None:
