@@ -71,8 +71,7 @@ from typing import Any, TypeVar
 
 import faust
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
@@ -92,6 +91,7 @@ from consumers.curation import (
 from consumers.stage import dead_letter
 from schemas.events import DecodeError, ScreenedTurn, TurnCompleted, decode_object
 from schemas.feedback import DpoPair, FeedbackEvent, KtoExample, decode_feedback, prompt_group
+from topics.clients import create_missing_topics
 from topics.registry import CHAT_DLQ, CHAT_FEEDBACK, CHAT_REPLIES, CHAT_SCREENED, DAY_MS, DPO_PAIRS, KTO_EXAMPLES, topic
 
 log = logging.getLogger(__name__)
@@ -466,23 +466,7 @@ async def declare_internal_topics(settings: Settings) -> list[str]:
     week = {"retention.ms": str(7 * DAY_MS)}
     wanted = {f"{aid}-completions": (JOIN_PARTITIONS, week), f"{aid}-candidates": (1, week)}
     wanted |= {f"{aid}-{name}-changelog": (parts, {"cleanup.policy": "compact"}) for name, parts in TABLES.items()}
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15_000)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        new = [
-            NewTopic(name=n, num_partitions=parts, replication_factor=settings.kafka_replication_factor, topic_configs=config)
-            for n, (parts, config) in wanted.items()
-            if n not in existing
-        ]
-        if new:
-            try:
-                await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
-        return [t.name for t in new]
-    finally:
-        await admin.close()
+    return await create_missing_topics(settings, wanted)
 
 
 def run(settings: Settings) -> None:

@@ -311,30 +311,45 @@ _adapter: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 E = TypeVar("E", bound=BaseModel)
 
 
-def decode(raw: bytes | None) -> AnyEvent:
-    """Bytes from the bus to a typed event. Raises :class:`DecodeError` with a readable reason."""
+def load_json(raw: bytes | None) -> Any:
+    """Bytes from the bus to a parsed JSON value. Raises :class:`DecodeError` (tombstone, not JSON)."""
     if raw is None:
         raise DecodeError("empty message (tombstone)")
     try:
-        data = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"not JSON: {exc}") from None
-    return decode_object(data)
 
 
-def decode_object(data: Any) -> AnyEvent:
-    """A parsed JSON value to a typed event (what :func:`decode` does after ``orjson.loads``), for readers
-    that look at a field before paying for validation. Raises :class:`DecodeError`."""
+def check_envelope(data: Any) -> dict[str, Any]:
+    """``data`` if it is a JSON object of a schema version this worker reads, else :class:`DecodeError`."""
     if not isinstance(data, dict):
         raise DecodeError("not a JSON object")
     version = data.get("schema_version")
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise DecodeError(f"schema_version {version} is newer than this worker's {SCHEMA_VERSION}")
+    return data
+
+
+def invalid(what: str, exc: ValidationError) -> DecodeError:
+    """A :class:`DecodeError` naming the first five validation problems of a ``what`` event."""
+    errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+    return DecodeError(f"invalid {what}: {errors}")
+
+
+def decode(raw: bytes | None) -> AnyEvent:
+    """Bytes from the bus to a typed event. Raises :class:`DecodeError` with a readable reason."""
+    return decode_object(load_json(raw))
+
+
+def decode_object(data: Any) -> AnyEvent:
+    """A parsed JSON value to a typed event (what :func:`decode` does after ``orjson.loads``), for readers
+    that look at a field before paying for validation. Raises :class:`DecodeError`."""
+    data = check_envelope(data)
     try:
         return _adapter.validate_python(data)
     except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise DecodeError(f"invalid {data.get('event_type', 'event')}: {errors}") from None
+        raise invalid(data.get("event_type", "event"), exc) from None
 
 
 def decode_as(raw: bytes | None, kind: type[E]) -> E:

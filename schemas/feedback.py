@@ -26,10 +26,9 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any, Literal
 
-import orjson
 from pydantic import Field, ValidationError, model_validator
 
-from schemas.events import SCHEMA_VERSION, ChatMessage, DecodeError, _Envelope, _Model
+from schemas.events import ChatMessage, DecodeError, _Envelope, _Model, check_envelope, invalid, load_json
 
 # The fixed list of reasons a person can give with a rating (the page shows them; the API accepts no others).
 REASONS: dict[str, str] = {
@@ -180,21 +179,10 @@ FEEDBACK_TYPES: dict[str, type[_Envelope]] = {"chat.feedback": FeedbackEvent, "d
 
 def decode_feedback(raw: bytes | None) -> FeedbackEvent:
     """Bytes from ``chat.feedback`` to a :class:`FeedbackEvent`. Raises :class:`DecodeError` with a reason."""
-    if raw is None:
-        raise DecodeError("empty message (tombstone)")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise DecodeError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DecodeError("not a JSON object")
-    version = data.get("schema_version")
-    if isinstance(version, int) and version > SCHEMA_VERSION:
-        raise DecodeError(f"schema_version {version} is newer than this worker's {SCHEMA_VERSION}")
+    data = check_envelope(load_json(raw))
     if data.get("event_type") != "chat.feedback":
         raise DecodeError(f"expected chat.feedback, got {data.get('event_type')!r}")
     try:
         return FeedbackEvent.model_validate(data)
     except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise DecodeError(f"invalid chat.feedback: {errors}") from None
+        raise invalid("chat.feedback", exc) from None

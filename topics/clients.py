@@ -88,6 +88,13 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
 
 async def ensure_topics(settings: Settings, attempts: int = 30) -> list[str]:
     """Create every registry topic that does not exist yet (idempotent). Returns the names created."""
+    wanted = {topic(s.name, settings.topic_prefix): (s.partitions, s.config()) for s in REGISTRY}
+    return await create_missing_topics(settings, wanted, attempts)
+
+
+async def create_missing_topics(settings: Settings, wanted: dict[str, tuple[int, dict[str, str]]], attempts: int = 30) -> list[str]:
+    """Create the topics of ``wanted`` (physical name -> (partitions, config)) that do not exist yet,
+    waiting up to ``attempts`` seconds for the broker (idempotent). Returns the names created."""
     admin = make_admin(settings)
     for i in range(attempts):
         try:
@@ -100,16 +107,16 @@ async def ensure_topics(settings: Settings, attempts: int = 30) -> list[str]:
             await asyncio.sleep(1.0)
     try:
         existing = set(await admin.list_topics())
-        wanted = [
-            NewTopic(name=topic(s.name, settings.topic_prefix), num_partitions=s.partitions, replication_factor=settings.kafka_replication_factor, topic_configs=s.config())
-            for s in REGISTRY
-            if topic(s.name, settings.topic_prefix) not in existing
+        new = [
+            NewTopic(name=name, num_partitions=parts, replication_factor=settings.kafka_replication_factor, topic_configs=config)
+            for name, (parts, config) in wanted.items()
+            if name not in existing
         ]
-        if wanted:
+        if new:
             try:
-                await admin.create_topics(wanted)
+                await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
-        return [t.name for t in wanted]
+        return [t.name for t in new]
     finally:
         await admin.close()
