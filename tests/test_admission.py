@@ -22,7 +22,7 @@ from edge.admission import Load, decide
 from tests.conftest import end_offsets, free_port
 from topics.registry import CHAT_REQUESTS
 
-LONG = {"model": "chatbus-tiny", "messages": [{"role": "user", "content": "Tell me about Python lists."}], "max_tokens": 400, "temperature": 0, "stream": True}
+LONG = {"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": "Tell me about Python lists."}], "max_tokens": 400, "temperature": 0, "stream": True}
 
 
 @contextmanager
@@ -85,7 +85,7 @@ async def test_overload_answers_429_with_retry_after_and_loses_nothing(stack: St
             # the official client sees a RateLimitError
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
             with pytest.raises(openai.RateLimitError):
-                await client.chat.completions.create(model="chatbus-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+                await client.chat.completions.create(model="chatbus-tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
             results = await asyncio.gather(*held)
             assert [r[0] for r in results] == [200, 200]
             for _, _, chunks in results:  # the admitted turns completed normally

@@ -9,11 +9,11 @@ from batches.input import BatchFileError, parse_batch
 from batches.store import parse_request_id, request_id
 from chatbus.config import Settings
 
-SETTINGS = Settings(served_model_name="chatbus-tiny", max_batch_lines=10)
+SETTINGS = Settings(served_model_name="chatbus-tiny-random", max_batch_lines=10)
 
 
 def openai_line(custom_id: str, **body: object) -> bytes:
-    request = {"model": "chatbus-tiny", "messages": [{"role": "user", "content": "hi"}], **body}
+    request = {"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": "hi"}], **body}
     return orjson.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": request})
 
 
@@ -33,7 +33,7 @@ def test_each_bad_line_is_reported_with_its_number_and_the_rest_is_kept() -> Non
     )
     parsed = parse_batch(data, SETTINGS)
     assert [(x.line, x.custom_id) for x in parsed.lines] == [(1, "a"), (4, "short")]
-    assert parsed.lines[0].request.max_tokens == 5 and parsed.lines[1].request.model == "chatbus-tiny"
+    assert parsed.lines[0].request.max_tokens == 5 and parsed.lines[1].request.model == "chatbus-tiny-random"
     codes = {e.line: (e.custom_id, e.code) for e in parsed.invalid}
     assert codes == {
         3: (None, "invalid_json"),

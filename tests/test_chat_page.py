@@ -353,7 +353,7 @@ async def test_a_401_asks_for_the_api_key_and_every_call_then_sends_it(edge_url:
         await expect(page.locator("#banner")).to_contain_text("API key")
         await page.fill("#api-key", "sk-test")
         await page.click("#key-form button[type=submit]")
-        await expect(page.locator("#model-name")).to_have_text("model: chatbus-tiny")
+        await expect(page.locator("#model-name")).to_have_text("model: chatbus-tiny-random")
         await ask(page, "hello")
         await wait_idle(page)
         await expect(page.locator(".answer")).to_have_attribute("data-status", "done")
@@ -364,7 +364,7 @@ async def test_a_401_asks_for_the_api_key_and_every_call_then_sends_it(edge_url:
 
 async def test_dashboard_draws_its_plots(edge_url: str) -> None:
     async with httpx.AsyncClient(timeout=60) as http:  # at least one turn in the window
-        r = await http.post(f"{edge_url}/v1/chat/completions", json={"model": "chatbus-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        r = await http.post(f"{edge_url}/v1/chat/completions", json={"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200
     async with chat_page() as (page, errors):
         await page.goto(f"{edge_url}/dashboard?hours=1")
@@ -384,7 +384,7 @@ def sse_body(pieces: list[str], finish: str | None, citations: list[dict[str, An
     cid = "chatcmpl-scripted"
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        return {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": "chatbus-tiny",
+        return {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": "chatbus-tiny-random",
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
 
     events = [f"id: {cid}:0:0:0\ndata: {json.dumps(chunk({'role': 'assistant', 'content': ''}))}\n"]

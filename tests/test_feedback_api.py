@@ -20,7 +20,7 @@ from topics.registry import topic
 
 pytestmark = pytest.mark.stack
 
-MODEL = "chatbus-tiny"
+MODEL = "chatbus-tiny-random"
 
 
 async def ask(http: httpx.AsyncClient, edge_url: str, conversation: str, text: str, user: str = "tester", max_tokens: int = 8) -> dict[str, Any]:

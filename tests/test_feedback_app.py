@@ -28,7 +28,7 @@ from topics.registry import topic
 
 pytestmark = pytest.mark.stack
 
-MODEL = "chatbus-tiny"
+MODEL = "chatbus-tiny-random"
 USER = "analyst-test"
 
 

@@ -30,7 +30,7 @@ def total(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str
 async def streamed_turn(http: httpx.AsyncClient, edge_url: str, question: str) -> dict:
     """One streamed turn; returns the finish chunk (which carries ``timing``)."""
     finish = None
-    body = {"model": "chatbus-tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 12, "stream": True, "temperature": 0}
+    body = {"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": question}], "max_tokens": 12, "stream": True, "temperature": 0}
     async with http.stream("POST", f"{edge_url}/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():
@@ -56,7 +56,7 @@ async def test_each_turn_reports_its_split_into_stages_and_hops(edge_url: str) -
 
         plain = await http.post(
             f"{edge_url}/v1/chat/completions",
-            json={"model": "chatbus-tiny", "messages": [{"role": "user", "content": "What is a list?"}], "max_tokens": 4},
+            json={"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": "What is a list?"}], "max_tokens": 4},
         )
         assert plain.status_code == 200
         header = plain.headers["server-timing"]  # W3C Server-Timing, shown by browsers' dev tools

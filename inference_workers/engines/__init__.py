@@ -26,9 +26,10 @@ ENGINES = ("transformers", "vllm", "openai")
 def make_engine(settings: Settings) -> Engine:
     """Build (not start) the engine named by ``settings.engine``.
 
-    * ``transformers``: ``settings.resolved_model`` on ``settings.device``, up to
-      ``settings.max_inflight_turns`` requests generating at once. When ``settings.model`` is empty the
-      default tiny random model under ``state_dir`` is built first if missing (a few seconds).
+    * ``transformers``: ``settings.resolved_model`` on ``settings.device`` in ``settings.dtype``, up to
+      ``settings.max_inflight_turns`` requests generating at once. The tiny random model is built first if
+      missing (a few seconds); a packaged model that was not provisioned raises ``RuntimeError`` naming
+      ``make setup`` (provisioning downloads ~0.5 GB, never done behind a worker's back).
     * ``vllm``: ``settings.resolved_model`` with the ``vllm_*`` settings (needs a GPU and vLLM).
     * ``openai``: ``settings.openai_base_url`` / ``openai_api_key``, asking the upstream for
       ``settings.model`` (required).
@@ -39,13 +40,22 @@ def make_engine(settings: Settings) -> Engine:
     if kind == "transformers":
         from inference_workers.engines.transformers_engine import TransformersEngine
 
-        if not settings.model:
+        from chatbus.models import is_provisioned, resolve
+
+        target = resolve(settings.model, settings.build_dir)
+        if target.tiny:
             from chatbus.tiny_model import build_tiny_model
 
-            build_tiny_model(Path(settings.resolved_model))
+            build_tiny_model(Path(target.path))
+        elif target.packaged is not None and not is_provisioned(target.packaged, settings.build_dir / "models"):
+            raise RuntimeError(
+                f"{target.packaged.name} is not provisioned under {settings.build_dir / 'models'}: run `make setup` "
+                f"(or `chatbus models provision {target.packaged.name}`)"
+            )
         return TransformersEngine(
-            model=settings.resolved_model,
+            model=target.path,
             device=settings.device,
+            dtype=settings.dtype,
             max_model_len=settings.max_model_len,
             model_name=settings.model_name,
             max_concurrency=max(1, settings.max_inflight_turns),

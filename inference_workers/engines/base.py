@@ -43,6 +43,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    max_prompt_tokens: int | None = None  # prefill budget: the templated prompt is cut to fit it (None: context only)
 
 
 @dataclass
@@ -108,6 +109,7 @@ def fit_prompt(
     render: Callable[[list[dict[str, str]]], list[int]],
     max_model_len: int,
     max_tokens: int,
+    max_prompt_tokens: int | None = None,
 ) -> tuple[list[int], int]:
     """Token ids of the templated prompt, and the number of completion tokens allowed.
 
@@ -122,6 +124,8 @@ def fit_prompt(
     budget, only the last ``max_model_len - max_new_tokens`` tokens are kept.
     A ``max_tokens`` so large that the prompt would get less than half the context (or less than it
     needs, if it is shorter) is reduced instead; the generation then ends with ``"length"`` earlier.
+    ``max_prompt_tokens`` (the prefill budget) caps the prompt further, with the same cutting rules: the
+    prompt is at most ``min(max_model_len - max_new_tokens, max_prompt_tokens)`` tokens.
 
     Cost: O(log n) renders for n messages, never one per dropped message. The search gallops from the
     newest message (keep 1, 2, 4, ... trailing messages) and then bisects, so each render holds at most
@@ -136,6 +140,7 @@ def fit_prompt(
     if max_model_len < 2:
         raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
     half = max_model_len // 2
+    prompt_cap = max_prompt_tokens if max_prompt_tokens and max_prompt_tokens > 0 else max_model_len
     n_lead = 0
     while n_lead < len(messages) and messages[n_lead].get("role") in LEADING_ROLES:
         n_lead += 1
@@ -155,12 +160,12 @@ def fit_prompt(
     if m <= 1 or chars <= _FULL_RENDER_CHARS_PER_TOKEN * max_model_len:
         ids = keeping(m)
         max_new = max_new_for(ids)
-        if len(ids) <= max_model_len - max_new:
+        if len(ids) <= min(max_model_len - max_new, prompt_cap):
             return ids, max_new
-    # From here on the whole prompt is (or will turn out to be) at least half the context, so max_new and
-    # the budget no longer depend on its exact length. (A prompt shorter than half always fits.)
-    max_new = max(1, min(max_tokens, max_model_len - half))
-    budget = max_model_len - max_new
+    # From here on the whole prompt is (or will turn out to be) at least half the context or over the prefill
+    # budget, so max_new and the budget no longer depend on its exact length.
+    max_new = max(1, min(max_tokens, max_model_len - min(half, prompt_cap)))
+    budget = min(max_model_len - max_new, prompt_cap)
 
     good, bad = 0, m + 1  # keeping `good` trailing messages fits (0: none known); keeping `bad` does not
     if m in renders:
@@ -215,6 +220,33 @@ def warm_up_render(render: Callable[[list[dict[str, str]]], list[int]]) -> None:
         render([{"role": "user", "content": "hi"}])
     except Exception as exc:
         logger.warning("prompt renderer warm-up failed: %s", exc)
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token the chat template writes right after an assistant message (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>`` …), if it is a single special token; else ``None``.
+
+    Checkpoints converted from other formats sometimes name another token ``eos`` (a GGUF's tokenizer may
+    say ``<|im_start|>``), and a model that ends its turn with a token the engine does not stop on writes
+    on into a new turn of its own. Found by rendering a two-message conversation and reading what follows
+    the assistant's text, so it holds for any template."""
+    marker = "chatbusendofturnprobe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that needs something else: no probe
+        return None
+    tail = text[text.rfind(marker) + len(marker) :] if marker in text else ""
+    if not tail.strip():
+        return None
+    ids = tokenizer(tail.lstrip(" "), add_special_tokens=False)["input_ids"]
+    if not ids:
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    first = int(ids[0])
+    return first if first in special or first in added else None
 
 
 # --------------------------------------------------------------------------------------------------

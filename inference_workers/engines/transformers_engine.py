@@ -59,6 +59,7 @@ from inference_workers.engines.base import (
     GenerationRequest,
     IncrementalDetokenizer,
     StopMatcher,
+    end_of_turn_id,
     fit_prompt,
     warm_up_render,
 )
@@ -66,6 +67,7 @@ from inference_workers.engines.base import (
 logger = logging.getLogger(__name__)
 
 MODES = ("continuous_batching", "threads")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 _MODE_ALIASES = {"cb": "continuous_batching", "continuous_batching": "continuous_batching", "threads": "threads"}
 
 # Fallback for models without a chat template (base models): ChatML.
@@ -75,6 +77,27 @@ _CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+def _checkpoint_dtype(path: str) -> Any:
+    """The dtype a checkpoint's ``config.json`` declares (``dtype`` / ``torch_dtype``), for CPU serving:
+    float16 becomes bfloat16 (CPU fp16 matmuls are slow), missing or unknown becomes float32."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    name = None
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+            name = data.get("dtype") or data.get("torch_dtype")
+        except (OSError, ValueError):
+            name = None
+    if name in ("bfloat16", "float16"):
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass
@@ -94,6 +117,9 @@ class TransformersEngine(Engine):
         max_model_len: context length in tokens (prompt + completion).
         model_name: the name reported to clients (default: ``model``).
         mode: ``"continuous_batching"`` (default, alias ``"cb"``) or ``"threads"``.
+        dtype: ``"auto"`` — on CUDA bf16 (fp16 where bf16 is unsupported); on CPU the checkpoint's own dtype,
+            with fp16 read as bf16 (CPU fp16 kernels are slow) — or ``"float32"``, ``"bfloat16"``,
+            ``"float16"``. On 2 CPU cores bf16 prefills Qwen2.5-0.5B ~6x faster than fp32 (README).
         max_concurrency: requests generating at once; more wait in line (and count as active).
         cb_config: a ``ContinuousBatchingConfig`` overriding the engine's sizing (continuous batching).
     """
@@ -107,7 +133,10 @@ class TransformersEngine(Engine):
         mode: str = "continuous_batching",
         max_concurrency: int = 8,
         cb_config: Any = None,
+        dtype: str = "auto",
     ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
         if mode not in _MODE_ALIASES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if max_concurrency < 1:
@@ -119,6 +148,7 @@ class TransformersEngine(Engine):
         self.mode = _MODE_ALIASES[mode]
         self.max_concurrency = max_concurrency
         self._cb_config_override = cb_config
+        self.dtype_request = dtype
 
         self.device: Any = None  # torch.device once started
         self._model: Any = None
@@ -167,10 +197,12 @@ class TransformersEngine(Engine):
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(self.device_request)
-        if device.type == "cuda":
+        if self.dtype_request != "auto":
+            dtype: Any = getattr(torch, self.dtype_request)
+        elif device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
-            dtype = torch.float32
+            dtype = _checkpoint_dtype(self.model_path)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if not getattr(tokenizer, "chat_template", None):
             logger.warning("%s has no chat template; using ChatML", self.model_path)
@@ -181,7 +213,7 @@ class TransformersEngine(Engine):
 
         eos: set[int] = set()
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        for value in (gen_eos, tokenizer.eos_token_id):
+        for value in (gen_eos, tokenizer.eos_token_id, end_of_turn_id(tokenizer)):
             if isinstance(value, int):
                 eos.add(value)
             elif isinstance(value, (list, tuple)):
@@ -318,7 +350,7 @@ class TransformersEngine(Engine):
 
     def _prepare(self, req: GenerationRequest) -> tuple[list[int], int]:
         """Prompt token ids and ``max_new_tokens`` for ``req`` (blocking: run it in a worker thread)."""
-        return fit_prompt(req.messages, self._render, self.max_model_len, req.max_tokens)
+        return fit_prompt(req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens)
 
     # ----------------------------------------------------------------------------------- generation
 

@@ -133,7 +133,7 @@ class VllmEngine(Engine):
             raise RuntimeError("engine not started")
         # Chat template + tokenization + fitting is CPU-bound and grows with the request: off the event loop.
         ids, max_new = await asyncio.to_thread(
-            fit_prompt, req.messages, self._render, self.max_model_len, req.max_tokens
+            fit_prompt, req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens
         )
         engine = self._engine
         if engine is None:
