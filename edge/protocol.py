@@ -108,8 +108,8 @@ class ChatCompletionRequest(BaseModel):
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=self.temperature,  # None: the model's default (SamplingParams)
+            top_p=self.top_p,
             stop=list(self.stop or []),
             seed=self.seed,
         )

@@ -57,11 +57,14 @@ def last_user_text(messages: list[ChatMessage]) -> str:
 
 
 class SamplingParams(_Model):
-    """Generation parameters, OpenAI-compatible meanings. ``max_tokens`` counts completion tokens."""
+    """Generation parameters, OpenAI-compatible meanings. ``max_tokens`` counts completion tokens.
+
+    ``temperature`` / ``top_p`` left ``None`` (the client did not set them) take the served model's own
+    defaults from its ``generation_config.json`` (as vLLM's server does), else OpenAI's 1.0."""
 
     max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
 

@@ -116,7 +116,7 @@ def test_parse_request_maps_openai_parameters() -> None:
         {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_completion_tokens": 9, "stop": "END", "seed": 3}
     )
     sp = req.sampling(256)
-    assert (sp.max_tokens, sp.stop, sp.seed, sp.temperature) == (9, ["END"], 3, 1.0)
+    assert (sp.max_tokens, sp.stop, sp.seed, sp.temperature) == (9, ["END"], 3, None)  # None: the model's default
     assert req.chat_messages()[0].content == "hi"
 
 

@@ -34,13 +34,14 @@ FINISH_LENGTH = "length"
 class GenerationRequest:
     """One generation. ``messages`` is the whole prompt (``[{"role": ..., "content": ...}]``); the engine
     applies the model's chat template. ``max_tokens`` counts completion tokens. ``temperature == 0``
-    means greedy. ``seed`` is honoured where the engine supports per-request seeds (see each engine)."""
+    means greedy; ``temperature`` / ``top_p`` ``None`` mean the model's defaults (:func:`sampling_defaults`).
+    ``seed`` is honoured where the engine supports per-request seeds (see each engine)."""
 
     request_id: str
     messages: list[dict[str, str]]
     max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     max_prompt_tokens: int | None = None  # prefill budget: the templated prompt is cut to fit it (None: context only)
@@ -205,6 +206,30 @@ def fit_prompt(
         max_new,
     )
     return ids, max_new
+
+
+def sampling_defaults(generation_config: Any) -> tuple[float, float]:
+    """``(temperature, top_p)`` a request gets when it sets neither: the model's ``generation_config``
+    values when it samples (``do_sample``), else OpenAI's defaults ``(1.0, 1.0)`` — vLLM's OpenAI server
+    reads the same file the same way (``--generation-config auto``). Model authors tune these: Qwen2.5
+    ships ``temperature 0.7, top_p 0.8``; a 0.5B model sampled at 1.0 writes visibly worse code."""
+    if generation_config is None or not getattr(generation_config, "do_sample", False):
+        return 1.0, 1.0
+    temperature = getattr(generation_config, "temperature", None)
+    top_p = getattr(generation_config, "top_p", None)
+    return (float(temperature) if temperature is not None else 1.0, float(top_p) if top_p is not None else 1.0)
+
+
+def load_sampling_defaults(model_path: str) -> tuple[float, float]:
+    """:func:`sampling_defaults` of the ``generation_config.json`` at ``model_path`` (a folder or a cached
+    Hugging Face id); ``(1.0, 1.0)`` when there is none or it cannot be read."""
+    try:
+        from transformers import GenerationConfig
+
+        return sampling_defaults(GenerationConfig.from_pretrained(model_path))
+    except Exception as exc:  # no generation_config.json, offline without a cache, …
+        logger.debug("no generation config for %s (%s): OpenAI's sampling defaults", model_path, exc)
+        return 1.0, 1.0
 
 
 def warm_up_render(render: Callable[[list[dict[str, str]]], list[int]]) -> None:

@@ -88,8 +88,8 @@ class OpenAIEngine(Engine):
             "model": self.model,
             "messages": req.messages,
             "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
+            **({} if req.temperature is None else {"temperature": req.temperature}),  # None: the upstream's default
+            **({} if req.top_p is None else {"top_p": req.top_p}),
             "stream": True,
             "stream_options": {"include_usage": True},
         }

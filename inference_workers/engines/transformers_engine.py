@@ -61,6 +61,7 @@ from inference_workers.engines.base import (
     StopMatcher,
     end_of_turn_id,
     fit_prompt,
+    sampling_defaults,
     warm_up_render,
 )
 
@@ -149,6 +150,7 @@ class TransformersEngine(Engine):
         self.max_concurrency = max_concurrency
         self._cb_config_override = cb_config
         self.dtype_request = dtype
+        self.default_temperature, self.default_top_p = 1.0, 1.0  # from generation_config.json once loaded
 
         self.device: Any = None  # torch.device once started
         self._model: Any = None
@@ -232,6 +234,7 @@ class TransformersEngine(Engine):
             )
             self.max_model_len = positions
         self.device, self._model, self._tokenizer, self._eos_ids = device, model, tokenizer, eos
+        self.default_temperature, self.default_top_p = sampling_defaults(model.generation_config)
         self._vocab_size = int(text_config.vocab_size)
         warm_up_render(self._render)  # before generate() renders in several threads at once
 
@@ -339,6 +342,12 @@ class TransformersEngine(Engine):
         except (AttributeError, RuntimeError):  # internals changed, or mutated while we looked
             return True
 
+    def sampling_of(self, req: GenerationRequest) -> tuple[float, float]:
+        """The request's ``(temperature, top_p)``, the model's defaults filling what it left ``None``."""
+        temperature = self.default_temperature if req.temperature is None else float(req.temperature)
+        top_p = self.default_top_p if req.top_p is None else float(req.top_p)
+        return temperature, top_p
+
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
         if self._tokenizer is None:
             return None
@@ -419,10 +428,11 @@ class _CbStream:
         self._done = False
         if req.seed is not None:
             logger.debug("request %s: per-request seed is not supported in continuous batching; ignored", rid)
-        if req.temperature <= 0:
+        temperature, top_p = engine.sampling_of(req)
+        if temperature <= 0:
             kwargs = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         else:
-            kwargs = {"temperature": float(req.temperature), "top_k": engine._vocab_size, "top_p": float(req.top_p)}
+            kwargs = {"temperature": temperature, "top_k": engine._vocab_size, "top_p": top_p}
         manager.register_result_handler(rid, self._queue.put_nowait)
         accepted = manager.add_request(
             input_ids=ids,
@@ -530,12 +540,13 @@ class _ThreadStream:
             if abort.is_set():  # aborted (or engine stopping) before it started
                 push(loop, "error", RuntimeError("request aborted before it started"))
                 return
-            greedy = req.temperature <= 0
+            temperature, top_p = engine.sampling_of(req)
+            greedy = temperature <= 0
             config = GenerationConfig(
                 max_new_tokens=max_new,
                 do_sample=not greedy,
-                temperature=None if greedy else float(req.temperature),
-                top_p=None if greedy else float(req.top_p),
+                temperature=None if greedy else temperature,
+                top_p=None if greedy else top_p,
                 top_k=None if greedy else 0,  # no top-k: OpenAI semantics, whatever the model's defaults
                 eos_token_id=sorted(engine._eos_ids) or None,
                 pad_token_id=engine._pad_id(),

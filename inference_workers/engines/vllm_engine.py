@@ -36,6 +36,7 @@ from inference_workers.engines.base import (
     GenerationDelta,
     GenerationRequest,
     fit_prompt,
+    load_sampling_defaults,
     warm_up_render,
 )
 
@@ -74,6 +75,7 @@ class VllmEngine(Engine):
         self._tokenizer: Any = None
         self._sampling_params: Any = None
         self._output_kind: Any = None
+        self._defaults: tuple[float, float] = (1.0, 1.0)  # (temperature, top_p) from generation_config.json
         self._active: set[str] = set()
         self._ids = itertools.count()
 
@@ -112,6 +114,7 @@ class VllmEngine(Engine):
         self._engine, self._tokenizer = engine, tokenizer
         await asyncio.to_thread(warm_up_render, self._render)  # before generate() renders in threads
         self._sampling_params, self._output_kind = SamplingParams, RequestOutputKind
+        self._defaults = await asyncio.to_thread(load_sampling_defaults, self.model_path)
         logger.info("vllm engine ready: %s (max_model_len %d)", self.model_path, self.max_model_len)
 
     async def stop(self) -> None:
@@ -140,8 +143,8 @@ class VllmEngine(Engine):
             raise RuntimeError("engine stopped")
         params = self._sampling_params(
             max_tokens=max_new,
-            temperature=req.temperature,
-            top_p=req.top_p,
+            temperature=self._defaults[0] if req.temperature is None else req.temperature,
+            top_p=self._defaults[1] if req.top_p is None else req.top_p,
             stop=list(req.stop) or None,
             seed=req.seed,
             output_kind=self._output_kind.DELTA,
