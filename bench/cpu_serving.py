@@ -8,8 +8,9 @@ Usage (the default is the packaged default model, provisioned by ``make setup``)
 Three measurements with :class:`~inference_workers.engines.transformers_engine.TransformersEngine`, the
 engine the inference worker runs, in one process so every ratio shares the machine's noise:
 
-1. **dtype x threads** (``--dtypes``, ``--threads``): one stream, prefill of a ~750-token prompt and decode
-   tokens/s — the data behind ``CHATBUS_DTYPE=auto`` and the stack's thread count for the inference worker.
+1. **dtype x threads** (``--dtypes``, ``--threads``): one stream in the continuous-batching engine (the
+   worker's mode), prefill of a ~750-token prompt and decode tokens/s — the data behind
+   ``CHATBUS_DTYPE=auto`` and the stack's thread count for the inference worker.
 2. **decode at 1, 2, 4 concurrent streams** (``--streams``): the same ``--max-tokens`` greedy completions
    (``ignore_eos``-like: prompts that make the model write at length), aggregate tokens/s and per-stream
    tokens/s, with continuous batching (the default mode) and with ``threads`` mode run one at a time
@@ -110,22 +111,23 @@ async def main() -> None:
     target = resolve(args.model, settings.build_dir)
     results: dict[str, Any] = {"model": target.served_name, "path": target.path, "cpus": os.cpu_count()}
 
-    # 1. dtype x threads, one stream
+    # 1. dtype x threads, one stream. A fresh engine per cell: a thread's OpenMP team is sized when it first
+    # computes, so the engine's own threads must start after torch.set_num_threads (as in the worker process).
     grid = []
     for dtype in args.dtypes.split(","):
-        engine = TransformersEngine(target.path, device="cpu", dtype=dtype, mode="threads", max_concurrency=1, max_model_len=4096)
-        await engine.start()
-        try:
-            for threads in (int(t) for t in args.threads.split(",")):
-                torch.set_num_threads(threads)
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            engine = TransformersEngine(target.path, device="cpu", dtype=dtype, max_concurrency=1, max_model_len=4096)
+            await engine.start()
+            try:
                 await one(engine, "warm", sized_prompt(100), 4)
                 pre = await one(engine, "pre", sized_prompt(750), 1)
                 dec = await one(engine, "dec", long_prompt(0), args.max_tokens)
-                grid.append({"dtype": dtype, "threads": threads, "prefill_750_s": round(pre["ttft_s"], 3),
-                             "prompt_tokens": pre["prompt_tokens"], "decode_tok_s": round(dec["tokens"] / dec["decode_s"], 2)})
-                print(grid[-1], flush=True)
-        finally:
-            await engine.stop()
+            finally:
+                await engine.stop()
+            grid.append({"dtype": dtype, "threads": threads, "prefill_750_s": round(pre["ttft_s"], 3),
+                         "prompt_tokens": pre["prompt_tokens"], "decode_tok_s": round(dec["tokens"] / dec["decode_s"], 2)})
+            print(grid[-1], flush=True)
     results["dtype_threads"] = grid
     best = max(grid, key=lambda g: g["decode_tok_s"] / 2 + 750 / g["prefill_750_s"] / 100)
     torch.set_num_threads(best["threads"])

@@ -596,7 +596,13 @@ def _page(name: str) -> Callable[[Request], Awaitable[Response]]:
 async def list_models(request: Request) -> Response:
     _check_auth(request)
     settings: Settings = request.app.state.settings
-    model = {"id": settings.model_name, "object": "model", "created": request.app.state.started, "owned_by": "chatbus"}
+    model = {
+        "id": settings.model_name,
+        "object": "model",
+        "created": request.app.state.started,
+        "owned_by": "chatbus",
+        "max_model_len": settings.max_model_len,  # the served context in tokens (prompt + completion), as vLLM's card
+    }
     return ORJSONResponse({"object": "list", "data": [model]})
 
 

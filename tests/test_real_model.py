@@ -1,0 +1,133 @@
+"""Real answers: the stack with the default packaged model (Qwen2.5-Coder-0.5B-Instruct) and the default
+knowledge base, asked Python questions through the official ``openai`` client.
+
+Unlike the rest of the suite (the tiny random model, whose output is noise), these tests read the words:
+each streamed answer must name the API a Python programmer would expect, end with ``stop`` or ``length``,
+carry no chat-template tokens, and cite sources from the knowledge base. Greedy decoding (temperature 0)
+keeps them reproducible on one machine. The stack is this module's own (other ports, its own state), with
+the model that ``make setup`` provisions; ~3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from pymongo import AsyncMongoClient
+
+from chatbus.cli import default_corpus
+from chatbus.config import ROOT, Settings
+from chatbus.models import DEFAULT_MODEL, is_provisioned, packaged
+from chatbus.stack import Stack, free_port
+from retrieval_workers.ingest import ingest
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.stack
+
+# question -> patterns of which at least one must appear in the answer (the API that answers it)
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "How do I write JSON to a file in Python?": (r"json\.dump\(",),
+    "How can I read a text file one line at a time?": (r"for \w+ in \w+", r"\.readline\(", r"\.readlines\("),
+    "How do I catch a ZeroDivisionError?": (r"except\s+ZeroDivisionError",),
+    "How do I make a virtual environment for my project?": (r"-m venv",),
+    "How do I remove an item from a list by its index?": (r"\bdel\s+\w+\[", r"\.pop\("),
+}
+TEMPLATE_TOKENS = re.compile(r"<\|[a-z_]+\|>|<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>")
+
+
+@pytest.fixture(scope="module")
+def real_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    model = packaged(DEFAULT_MODEL)
+    assert model is not None
+    if not is_provisioned(model, ROOT / ".build" / "models"):
+        pytest.fail(f"{DEFAULT_MODEL} is not provisioned: run `make setup` (chatbus models provision)")
+    return Settings(
+        state_dir=tmp_path_factory.mktemp("chatbus-real"),
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        kafka_controller_port=free_port(),
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/",
+        mongo_db="chatbus_real",
+        edge_port=free_port(),
+        turn_timeout_s=240,
+        max_inflight_turns=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def real_stack(real_settings: Settings) -> Iterator[Stack]:
+    s = Stack(real_settings)
+    try:
+        s.up()
+        yield s
+    except BaseException:
+        for name in ("inference", "retrieval", "edge"):
+            log = s.paths.logs / f"{name}.log"
+            if log.exists():
+                print(f"===== {name}.log (tail) =====\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+        raise
+    finally:
+        s.down()
+
+
+@pytest.fixture(scope="module")
+async def knowledge_base(real_stack: Stack, real_settings: Settings) -> list[Path]:
+    paths = default_corpus()
+    assert await ingest(paths, real_settings, wait=True) > 0
+    return paths
+
+
+async def _ask(edge_url: str, question: str) -> tuple[str, list[Any]]:
+    client = openai.AsyncOpenAI(base_url=f"{edge_url}/v1", api_key="unused", max_retries=0, timeout=240)
+    stream = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=160,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+async def test_models_lists_the_default_model_with_its_context(real_stack: Stack, real_settings: Settings) -> None:
+    async with httpx.AsyncClient() as http:
+        listing = (await http.get(f"{real_stack.edge_url}/v1/models")).json()
+    [card] = listing["data"]
+    assert card["id"] == DEFAULT_MODEL and card["max_model_len"] == real_settings.max_model_len
+
+
+@pytest.mark.parametrize("question", list(QUESTIONS))
+async def test_grounded_python_answers(question: str, real_stack: Stack, real_settings: Settings, knowledge_base: list[Path]) -> None:
+    text, chunks = await _ask(real_stack.edge_url, question)
+    assert any(re.search(p, text) for p in QUESTIONS[question]), f"expected one of {QUESTIONS[question]} in:\n{text}"
+    assert not TEMPLATE_TOKENS.search(text), f"chat-template token leaked:\n{text}"
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finish] in (["stop"], ["length"])
+    citations = (finish[0].model_extra or {}).get("citations") or []
+    assert citations, "a grounded answer cites its sources"
+    corpus = [str(p) for p in knowledge_base]
+    assert all(any(c["source"].startswith(root) for root in corpus) for c in citations)
+    usage = chunks[-1].usage
+    assert usage is not None and 0 < usage.completion_tokens <= 160
+    assert usage.prompt_tokens <= real_settings.prefill_budget_tokens  # the prompt was fitted to the prefill budget
+    assert chunks[0].model == DEFAULT_MODEL
+
+
+async def test_the_recorded_answer_is_the_streamed_text(real_stack: Stack, real_settings: Settings, knowledge_base: list[Path]) -> None:
+    question = "Write a Python function that returns the square of a number, with a docstring saying « carré » ✓."
+    text, chunks = await _ask(real_stack.edge_url, question)
+    assert "def " in text and "```" in text  # a Markdown code block, as the chat page renders it
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(real_settings.mongo_uri, serverSelectionTimeoutMS=5000)
+    try:
+        db = client[real_settings.mongo_db]
+        turn = await eventually(lambda: db.turns.find_one({"_id": chunks[0].id, "answer": {"$exists": True}}), what="turn recorded")
+    finally:
+        await client.close()
+    assert turn["answer"]["text"] == text  # no PII here: stored exactly, multi-byte characters included
+    assert turn["answer"]["usage"]["completion_tokens"] == chunks[-1].usage.completion_tokens
