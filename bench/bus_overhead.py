@@ -157,12 +157,15 @@ async def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--direct-port", type=int, default=8999)
+    ap.add_argument("--questions", type=Path, default=None, help="one question a line, asked in order (distinct questions: no prefix-cache hits)")
+    ap.add_argument("--out", default="bus_overhead", help="results name under bench/results")
     args = ap.parse_args()
     settings = get_settings()
-    threads = int(os.environ.get("CHATBUS_TORCH_THREADS", max(1, (os.cpu_count() or 2) // 2)))
+    questions = [q.strip() for q in args.questions.read_text().splitlines() if q.strip()] if args.questions else QUESTIONS
+    threads = int(os.environ.get("CHATBUS_TORCH_THREADS") or (os.cpu_count() or 1))
     import torch
 
-    torch.set_num_threads(threads)  # as the stack gives its workers
+    torch.set_num_threads(threads)  # as the stack gives its inference worker (chatbus.stack: every core)
     client = AsyncOpenAI(base_url=f"http://{settings.edge_host}:{settings.edge_port}/v1", api_key="none", max_retries=0)
     engine = make_engine(settings)
     await engine.start()
@@ -174,7 +177,7 @@ async def main() -> None:
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             for i in range(args.warmup + args.turns):
-                q = QUESTIONS[i % len(QUESTIONS)]
+                q = questions[i % len(questions)]
                 bus = await bus_turn(client, settings.model_name, q, args.max_tokens)
                 prompt = await tail.prompt(bus["id"])
                 direct = await direct_turn(engine, prompt, args.max_tokens)
@@ -228,7 +231,7 @@ async def main() -> None:
     right.set_xlabel("ms")
     right.set_title("where the bus turn's TTFT goes")
     right.legend()
-    report.write("bus_overhead", {"turns": len(rows), "max_tokens": args.max_tokens, "model": settings.model_name, "summary_ms": summary, "ratios": ratios, "targets": verdicts, "per_turn": rows}, md, fig)
+    report.write(args.out, {"turns": len(rows), "max_tokens": args.max_tokens, "model": settings.model_name, "summary_ms": summary, "ratios": ratios, "targets": verdicts, "per_turn": rows}, md, fig)
 
 
 if __name__ == "__main__":
