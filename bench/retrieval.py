@@ -632,7 +632,7 @@ def main() -> None:
     real = embed_cached([c.text for c in chunks], settings.embedding_model, args.cache)
     embed_s = time.perf_counter() - t0
     qs = queries(args.queries)
-    embedder = get_embedder(settings.embedding_model)
+    embedder = get_embedder(settings.embedding_model, settings.embedding_backend)
     qv = embedder.encode(qs)
     lat = []
     for q in qs[:50]:

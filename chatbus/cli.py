@@ -196,9 +196,9 @@ def _ingest_default(settings: Settings) -> None:
 @main.command()
 @click.argument("question")
 @click.option("--url", default=None, help="Edge base URL (default: the configured edge).")
-@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Completion tokens at most (default: the edge's, CHATBUS_DEFAULT_MAX_TOKENS).")
 @click.option("--conversation", default=None, help="Conversation id to continue.")
-def chat(question: str, url: str | None, max_tokens: int, conversation: str | None) -> None:
+def chat(question: str, url: str | None, max_tokens: int | None, conversation: str | None) -> None:
     """Ask a question through the edge and stream the answer."""
     from openai import OpenAI
 
@@ -210,7 +210,7 @@ def chat(question: str, url: str | None, max_tokens: int, conversation: str | No
     stream = client.chat.completions.create(
         model=settings.model_name,
         messages=[{"role": "user", "content": question}],
-        max_tokens=max_tokens,
+        **({"max_tokens": max_tokens} if max_tokens else {}),
         stream=True,
         stream_options={"include_usage": True},
         extra_body=extra,

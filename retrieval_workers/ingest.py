@@ -37,7 +37,7 @@ def collect_chunks(paths: list[Path], settings: Settings) -> list[Chunk]:
 async def ingest(paths: list[Path], settings: Settings, *, wait: bool = True, progress: bool = True, timeout_s: float = 600) -> int:
     """Publish every chunk of ``paths``; returns the number of chunks. Raises TimeoutError if ``wait`` expires."""
     chunks = collect_chunks(paths, settings)
-    embedder = get_embedder(settings.embedding_model)
+    embedder = get_embedder(settings.embedding_model, settings.embedding_backend, bulk=True)
     name = topic(KB_INGEST, settings.topic_prefix)
     producer = make_producer(settings, max_request_size=16 * 1024 * 1024)
     await producer.start()

@@ -28,7 +28,7 @@ from batches.cancellations import CancelledBatches
 from consumers.gate import DownstreamGate
 from consumers.stage import Outgoing, StageWorker
 from producers.replies import whole_reply
-from retrieval_workers.embeddings import Embedder, get_embedder
+from retrieval_workers.embeddings import TextEmbedder, get_embedder
 from retrieval_workers.prompt import assemble
 from retrieval_workers.store import KnowledgeBase
 from schemas.events import AnyEvent, GroundedTurn, KbIngest, RetrievalResult, ScreenedTurn, last_user_text
@@ -37,7 +37,7 @@ from topics.registry import BATCH_GROUNDED, CHAT_GROUNDED, CHAT_SCREENED, INFERE
 log = logging.getLogger(__name__)
 
 class RetrievalStage:
-    def __init__(self, settings: Settings, kb: KnowledgeBase | None = None, embedder: Embedder | None = None) -> None:
+    def __init__(self, settings: Settings, kb: KnowledgeBase | None = None, embedder: TextEmbedder | None = None) -> None:
         self.settings = settings
         self.kb = kb or KnowledgeBase(settings.resolved_milvus_uri, settings.milvus_collection)
         self._embedder = embedder
@@ -47,9 +47,9 @@ class RetrievalStage:
         self.cancelled = CancelledBatches(settings)
 
     @property
-    def embedder(self) -> Embedder:
+    def embedder(self) -> TextEmbedder:
         if self._embedder is None:
-            self._embedder = get_embedder(self.settings.embedding_model)
+            self._embedder = get_embedder(self.settings.embedding_model, self.settings.embedding_backend)
         return self._embedder
 
     async def retrieve(self, turn: ScreenedTurn) -> RetrievalResult:

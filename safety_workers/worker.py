@@ -27,7 +27,7 @@ from batches.cancellations import CancelledBatches
 from consumers.gate import DownstreamGate
 from consumers.stage import Outgoing, StageWorker
 from producers.replies import whole_reply
-from retrieval_workers.embeddings import Embedder, get_embedder
+from retrieval_workers.embeddings import TextEmbedder, get_embedder
 from safety_workers.pii import mask_pii
 from safety_workers.policy import load_policy
 from safety_workers.screen import Screener
@@ -37,10 +37,10 @@ from topics.registry import BATCH_SCREENED, CHAT_REQUESTS, CHAT_SCREENED, RETRIE
 log = logging.getLogger(__name__)
 
 class SafetyStage:
-    def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
+    def __init__(self, settings: Settings, embedder: TextEmbedder | None = None) -> None:
         self.settings = settings
         self.policy = load_policy(settings.safety_policy)
-        self.embedder = embedder or get_embedder(settings.embedding_model)
+        self.embedder = embedder or get_embedder(settings.embedding_model, settings.embedding_backend)
         self.screener = Screener(self.policy, self.embedder.encode, default_threshold=settings.safety_similarity_threshold)
         self.cancelled = CancelledBatches(settings)
 
