@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     # Face id or a local path; empty = the default packaged model, Qwen2.5-Coder-0.5B-Instruct
     model: str = ""
     served_model_name: str = ""
-    # weights' dtype: auto = the checkpoint's own on CPU (bf16 for the packaged models: prefill ~6x faster
+    # weights' dtype: auto = the checkpoint's own on CPU (bf16 for the packaged models: prefill ~3x faster
     # than fp32 on 2 cores, see README), float16/bfloat16 on CUDA; or float32 | bfloat16 | float16
     dtype: str = "auto"
     engine: str = "transformers"  # transformers | vllm | openai

@@ -422,7 +422,7 @@ class Stack:
         env["CHATBUS_METRICS_PORT"] = str(port)
         if kind == "inference" and self.settings.torch_threads == 0:
             # generation is where the time goes; the other stages are idle while a turn prefills and decodes.
-            # Every core: Qwen2.5-0.5B bf16 prefills 1.9x and decodes 1.4x faster on 2 threads than on 1 (README)
+            # Every core: Qwen2.5-0.5B bf16 prefills 1.7x and decodes 1.5x faster on 2 threads than on 1 (README)
             env["CHATBUS_TORCH_THREADS"] = str(os.cpu_count() or 1)
         pid = self.spawn(kind, [sys.executable, "-m", "chatbus.cli", "worker", kind], env)
         (self.paths.pids / f"{kind}.metrics").write_text(f"{port}\n")

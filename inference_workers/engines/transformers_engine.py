@@ -120,7 +120,7 @@ class TransformersEngine(Engine):
         mode: ``"continuous_batching"`` (default, alias ``"cb"``) or ``"threads"``.
         dtype: ``"auto"`` — on CUDA bf16 (fp16 where bf16 is unsupported); on CPU the checkpoint's own dtype,
             with fp16 read as bf16 (CPU fp16 kernels are slow) — or ``"float32"``, ``"bfloat16"``,
-            ``"float16"``. On 2 CPU cores bf16 prefills Qwen2.5-0.5B ~6x faster than fp32 (README).
+            ``"float16"``. On 2 CPU cores bf16 prefills Qwen2.5-0.5B ~3x faster than fp32 (README).
         max_concurrency: requests generating at once; more wait in line (and count as active).
         cb_config: a ``ContinuousBatchingConfig`` overriding the engine's sizing (continuous batching).
     """
