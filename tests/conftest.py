@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,27 +38,21 @@ def tiny_model_dir() -> Path:
     return build_tiny_model(ROOT / ".build" / "tiny-model")
 
 
-@pytest.fixture(scope="session")
-def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Settings:
-    state = tmp_path_factory.mktemp("chatbus-state")
+def stack_settings(state: Path, **overrides: Any) -> Settings:
+    """Settings for a stack of its own: free loopback ports, the state folder ``state``."""
     return Settings(
         state_dir=state,
         kafka_bootstrap=f"127.0.0.1:{free_port()}",
         kafka_controller_port=free_port(),
         mongo_uri=f"mongodb://127.0.0.1:{free_port()}/",
-        mongo_db="chatbus_test",
         edge_port=free_port(),
-        model=str(tiny_model_dir),
-        served_model_name="chatbus-tiny-random",
-        turn_timeout_s=90,
-        max_inflight_turns=4,
-        default_max_tokens=32,
-        coalesce_ms=5,
+        **overrides,
     )
 
 
-@pytest.fixture(scope="session")
-def stack(settings: Settings) -> Iterator[Stack]:
+@contextmanager
+def running_stack(settings: Settings) -> Iterator[Stack]:
+    """Start every service of ``settings``' stack; on a failure print each service's log tail; stop it all."""
     s = Stack(settings)
     try:
         s.up()
@@ -70,6 +65,26 @@ def stack(settings: Settings) -> Iterator[Stack]:
         raise
     finally:
         s.down()
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Settings:
+    return stack_settings(
+        tmp_path_factory.mktemp("chatbus-state"),
+        mongo_db="chatbus_test",
+        model=str(tiny_model_dir),
+        served_model_name="chatbus-tiny-random",
+        turn_timeout_s=90,
+        max_inflight_turns=4,
+        default_max_tokens=32,
+        coalesce_ms=5,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings) -> Iterator[Stack]:
+    with running_stack(settings) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,9 @@ from pymongo import AsyncMongoClient
 from chatbus.cli import default_corpus
 from chatbus.config import ROOT, Settings
 from chatbus.models import DEFAULT_MODEL, is_provisioned, packaged
-from chatbus.stack import Stack, free_port
+from chatbus.stack import Stack
 from retrieval_workers.ingest import ingest
-from tests.conftest import eventually
+from tests.conftest import eventually, running_stack, stack_settings
 
 pytestmark = pytest.mark.stack
 
@@ -46,32 +46,13 @@ def real_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     assert model is not None
     if not is_provisioned(model, ROOT / ".build" / "models"):
         pytest.fail(f"{DEFAULT_MODEL} is not provisioned: run `make setup` (chatbus models provision)")
-    return Settings(
-        state_dir=tmp_path_factory.mktemp("chatbus-real"),
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        kafka_controller_port=free_port(),
-        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/",
-        mongo_db="chatbus_real",
-        edge_port=free_port(),
-        turn_timeout_s=240,
-        max_inflight_turns=2,
-    )
+    return stack_settings(tmp_path_factory.mktemp("chatbus-real"), mongo_db="chatbus_real", turn_timeout_s=240, max_inflight_turns=2)
 
 
 @pytest.fixture(scope="module")
 def real_stack(real_settings: Settings) -> Iterator[Stack]:
-    s = Stack(real_settings)
-    try:
-        s.up()
+    with running_stack(real_settings) as s:
         yield s
-    except BaseException:
-        for name in ("inference", "retrieval", "edge"):
-            log = s.paths.logs / f"{name}.log"
-            if log.exists():
-                print(f"===== {name}.log (tail) =====\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
-        raise
-    finally:
-        s.down()
 
 
 @pytest.fixture(scope="module")
