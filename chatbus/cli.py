@@ -210,7 +210,7 @@ def chat(question: str, url: str | None, max_tokens: int | None, conversation: s
     stream = client.chat.completions.create(
         model=settings.model_name,
         messages=[{"role": "user", "content": question}],
-        **({"max_tokens": max_tokens} if max_tokens else {}),
+        max_tokens=max_tokens,  # None: the edge's default
         stream=True,
         stream_options={"include_usage": True},
         extra_body=extra,

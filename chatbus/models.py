@@ -284,7 +284,7 @@ def convert(model: PackagedModel, gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # transformers refuses save_pretrained on a GGUF-quantised model; the weights are dequantised already
-    lm.hf_quantizer = None
+    lm.hf_quantizer = None  # type: ignore[assignment]  # torch stubs type module attributes as Tensor | Module
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
     vocab = tokenizer.get_vocab()
