@@ -112,3 +112,22 @@ async def test_the_recorded_answer_is_the_streamed_text(real_stack: Stack, real_
         await client.close()
     assert turn["answer"]["text"] == text  # no PII here: stored exactly, multi-byte characters included
     assert turn["answer"]["usage"]["completion_tokens"] == chunks[-1].usage.completion_tokens
+
+
+async def test_the_other_packaged_model_ends_its_turn() -> None:
+    """SmolLM2's GGUF names ``<|im_start|>`` as eos; provisioning makes ``<|im_end|>`` the end of turn, so
+    the model stops where its chat template says (``stop``), with no template token in the text."""
+    from inference_workers.engines import GenerationRequest
+    from inference_workers.engines.transformers_engine import TransformersEngine
+
+    model = packaged("smollm2-135m")
+    assert model is not None and is_provisioned(model, ROOT / ".build" / "models")
+    engine = TransformersEngine(str(ROOT / ".build" / "models" / model.name), device="cpu", max_concurrency=1)
+    await engine.start()
+    try:
+        deltas = [d async for d in engine.generate(GenerationRequest("smol", [{"role": "user", "content": "Say hello in one short sentence."}], max_tokens=96, temperature=0))]
+    finally:
+        await engine.stop()
+    text = "".join(d.text for d in deltas)
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens < 96
+    assert text.strip() and not TEMPLATE_TOKENS.search(text)
