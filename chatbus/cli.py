@@ -376,10 +376,6 @@ def dpo_export(fmt: str, kind: str, since: str | None, output: Path | None) -> N
     click.echo(f"{n} {kind} records -> {path}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --- batch jobs ---------------------------------------------------------------------------------------------
 
 
@@ -509,3 +505,7 @@ def batch_rebuild() -> None:
     _setup_logging(settings)
     n = asyncio.run(rebuild(settings))
     click.echo(f"replayed {n} events")
+
+
+if __name__ == "__main__":  # last: every command group above is defined by now
+    main()

@@ -40,3 +40,10 @@ def test_operator_views(stack: Stack) -> None:
     status = chatbus(stack, "stack", "status")
     assert all(f"{name}" in status for name in ("kafka", "ferretdb", "edge"))
     assert "stopped" not in status
+
+
+@pytest.mark.parametrize("group", ["batch", "models", "feedback", "dpo", "stack"])
+def test_every_command_group_answers_help_under_python_m(group: str) -> None:
+    """``python -m chatbus.cli GROUP --help`` finds every group (``main()`` runs after all are defined)."""
+    proc = subprocess.run([sys.executable, "-m", "chatbus.cli", group, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Usage:" in proc.stdout, proc.stderr[-2000:]
