@@ -1,4 +1,4 @@
-"""Fixtures: one real local stack per test session (Kafka KRaft, FerretDB, the four workers, the edge).
+"""Fixtures: one real local stack per test session (Kafka KRaft, FerretDB, the six workers, the edge).
 
 Everything runs on free loopback ports with a fresh state folder, so a session never touches a stack
 started with ``make up``. Helpers here read topics with a plain aiokafka consumer and poll with

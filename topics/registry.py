@@ -1,6 +1,6 @@
 """The topic registry: every topic chatbus uses, with its partitions, key, retention and purpose.
 
-Topics are created idempotently at start-up (:func:`topics.admin.ensure_topics`). Names may be
+Topics are created idempotently at start-up (:func:`topics.clients.ensure_topics`). Names may be
 prefixed with ``CHATBUS_TOPIC_PREFIX`` so several deployments (or test runs) share one cluster.
 """
 
