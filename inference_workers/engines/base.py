@@ -220,6 +220,13 @@ def sampling_defaults(generation_config: Any) -> tuple[float, float]:
     return (float(temperature) if temperature is not None else 1.0, float(top_p) if top_p is not None else 1.0)
 
 
+def resolve_sampling(req: GenerationRequest, defaults: tuple[float, float]) -> tuple[float, float]:
+    """The request's ``(temperature, top_p)``, ``defaults`` (:func:`sampling_defaults`) filling what it left ``None``."""
+    temperature = defaults[0] if req.temperature is None else float(req.temperature)
+    top_p = defaults[1] if req.top_p is None else float(req.top_p)
+    return temperature, top_p
+
+
 def load_sampling_defaults(model_path: str) -> tuple[float, float]:
     """:func:`sampling_defaults` of the ``generation_config.json`` at ``model_path`` (a folder or a cached
     Hugging Face id); ``(1.0, 1.0)`` when there is none or it cannot be read."""

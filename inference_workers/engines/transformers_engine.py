@@ -61,6 +61,7 @@ from inference_workers.engines.base import (
     StopMatcher,
     end_of_turn_id,
     fit_prompt,
+    resolve_sampling,
     sampling_defaults,
     warm_up_render,
 )
@@ -78,27 +79,6 @@ _CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-def _checkpoint_dtype(path: str) -> Any:
-    """The dtype a checkpoint's ``config.json`` declares (``dtype`` / ``torch_dtype``), for CPU serving:
-    float16 becomes bfloat16 (CPU fp16 matmuls are slow), missing or unknown becomes float32."""
-    import json
-    from pathlib import Path
-
-    import torch
-
-    name = None
-    config = Path(path) / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text())
-            name = data.get("dtype") or data.get("torch_dtype")
-        except (OSError, ValueError):
-            name = None
-    if name in ("bfloat16", "float16"):
-        return torch.bfloat16
-    return torch.float32
 
 
 @dataclass
@@ -150,7 +130,7 @@ class TransformersEngine(Engine):
         self.max_concurrency = max_concurrency
         self._cb_config_override = cb_config
         self.dtype_request = dtype
-        self.default_temperature, self.default_top_p = 1.0, 1.0  # from generation_config.json once loaded
+        self._sampling_defaults = (1.0, 1.0)  # (temperature, top_p) from generation_config.json once loaded
 
         self.device: Any = None  # torch.device once started
         self._model: Any = None
@@ -204,12 +184,14 @@ class TransformersEngine(Engine):
         elif device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
-            dtype = _checkpoint_dtype(self.model_path)
+            dtype = "auto"  # transformers reads the checkpoint's own dtype (local folder or hub id alike)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if not getattr(tokenizer, "chat_template", None):
             logger.warning("%s has no chat template; using ChatML", self.model_path)
             tokenizer.chat_template = _CHATML
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if device.type == "cpu" and model.dtype == torch.float16:
+            model.to(torch.bfloat16)  # type: ignore[arg-type]  # CPU fp16 kernels are slow; bf16 keeps the range fp16 weights need
         model.to(device)  # type: ignore[arg-type]  # torch stubs type Module.to loosely
         model.eval()
 
@@ -234,7 +216,7 @@ class TransformersEngine(Engine):
             )
             self.max_model_len = positions
         self.device, self._model, self._tokenizer, self._eos_ids = device, model, tokenizer, eos
-        self.default_temperature, self.default_top_p = sampling_defaults(model.generation_config)
+        self._sampling_defaults = sampling_defaults(model.generation_config)
         self._vocab_size = int(text_config.vocab_size)
         warm_up_render(self._render)  # before generate() renders in several threads at once
 
@@ -342,12 +324,6 @@ class TransformersEngine(Engine):
         except (AttributeError, RuntimeError):  # internals changed, or mutated while we looked
             return True
 
-    def sampling_of(self, req: GenerationRequest) -> tuple[float, float]:
-        """The request's ``(temperature, top_p)``, the model's defaults filling what it left ``None``."""
-        temperature = self.default_temperature if req.temperature is None else float(req.temperature)
-        top_p = self.default_top_p if req.top_p is None else float(req.top_p)
-        return temperature, top_p
-
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
         if self._tokenizer is None:
             return None
@@ -428,7 +404,7 @@ class _CbStream:
         self._done = False
         if req.seed is not None:
             logger.debug("request %s: per-request seed is not supported in continuous batching; ignored", rid)
-        temperature, top_p = engine.sampling_of(req)
+        temperature, top_p = resolve_sampling(req, engine._sampling_defaults)
         if temperature <= 0:
             kwargs = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         else:
@@ -540,7 +516,7 @@ class _ThreadStream:
             if abort.is_set():  # aborted (or engine stopping) before it started
                 push(loop, "error", RuntimeError("request aborted before it started"))
                 return
-            temperature, top_p = engine.sampling_of(req)
+            temperature, top_p = resolve_sampling(req, engine._sampling_defaults)
             greedy = temperature <= 0
             config = GenerationConfig(
                 max_new_tokens=max_new,

@@ -37,6 +37,7 @@ from inference_workers.engines.base import (
     GenerationRequest,
     fit_prompt,
     load_sampling_defaults,
+    resolve_sampling,
     warm_up_render,
 )
 
@@ -141,10 +142,11 @@ class VllmEngine(Engine):
         engine = self._engine
         if engine is None:
             raise RuntimeError("engine stopped")
+        temperature, top_p = resolve_sampling(req, self._defaults)
         params = self._sampling_params(
             max_tokens=max_new,
-            temperature=self._defaults[0] if req.temperature is None else req.temperature,
-            top_p=self._defaults[1] if req.top_p is None else req.top_p,
+            temperature=temperature,
+            top_p=top_p,
             stop=list(req.stop) or None,
             seed=req.seed,
             output_kind=self._output_kind.DELTA,
