@@ -4,5 +4,5 @@
 * :mod:`batches.store` — batch state, files and per-line results in the MongoDB API;
 * :mod:`batches.service` — the Python API (submit, status, cancel, results) used by the CLI and the edge;
 * :mod:`batches.collector` — the worker that materialises the ``batch.*`` topics into the store;
-* :mod:`batches.cancellations` — how the pipeline stages learn that a batch was cancelled.
+* :mod:`consumers.cancellations` — how the pipeline stages learn that a batch was cancelled.
 """

@@ -28,9 +28,16 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from batches.store import OPEN, BatchStore, parse_request_id
-from chatbus.config import Settings
-from consumers.stage import Outgoing, RetryLater, StageWorker
-from schemas.events import AnyEvent, BatchCancelled, BatchCreated, DeadLetter, TurnCompleted
+from consumers.stage import RetryLater, StageWorker
+from core.config import Settings
+from producers.bus import Outgoing
+from schemas.events import (
+    AnyEvent,
+    BatchCancelled,
+    BatchCreated,
+    DeadLetter,
+    TurnCompleted,
+)
 from topics.registry import BATCH_LANE, BATCH_RESULTS, BATCHES, CHAT_DLQ, topic
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,13 @@ from dataclasses import dataclass
 
 import orjson
 
-from chatbus.config import Settings
-from edge.protocol import APIError, ChatCompletionRequest, check_supported, parse_request
+from core.config import Settings
+from edge.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    check_supported,
+    parse_request,
+)
 from schemas.events import BatchLineError
 
 CHAT_COMPLETIONS = "/v1/chat/completions"

@@ -14,9 +14,9 @@ from pymongo import AsyncMongoClient
 
 from batches.collector import BatchCollector
 from batches.store import BatchStore
-from chatbus.config import Settings
-from chatbus.ops import read_records
+from core.config import Settings
 from schemas.events import DecodeError, decode
+from topics.ops import read_records
 from topics.registry import BATCH_JOBS, BATCH_RESULTS, CHAT_DLQ, topic
 
 

@@ -37,9 +37,15 @@ from tqdm import tqdm
 
 from batches.input import CHAT_COMPLETIONS, BatchFileError, parse_batch
 from batches.store import TERMINAL, BatchStore, error_file_id, request_id
-from chatbus.config import Settings
+from core.config import Settings
 from edge.protocol import APIError
-from schemas.events import BatchCancelled, BatchCreated, BatchRef, ChatTurnRequest, ReplyTo
+from schemas.events import (
+    BatchCancelled,
+    BatchCreated,
+    BatchRef,
+    ChatTurnRequest,
+    ReplyTo,
+)
 from topics.clients import make_producer
 from topics.registry import BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, topic
 

@@ -28,8 +28,8 @@ import orjson
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
+from core.pii import mask_pii
 from edge.protocol import completion_body
-from safety_workers.pii import mask_pii
 from schemas.events import BatchCreated, BatchLineError, TurnCompleted
 
 CHUNK_BYTES = 1024 * 1024

@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from bus_overhead import QUESTIONS  # bench/ is the script's folder
 from openai import AsyncOpenAI
 from pymongo import AsyncMongoClient
-from bus_overhead import QUESTIONS  # bench/ is the script's folder
 from report import pct
 
 from batches.service import BatchService
-from chatbus.config import Settings, get_settings
-from chatbus.ops import end_offsets
+from core.config import Settings, get_settings
 from schemas.timing import HOPS, STAGES
+from topics.ops import end_offsets
 from topics.registry import BATCH_RESULTS, topic
 
 SPANS = {**STAGES, **HOPS}

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import report  # noqa: E402  (bench/ is the script's folder)
 
-from chatbus.config import get_settings  # noqa: E402
+from core.config import get_settings  # noqa: E402
 from inference_workers.engines import GenerationRequest, make_engine  # noqa: E402
 from schemas.events import GroundedTurn, decode  # noqa: E402
 from topics.clients import make_consumer, partitions_of  # noqa: E402

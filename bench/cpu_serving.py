@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import report  # noqa: E402  (bench/ is the script's folder)
 
-from chatbus.config import Settings  # noqa: E402
 from chatbus.models import resolve  # noqa: E402
+from core.config import Settings  # noqa: E402
 from inference_workers.engines import GenerationRequest  # noqa: E402
 from inference_workers.engines.transformers_engine import TransformersEngine  # noqa: E402
 

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # this checkout's packages, not whichever one the venv was installed from
     sys.path.insert(0, str(ROOT))
 
-from chatbus.config import Settings  # noqa: E402
 from chatbus.stack import free_port  # noqa: E402
+from core.config import Settings  # noqa: E402
 
 PY = sys.executable
 # Admission control (429 past a number of in-flight turns or a reply lag) must not limit a bench of the

@@ -21,7 +21,7 @@ def main() -> None:
     import uvicorn
 
     from chatbus.cli import _setup_logging
-    from chatbus.config import get_settings
+    from core.config import get_settings
     from edge.app import create_app
 
     out = Path(os.environ.get("BENCH_TRACEMALLOC_DIR", "."))

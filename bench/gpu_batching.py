@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import report  # noqa: E402  (bench/ is the script's folder)
 
-from chatbus.config import ROOT  # noqa: E402
 from chatbus.tiny_model import build_tiny_model  # noqa: E402
+from core.config import ROOT  # noqa: E402
 from inference_workers.engines import GenerationRequest  # noqa: E402
 from inference_workers.engines.transformers_engine import TransformersEngine  # noqa: E402
 

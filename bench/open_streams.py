@@ -51,7 +51,22 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (edge_harness, report, relay_throughput)
-from edge_harness import ROOT, BenchEdge, BenchError, Role, bench_settings, check_broker, cpu_seconds, exit_on_sigterm, runtime_info, runtime_line, ensure_topics, memory, raise_nofile, serve_role  # noqa: E402
+from edge_harness import (  # noqa: E402
+    ROOT,
+    BenchEdge,
+    BenchError,
+    Role,
+    bench_settings,
+    check_broker,
+    cpu_seconds,
+    ensure_topics,
+    exit_on_sigterm,
+    memory,
+    raise_nofile,
+    runtime_info,
+    runtime_line,
+    serve_role,
+)
 
 NAME = "open_streams"
 KB = 1000
@@ -182,7 +197,12 @@ async def role_client() -> None:
 async def role_answerer(prefix: str) -> None:
     from relay_throughput import LoadTurn, completion_event, token_event
 
-    from topics.clients import make_consumer, make_producer, partitions_of, records_forever
+    from topics.clients import (
+        make_consumer,
+        make_producer,
+        partitions_of,
+        records_forever,
+    )
     from topics.registry import CHAT_CONTROL, CHAT_REQUESTS, topic
 
     settings = bench_settings(prefix)

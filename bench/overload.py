@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import report  # noqa: E402  (bench/ is the script's folder)
 from edge_harness import BenchEdge  # noqa: E402
 
-from chatbus.config import get_settings  # noqa: E402
-from chatbus.ops import end_offsets  # noqa: E402
+from core.config import get_settings  # noqa: E402
+from topics.ops import end_offsets  # noqa: E402
 from topics.registry import CHAT_REQUESTS, topic  # noqa: E402
 
 QUESTION = "Explain how Python's for loop works, with an example."

@@ -73,9 +73,24 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (edge_harness, report)
-from edge_harness import ROOT, BenchEdge, BenchError, Role, bench_settings, check_broker, cpu_seconds, exit_on_sigterm, runtime_info, runtime_line, ensure_topics, memory, raise_nofile, runq_wait_seconds, serve_role  # noqa: E402
-
 import psutil  # noqa: E402
+from edge_harness import (  # noqa: E402
+    ROOT,
+    BenchEdge,
+    BenchError,
+    Role,
+    bench_settings,
+    check_broker,
+    cpu_seconds,
+    ensure_topics,
+    exit_on_sigterm,
+    memory,
+    raise_nofile,
+    runq_wait_seconds,
+    runtime_info,
+    runtime_line,
+    serve_role,
+)
 
 NAME = "relay_throughput"
 COALESCE_TOKENS = 8  # as Settings.coalesce_tokens / coalesce_ms (the worker's defaults)
@@ -149,7 +164,12 @@ def completion_event(t: LoadTurn, now: float, model: str) -> bytes:
 
 
 async def role_loadgen(prefix: str) -> None:
-    from topics.clients import make_consumer, make_producer, partitions_of, records_forever
+    from topics.clients import (
+        make_consumer,
+        make_producer,
+        partitions_of,
+        records_forever,
+    )
     from topics.registry import CHAT_REQUESTS, topic
 
     settings = bench_settings(prefix)

@@ -11,7 +11,7 @@ What it does
 ------------
 * **Default knowledge base**: the Python 3.11 tutorial (``/usr/share/doc/python3.11/html/tutorial``),
   chunked by the project's own ``retrieval_workers.ingest.collect_chunks`` (Settings' chunk_chars /
-  chunk_overlap) and embedded with the real all-MiniLM-L6-v2 (``retrieval_workers.embeddings``, L2-normalised).
+  chunk_overlap) and embedded with the real all-MiniLM-L6-v2 (``core.embeddings``, L2-normalised).
   Embeddings are cached under ``~/.cache/chatbus-bench/`` keyed by the chunk texts (``--no-cache`` re-embeds).
 * **Large knowledge base** (``--chunks``, default 100,000): the real chunk vectors plus synthetic ones.
   Embedding 100k real texts with MiniLM on 2 CPU cores takes hours, so each synthetic vector is
@@ -75,9 +75,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from report import figure, summarise, table, write  # noqa: E402  (bench/ is the script's folder)
 
-from chatbus.config import Settings  # noqa: E402
+from core.config import Settings  # noqa: E402
+from core.embeddings import get_embedder  # noqa: E402
 from retrieval_workers.chunking import Chunk  # noqa: E402
-from retrieval_workers.embeddings import get_embedder  # noqa: E402
 from retrieval_workers.ingest import collect_chunks  # noqa: E402
 from retrieval_workers.store import KnowledgeBase  # noqa: E402
 from schemas.events import KbChunk  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from chatbus.config import Settings, get_settings
+from core.config import Settings, get_settings
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -52,8 +52,8 @@ def worker(kind: str) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    from chatbus import metrics
     from consumers.stage import run_forever
+    from core import metrics
 
     metrics.serve(settings.metrics_port, settings.metrics_host, f"{kind} worker")
     if kind == "safety":
@@ -65,7 +65,14 @@ def worker(kind: str) -> None:
 
         run_forever(lambda stop: run(settings, stop))
     elif kind == "inference":
+        from core.catalogue import resolve
         from inference_workers.worker import run as run_inference
+
+        target = resolve(settings.model, settings.build_dir)
+        if settings.engine == "transformers" and target.tiny and not (Path(target.path) / "config.json").exists():
+            from chatbus.tiny_model import build_tiny_model
+
+            build_tiny_model(Path(target.path))  # a few seconds; the packaged models are provisioned by `make setup`
 
         run_forever(lambda stop: run_inference(settings, stop))
     elif kind == "batches":
@@ -173,7 +180,7 @@ def default_corpus() -> list[Path]:
     tutorial = Path("/usr/share/doc/python3.11/html/tutorial")
     if tutorial.is_dir():
         return [tutorial]
-    from chatbus.config import ROOT
+    from core.config import ROOT
 
     return [ROOT / "README.md"]
 
@@ -248,7 +255,7 @@ def ingest(paths: tuple[Path, ...], wait: bool) -> None:
 @click.option("--create", is_flag=True, help="First create the registry's topics that are missing (idempotent).")
 def topics(create: bool) -> None:
     """Topics in the registry: partitions, end offsets, retention and purpose."""
-    from chatbus.ops import describe_topics
+    from topics.ops import describe_topics
 
     settings = get_settings()
     if create:
@@ -263,7 +270,7 @@ def topics(create: bool) -> None:
 @main.command()
 def lag() -> None:
     """Consumer lag per group and partition (end offset minus committed offset)."""
-    from chatbus.ops import consumer_lag
+    from topics.ops import consumer_lag
 
     for row in asyncio.run(consumer_lag(get_settings())):
         click.echo(row)
@@ -273,7 +280,7 @@ def lag() -> None:
 @click.option("-n", "limit", default=20, show_default=True, help="How many of the latest dead letters.")
 def dlq(limit: int) -> None:
     """Show the latest dead letters with their reasons."""
-    from chatbus.ops import tail_dlq
+    from topics.ops import tail_dlq
 
     for row in asyncio.run(tail_dlq(get_settings(), limit)):
         click.echo(row)
@@ -345,7 +352,7 @@ def feedback() -> None:
 @click.option("-n", "--limit", type=int, default=None, help="Stop after this many events.")
 def feedback_tail(kind: str | None, rating: str | None, conversation_id: str | None, user: str | None, from_beginning: bool, as_json: bool, limit: int | None) -> None:
     """Follow chat.feedback live, one line per event (Ctrl-C stops)."""
-    from chatbus.feedback_tail import FeedbackFilter, print_tail
+    from consumers.feedback_tail import FeedbackFilter, print_tail
 
     keep = FeedbackFilter(kind=kind, rating=rating, conversation_id=conversation_id, user=user)
     try:
@@ -366,7 +373,7 @@ def dpo() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Output file (default: <kind>-<UTC time>.<format>).")
 def dpo_export(fmt: str, kind: str, since: str | None, output: Path | None) -> None:
     """Write the records TRL trains on (prompt/chosen/rejected or prompt/completion/label, plus record_id, metadata)."""
-    from chatbus.dataset import export, parse_since
+    from consumers.dataset import export, parse_since
 
     try:
         since_ts = parse_since(since)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from chatbus.config import ROOT, Settings
+from core.config import ROOT, Settings
 
 log = logging.getLogger(__name__)
 

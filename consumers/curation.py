@@ -18,7 +18,7 @@ must not exist (:class:`Drop`, with a reason) and the record ids still waiting f
 2. A record involving a **blocked** turn (``finish_reason == "content_filter"`` or a verdict not
    allowed), a **flagged** turn (verdict ``flags`` non-empty) or an **unfinished** one (``cancelled``,
    ``error``) is dropped; so is a pair whose two responses read the same (no preference signal).
-3. Every prompt, completion and comment is PII-masked (:func:`safety_workers.pii.mask_pii`) again —
+3. Every prompt, completion and comment is PII-masked (:func:`core.pii.mask_pii`) again —
    turns arrive masked from the safety stage; masking is idempotent, this guards against a stage that
    forgot.
 
@@ -51,8 +51,16 @@ from typing import Any, Literal, TypedDict
 import orjson
 from datasketch import MinHash, MinHashLSH
 
-from safety_workers.pii import mask_pii
-from schemas.feedback import DpoMetadata, DpoPair, KtoExample, KtoMetadata, Message, dpo_record_id, kto_record_id
+from core.pii import mask_pii
+from schemas.feedback import (
+    DpoMetadata,
+    DpoPair,
+    KtoExample,
+    KtoMetadata,
+    Message,
+    dpo_record_id,
+    kto_record_id,
+)
 
 UNFINISHED = ("cancelled", "error")
 SHINGLE_CHARS = 5

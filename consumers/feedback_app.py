@@ -77,8 +77,6 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
-from chatbus import metrics
-from chatbus.config import Settings
 from consumers.curation import (
     Preference,
     PromptDeduper,
@@ -88,11 +86,28 @@ from consumers.curation import (
     normalise_prompt,
     record_digest,
 )
-from consumers.stage import dead_letter
+from core import metrics
+from core.config import Settings
+from producers.bus import dead_letter
 from schemas.events import DecodeError, ScreenedTurn, TurnCompleted, decode_object
-from schemas.feedback import DpoPair, FeedbackEvent, KtoExample, decode_feedback, prompt_group
+from schemas.feedback import (
+    DpoPair,
+    FeedbackEvent,
+    KtoExample,
+    decode_feedback,
+    prompt_group,
+)
 from topics.clients import create_missing_topics
-from topics.registry import CHAT_DLQ, CHAT_FEEDBACK, CHAT_REPLIES, CHAT_SCREENED, DAY_MS, DPO_PAIRS, KTO_EXAMPLES, topic
+from topics.registry import (
+    CHAT_DLQ,
+    CHAT_FEEDBACK,
+    CHAT_REPLIES,
+    CHAT_SCREENED,
+    DAY_MS,
+    DPO_PAIRS,
+    KTO_EXAMPLES,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from chatbus.config import Settings
+from core.config import Settings
 from topics.lag import LagReader
 from topics.registry import topic
 

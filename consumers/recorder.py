@@ -26,12 +26,27 @@ from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
-from chatbus.config import Settings
-from consumers.stage import Outgoing, RetryLater, StageWorker
-from safety_workers.pii import mask_pii
-from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted, last_user_text
+from consumers.stage import RetryLater, StageWorker
+from core.config import Settings
+from core.pii import mask_pii
+from producers.bus import Outgoing
+from schemas.events import (
+    AnyEvent,
+    ChatMessage,
+    ChatTurnRequest,
+    GroundedTurn,
+    ScreenedTurn,
+    TokenEvent,
+    TurnCompleted,
+    last_user_text,
+)
 from topics.registry import RECORDER
 
 log = logging.getLogger(__name__)

@@ -20,36 +20,25 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from chatbus import metrics
-from chatbus.config import Settings
 from consumers.gate import DownstreamGate
-from safety_workers.pii import mask_pii
-from schemas.events import AnyEvent, DeadLetter, DecodeError, decode
+from core import metrics
+from core.config import Settings
+from producers.bus import Outgoing, dead_letter, produce_all
+from schemas.events import AnyEvent, DecodeError, decode
 from topics.clients import make_consumer, make_producer
-from topics.registry import CHAT_DLQ, topic
+from topics.registry import topic
 
 log = logging.getLogger(__name__)
 
 
 class RetryLater(Exception):
     """A handler's signal that a dependency is down: retry the record later instead of dead-lettering it."""
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One event to produce: to a topic, keyed by conversation id, optionally to a fixed partition."""
-
-    topic: str
-    value: bytes
-    key: bytes | None = None
-    partition: int | None = None
 
 
 Handler = Callable[[AnyEvent, ConsumerRecord], Awaitable[Sequence[Outgoing]]]
@@ -61,29 +50,6 @@ class Companion(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-def dead_letter(settings: Settings, record: ConsumerRecord, worker: str, reason: str, correlation_id: str | None = None) -> Outgoing:
-    raw = record.value or b""
-    letter = DeadLetter(
-        correlation_id=correlation_id,
-        source_topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key.decode("utf-8", "replace") if record.key else None,
-        value=mask_pii(raw[:100_000].decode("utf-8", "replace"))[0],  # the DLQ keeps 14 days: no raw PII
-        worker=worker,
-        reason=reason[:2_000],
-    )
-    metrics.DEAD_LETTERS.labels(worker).inc()
-    return Outgoing(topic(CHAT_DLQ, settings.topic_prefix), letter.to_bytes(), key=record.key)
-
-
-async def produce_all(producer: AIOKafkaProducer, outgoing: Sequence[Outgoing]) -> None:
-    """Send every event, then wait for every acknowledgement (order per partition is kept)."""
-    futures = [await producer.send(o.topic, o.value, key=o.key, partition=o.partition) for o in outgoing]
-    if futures:
-        await asyncio.gather(*futures)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

@@ -33,8 +33,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from chatbus import metrics
-from chatbus.config import Settings
+from core import metrics
+from core.config import Settings
 from edge.protocol import APIError
 from topics.lag import LagReader
 from topics.registry import (

@@ -9,7 +9,7 @@ group has a live member), and OpenAI's Files and Batch APIs for batch jobs (:mod
 ``POST /v1/chat/completions/{id}/cancel`` (Stop), ``GET /v1/chat/completions/{id}/events`` (resume a
 stream), ``GET /v1/conversations[/{id}]`` (:mod:`edge.conversations`) and ``POST /v1/feedback``
 (:mod:`edge.feedback`, published to ``chat.feedback``); for analysts ``GET /dashboard`` (+
-``/dashboard.json``); for operators ``GET /metrics`` (Prometheus, :mod:`chatbus.metrics`), ``GET /live``
+``/dashboard.json``); for operators ``GET /metrics`` (Prometheus, :mod:`core.metrics`), ``GET /live``
 (a page of live plots) and ``GET /live.json`` (its data, :mod:`edge.live`).
 
 Admission control (:mod:`edge.admission`) runs before anything is published: past its bounds a turn
@@ -33,41 +33,68 @@ import logging
 import secrets
 import time
 import uuid
-from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pymongo import AsyncMongoClient
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
-from starlette.requests import Request
-from pymongo import AsyncMongoClient
 from starlette.datastructures import UploadFile
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
-
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.staticfiles import StaticFiles
 
 from batches.service import BatchService
 from batches.store import BatchStore
-from chatbus import metrics
-from chatbus.config import Settings, get_settings
+from core import metrics
+from core.config import Settings, get_settings
+from core.pii import mask_pii
 from edge.admission import LoadMonitor, decide, refuse
 from edge.conversations import ConversationStore, TurnInfo
 from edge.feedback import feedback_event, parse_feedback
 from edge.live import LiveStats
-from edge.protocol import APIError, ChatCompletionRequest, ChunkBuilder, check_supported, completion_body, parse_request
-from edge.relay import ReplyRelay, TurnStream, TurnTimeout, parse_event_id, reply_event, sse_event_id
-from safety_workers.pii import mask_pii
-from schemas.events import CancelTurn, ChatMessage, ChatTurnRequest, ReplyTo, TurnCompleted
+from edge.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChunkBuilder,
+    check_supported,
+    completion_body,
+    parse_request,
+)
+from edge.relay import (
+    ReplyRelay,
+    TurnStream,
+    TurnTimeout,
+    parse_event_id,
+    reply_event,
+    sse_event_id,
+)
+from schemas.events import (
+    CancelTurn,
+    ChatMessage,
+    ChatTurnRequest,
+    ReplyTo,
+    TurnCompleted,
+)
 from schemas.feedback import prompt_group
 from schemas.timing import breakdown, server_timing
 from topics.clients import make_admin, make_consumer, make_producer, records_forever
 from topics.compat import describe_groups
-from topics.registry import CHAT_CONTROL, CHAT_FEEDBACK, CHAT_REPLIES, CHAT_REQUESTS, GROUPS, spec, topic
+from topics.registry import (
+    CHAT_CONTROL,
+    CHAT_FEEDBACK,
+    CHAT_REPLIES,
+    CHAT_REQUESTS,
+    GROUPS,
+    spec,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -693,7 +720,7 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 
 
 async def prometheus_metrics(request: Request) -> Response:
-    """Prometheus text exposition of this edge process (``chatbus:*`` metrics, :mod:`chatbus.metrics`)."""
+    """Prometheus text exposition of this edge process (``chatbus:*`` metrics, :mod:`core.metrics`)."""
     service: ChatService = request.app.state.service
     metrics.OPEN_STREAMS.set(len(service.relay.turns))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

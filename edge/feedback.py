@@ -20,11 +20,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.pii import mask_pii
 from edge.conversations import TurnInfo
 from edge.protocol import APIError
-from safety_workers.pii import mask_pii
-from schemas.feedback import MAX_COMMENT_CHARS, FeedbackEvent, Rating, Reason, feedback_id
-
+from schemas.feedback import (
+    MAX_COMMENT_CHARS,
+    FeedbackEvent,
+    Rating,
+    Reason,
+    feedback_id,
+)
 
 
 def _id() -> Any:

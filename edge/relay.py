@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Container
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from chatbus.config import Settings
+from core.config import Settings
 from schemas.events import DecodeError, TokenEvent, TurnCompleted, decode_object
 from topics.clients import make_consumer, records_forever
 from topics.registry import CHAT_REPLIES, topic

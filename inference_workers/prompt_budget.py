@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from retrieval_workers.prompt import assemble
+from core.grounding import assemble
 from schemas.events import Citation, GroundedTurn
 
 log = logging.getLogger(__name__)

@@ -36,19 +36,41 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from batches.cancellations import CancelledBatches
-from chatbus import metrics
-from chatbus.config import Settings
-from consumers.stage import Outgoing, dead_letter, produce_all
+from consumers.cancellations import CancelledBatches
+from core import metrics
+from core.config import Settings
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
+from producers.bus import Outgoing, dead_letter, produce_all
 from producers.replies import to_reply
-from schemas.events import CancelTurn, DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, decode, new_id
+from schemas.events import (
+    CancelTurn,
+    DecodeError,
+    FinishReason,
+    GroundedTurn,
+    TokenEvent,
+    TurnCompleted,
+    Usage,
+    decode,
+    new_id,
+)
 from topics.clients import make_consumer, make_producer, partitions_of, records_forever
-from topics.registry import BATCH_GROUNDED, CHAT_CONTROL, CHAT_GROUNDED, INFERENCE, topic
+from topics.registry import (
+    BATCH_GROUNDED,
+    CHAT_CONTROL,
+    CHAT_GROUNDED,
+    INFERENCE,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from consumers.stage import Outgoing
-from schemas.events import ChatTurnRequest, Citation, FinishReason, SafetyVerdict, TokenEvent, TurnCompleted, Usage, new_id
+from producers.bus import Outgoing
+from schemas.events import (
+    ChatTurnRequest,
+    Citation,
+    FinishReason,
+    SafetyVerdict,
+    TokenEvent,
+    TurnCompleted,
+    Usage,
+    new_id,
+)
 
 
 def to_reply(request: ChatTurnRequest, value: bytes) -> Outgoing:

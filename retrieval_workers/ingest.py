@@ -15,9 +15,9 @@ from pathlib import Path
 from aiokafka import TopicPartition
 from tqdm import tqdm
 
-from chatbus.config import Settings
+from core.config import Settings
+from core.embeddings import get_embedder
 from retrieval_workers.chunking import Chunk, chunk_text, iter_files, load_text
-from retrieval_workers.embeddings import get_embedder
 from schemas.events import KbChunk, KbIngest
 from topics.clients import make_admin, make_producer
 from topics.registry import KB_INGEST, RETRIEVAL_INGEST, topic

@@ -22,17 +22,34 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka import ConsumerRecord
 
-from chatbus import metrics
-from chatbus.config import Settings
-from batches.cancellations import CancelledBatches
+from consumers.cancellations import CancelledBatches
 from consumers.gate import DownstreamGate
-from consumers.stage import Outgoing, StageWorker
+from consumers.stage import StageWorker
+from core import metrics
+from core.config import Settings
+from core.embeddings import TextEmbedder, get_embedder
+from core.grounding import assemble
+from producers.bus import Outgoing
 from producers.replies import whole_reply
-from retrieval_workers.embeddings import TextEmbedder, get_embedder
-from retrieval_workers.prompt import assemble
 from retrieval_workers.store import KnowledgeBase
-from schemas.events import AnyEvent, GroundedTurn, KbIngest, RetrievalResult, ScreenedTurn, last_user_text
-from topics.registry import BATCH_GROUNDED, CHAT_GROUNDED, CHAT_SCREENED, INFERENCE, RETRIEVAL, RETRIEVAL_INGEST, lane, topic
+from schemas.events import (
+    AnyEvent,
+    GroundedTurn,
+    KbIngest,
+    RetrievalResult,
+    ScreenedTurn,
+    last_user_text,
+)
+from topics.registry import (
+    BATCH_GROUNDED,
+    CHAT_GROUNDED,
+    CHAT_SCREENED,
+    INFERENCE,
+    RETRIEVAL,
+    RETRIEVAL_INGEST,
+    lane,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 

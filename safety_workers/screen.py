@@ -1,6 +1,6 @@
 """Screen one chat turn against a :class:`~safety_workers.policy.Policy`: deny patterns, then similarity.
 
-Decision, per message (PII masking is separate: :mod:`safety_workers.pii`):
+Decision, per message (PII masking is separate: :mod:`core.pii`):
 
 1. **Patterns.** The text is normalised (NFKC, zero-width characters removed, curly quotes
    straightened, whitespace collapsed, lowercased) and each category's patterns are searched. A hit in a ``block``

@@ -4,7 +4,7 @@ Consumer group ``chatbus-safety`` on ``chat.requests`` and, when no interactive 
 ``batch.requests`` (the batch lane; its output goes to ``batch.screened``); at-least-once (see
 :mod:`consumers.stage`). Lines of a cancelled batch are finished at once as ``cancelled``.
 
-For each turn: PII in every message is masked (:mod:`safety_workers.pii`); the last user message is
+For each turn: PII in every message is masked (:mod:`core.pii`); the last user message is
 embedded once (all-MiniLM-L6-v2) and screened against the policy's deny patterns, per-category
 exemplar similarity and prompt-injection heuristics (:mod:`safety_workers.screen`). An allowed turn
 goes on to ``chat.screened`` with its masked messages, its verdict and the query embedding (so retrieval
@@ -21,18 +21,34 @@ from collections.abc import Sequence
 
 from aiokafka import ConsumerRecord
 
-from chatbus import metrics
-from chatbus.config import Settings
-from batches.cancellations import CancelledBatches
+from consumers.cancellations import CancelledBatches
 from consumers.gate import DownstreamGate
-from consumers.stage import Outgoing, StageWorker
+from consumers.stage import StageWorker
+from core import metrics
+from core.config import Settings
+from core.embeddings import TextEmbedder, get_embedder
+from core.pii import mask_pii
+from producers.bus import Outgoing
 from producers.replies import whole_reply
-from retrieval_workers.embeddings import TextEmbedder, get_embedder
-from safety_workers.pii import mask_pii
 from safety_workers.policy import load_policy
 from safety_workers.screen import Screener
-from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
-from topics.registry import BATCH_SCREENED, CHAT_REQUESTS, CHAT_SCREENED, RETRIEVAL, SAFETY, lane, topic
+from schemas.events import (
+    AnyEvent,
+    ChatMessage,
+    ChatTurnRequest,
+    SafetyVerdict,
+    ScreenedTurn,
+    last_user_text,
+)
+from topics.registry import (
+    BATCH_SCREENED,
+    CHAT_REQUESTS,
+    CHAT_SCREENED,
+    RETRIEVAL,
+    SAFETY,
+    lane,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 

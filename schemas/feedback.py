@@ -28,7 +28,15 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from schemas.events import ChatMessage, DecodeError, _Envelope, _Model, check_envelope, invalid, load_json
+from schemas.events import (
+    ChatMessage,
+    DecodeError,
+    _Envelope,
+    _Model,
+    check_envelope,
+    invalid,
+    load_json,
+)
 
 # The fixed list of reasons a person can give with a rating (the page shows them; the API accepts no others).
 REASONS: dict[str, str] = {
@@ -54,7 +62,7 @@ def _digest(*parts: str, size: int = 24) -> str:
 
 def prompt_group(conversation_id: str, messages: Iterable[ChatMessage | dict[str, Any]]) -> str:
     """The id siblings share: ``pg-`` + 24 hex of sha256(conversation id, then each message's role and
-    content). ``messages`` must be PII-masked (:func:`safety_workers.pii.mask_pii`), as stored and as on
+    content). ``messages`` must be PII-masked (:func:`core.pii.mask_pii`), as stored and as on
     ``chat.screened``."""
     parts = [conversation_id]
     for m in messages:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, async_playwright
 
-from chatbus.config import ROOT
+from core.config import ROOT
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = [

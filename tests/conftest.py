@@ -19,11 +19,11 @@ import pytest
 from aiokafka import TopicPartition
 from pymongo import AsyncMongoClient
 
-from chatbus.config import ROOT, Settings
-from chatbus.ops import read_records
 from chatbus.stack import Stack, free_port
+from core.config import ROOT, Settings
 from schemas.events import decode
 from topics.clients import make_consumer, partitions_of
+from topics.ops import read_records
 from topics.registry import topic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,8 +16,8 @@ import openai
 import orjson
 import pytest
 
-from chatbus.config import ROOT, Settings
 from chatbus.stack import Stack
+from core.config import ROOT, Settings
 from edge.admission import Load, decide
 from tests.conftest import end_offsets, free_port
 from topics.registry import CHAT_REQUESTS

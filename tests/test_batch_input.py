@@ -7,7 +7,7 @@ import pytest
 
 from batches.input import BatchFileError, parse_batch
 from batches.store import parse_request_id, request_id
-from chatbus.config import Settings
+from core.config import Settings
 
 SETTINGS = Settings(served_model_name="chatbus-tiny-random", max_batch_lines=10)
 

@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from batches.service import BatchService
-from chatbus.config import Settings
 from chatbus.stack import Stack
+from core.config import Settings
 from schemas.events import TurnCompleted
 from tests.conftest import end_offsets, eventually, read_topic
 

@@ -17,11 +17,11 @@ import httpx
 import pytest
 from playwright.async_api import Page, Request, Response, Route, expect
 
-from chatbus.config import Settings
-from chatbus.ops import read_records
+from core.config import Settings
 from schemas.feedback import DpoPair, dpo_record_id
 from tests.browser import artifact, chromium
 from tests.conftest import eventually
+from topics.ops import read_records
 from topics.registry import topic
 
 pytestmark = pytest.mark.stack

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbus.config import ROOT
 from chatbus.stack import Stack
+from core.config import ROOT
 
 pytestmark = pytest.mark.stack
 

@@ -8,7 +8,7 @@ import click
 import yaml
 
 from chatbus.cli import main
-from chatbus.config import ROOT, Settings
+from core.config import ROOT, Settings
 
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 SETTINGS_ENV = {

@@ -12,11 +12,11 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from chatbus.config import ROOT, Settings
-from chatbus.dataset import export, parse_since
 from chatbus.stack import Stack
 from consumers.curation import Preference, TurnState, Vote, build_group
+from consumers.dataset import export, parse_since
 from consumers.feedback_app import record_document
+from core.config import ROOT, Settings
 from schemas.feedback import DpoPair, KtoExample, feedback_id
 from schemas.jsonschema import OUT
 

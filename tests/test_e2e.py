@@ -17,10 +17,17 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from chatbus.config import Settings
 from chatbus.stack import Stack
+from core.config import Settings
 from retrieval_workers.ingest import ingest
-from schemas.events import CancelTurn, DeadLetter, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted
+from schemas.events import (
+    CancelTurn,
+    DeadLetter,
+    GroundedTurn,
+    ScreenedTurn,
+    TokenEvent,
+    TurnCompleted,
+)
 from tests.conftest import end_offsets, eventually, read_topic
 
 pytestmark = pytest.mark.stack
@@ -227,7 +234,7 @@ async def test_recorder_documents_match_the_stream(edge_url: str, mongo: Any) ->
     assert turn["conversation_id"] == "conv-recorder-test"
     assert turn["answer"]["usage"]["completion_tokens"] == chunks[-1].usage.completion_tokens
     assert turn["answer"]["finish_reason"] == next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
-    from safety_workers.pii import mask_pii
+    from core.pii import mask_pii
 
     assert turn["answer"]["text"] == mask_pii(text)[0]
     stored_user = turn["messages"][-1]["content"]

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from chatbus.config import Settings
 from chatbus.tiny_model import build_tiny_model
+from core.config import Settings
 from inference_workers.engines import make_engine
 from inference_workers.engines.base import (
     GenerationDelta,

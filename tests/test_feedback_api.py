@@ -11,11 +11,11 @@ import httpx
 import orjson
 import pytest
 
-from chatbus.config import Settings
-from chatbus.ops import read_records
+from core.config import Settings
 from schemas.events import CancelTurn
 from schemas.feedback import FeedbackEvent, decode_feedback, feedback_id
 from tests.conftest import eventually, read_topic
+from topics.ops import read_records
 from topics.registry import topic
 
 pytestmark = pytest.mark.stack

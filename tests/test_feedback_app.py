@@ -17,13 +17,19 @@ import openai
 import orjson
 import pytest
 
-from chatbus.config import ROOT, Settings
-from chatbus.ops import read_records
 from chatbus.stack import Stack
+from core.config import ROOT, Settings
 from schemas.events import DeadLetter, ScreenedTurn
-from schemas.feedback import FeedbackEvent, dpo_record_id, feedback_id, kto_record_id, prompt_group
+from schemas.feedback import (
+    FeedbackEvent,
+    dpo_record_id,
+    feedback_id,
+    kto_record_id,
+    prompt_group,
+)
 from tests.conftest import eventually, read_topic
 from topics.clients import make_producer
+from topics.ops import read_records
 from topics.registry import topic
 
 pytestmark = pytest.mark.stack

@@ -7,8 +7,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatbus.config import Settings
 from chatbus.stack import Stack
+from core.config import Settings
 from schemas.timing import breakdown, server_timing
 
 pytestmark = pytest.mark.stack

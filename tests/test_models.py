@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from chatbus import models
-from chatbus.config import Settings
 from chatbus.models import (
     CATALOGUE,
     DEFAULT_MODEL,
@@ -32,10 +31,19 @@ from chatbus.models import (
     resolve,
     verify_wheels,
 )
+from core.config import Settings
+from core.grounding import assemble
 from inference_workers.engines.base import end_of_turn_id, fit_prompt, sampling_defaults
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
-from retrieval_workers.prompt import assemble
-from schemas.events import ChatMessage, ChatTurnRequest, GroundedTurn, Passage, ReplyTo, RetrievalResult, SafetyVerdict
+from schemas.events import (
+    ChatMessage,
+    ChatTurnRequest,
+    GroundedTurn,
+    Passage,
+    ReplyTo,
+    RetrievalResult,
+    SafetyVerdict,
+)
 
 
 def _sha(data: bytes) -> str:

@@ -7,10 +7,10 @@ import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from chatbus.config import Settings
-from chatbus.ops import consumer_lag, describe_topics
 from chatbus.stack import Stack
+from core.config import Settings
 from edge.app import STAGE_GROUPS, create_app
+from topics.ops import consumer_lag, describe_topics
 
 pytestmark = pytest.mark.stack
 

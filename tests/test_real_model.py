@@ -21,9 +21,9 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from chatbus.cli import default_corpus
-from chatbus.config import ROOT, Settings
 from chatbus.models import DEFAULT_MODEL, is_provisioned, packaged
 from chatbus.stack import Stack
+from core.config import ROOT, Settings
 from retrieval_workers.ingest import ingest
 from tests.conftest import eventually, running_stack, stack_settings
 

@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from chatbus.config import Settings
+from core.config import Settings
 from schemas.events import CancelTurn, TurnCompleted
 from tests.conftest import eventually, read_topic
 

@@ -6,12 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from chatbus.config import Settings
+from core.config import Settings
+from core.embeddings import get_embedder
 from retrieval_workers.chunking import chunk_text
-from retrieval_workers.embeddings import get_embedder
 from retrieval_workers.store import KnowledgeBase
 from retrieval_workers.worker import RetrievalStage
-from schemas.events import ChatMessage, ChatTurnRequest, KbChunk, ReplyTo, SafetyVerdict, ScreenedTurn
+from schemas.events import (
+    ChatMessage,
+    ChatTurnRequest,
+    KbChunk,
+    ReplyTo,
+    SafetyVerdict,
+    ScreenedTurn,
+)
 
 
 @pytest.fixture(scope="module")

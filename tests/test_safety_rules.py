@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safety_workers.pii import mask_pii
+from core.pii import mask_pii
 from safety_workers.policy import Policy, PolicyError, load_policy
 from safety_workers.screen import DEFAULT_SIMILARITY_THRESHOLD, Screener, normalise
 
@@ -40,7 +40,7 @@ def policy() -> Policy:
 
 @pytest.fixture(scope="module")
 def embed():  # type: ignore[no-untyped-def]
-    from retrieval_workers.embeddings import get_embedder
+    from core.embeddings import get_embedder
 
     return get_embedder().encode
 

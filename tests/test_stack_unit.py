@@ -20,8 +20,15 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from chatbus.config import Settings
-from chatbus.stack import Stack, StackError, free_port, pid_alive, proc_start_time, read_pidfile
+from chatbus.stack import (
+    Stack,
+    StackError,
+    free_port,
+    pid_alive,
+    proc_start_time,
+    read_pidfile,
+)
+from core.config import Settings
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
 SECRETS = ("api-key-s3cret", "sk-openai-s3cret")

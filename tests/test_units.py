@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from aiokafka import TopicPartition
 
+from core.grounding import assemble
 from edge.protocol import APIError, parse_request
 from edge.relay import TurnStream, TurnTimeout
 from inference_workers.worker import OffsetTracker, derived_seed
 from retrieval_workers.chunking import chunk_text
-from retrieval_workers.prompt import assemble
 from schemas.events import ChatMessage, Passage, TokenEvent, TurnCompleted
 
 TP = TopicPartition("chat.grounded", 0)
@@ -42,8 +42,8 @@ def test_offset_tracker_knows_what_it_handled() -> None:
 def test_dead_letters_mask_pii() -> None:
     from aiokafka import ConsumerRecord
 
-    from chatbus.config import Settings
-    from consumers.stage import dead_letter
+    from core.config import Settings
+    from producers.bus import dead_letter
     from schemas.events import decode as decode_event
 
     raw = b'{"messages":[{"content":"mail jane.doe@example.com"}]'
@@ -163,7 +163,7 @@ def test_onnx_embedder_matches_the_pytorch_one() -> None:
     """The int8 ONNX backend gives the PyTorch model's vectors (cosine) and rankings, on both models as packaged."""
     import numpy as np
 
-    from retrieval_workers.embeddings import Embedder, OnnxEmbedder
+    from core.embeddings import Embedder, OnnxEmbedder
 
     texts = [
         "How do I write JSON to a file in Python?",

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from chatbus.config import Settings
+from core.config import Settings
 from topics.registry import REGISTRY, topic
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from chatbus.config import Settings
+from core.config import Settings
 from topics.clients import make_admin, make_consumer, partitions_of
 
 

@@ -1,7 +1,7 @@
 """Generation engines behind one interface: ``transformers`` (CPU/GPU, in-process), ``vllm`` (GPU),
 ``openai`` (any OpenAI-compatible upstream).
 
-:func:`make_engine` picks one from :class:`~chatbus.config.Settings`; engine modules are imported lazily,
+:func:`make_engine` picks one from :class:`~core.config.Settings`; engine modules are imported lazily,
 so ``vllm`` (and even ``torch``) are only needed by the engine actually used.
 """
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from inference_workers.engines.base import Engine, GenerationDelta, GenerationRequest
 
 if TYPE_CHECKING:
-    from chatbus.config import Settings
+    from core.config import Settings
 
 __all__ = ["ENGINES", "Engine", "GenerationDelta", "GenerationRequest", "make_engine"]
 
@@ -27,8 +27,8 @@ def make_engine(settings: Settings) -> Engine:
     """Build (not start) the engine named by ``settings.engine``.
 
     * ``transformers``: ``settings.resolved_model`` on ``settings.device`` in ``settings.dtype``, up to
-      ``settings.max_inflight_turns`` requests generating at once. The tiny random model is built first if
-      missing (a few seconds); a packaged model that was not provisioned raises ``RuntimeError`` naming
+      ``settings.max_inflight_turns`` requests generating at once. The tiny random model must be built
+      (``chatbus make-tiny-model``; ``chatbus worker inference`` builds it when missing); a packaged model that was not provisioned raises ``RuntimeError`` naming
       ``make setup`` (provisioning downloads ~0.5 GB, never done behind a worker's back).
     * ``vllm``: ``settings.resolved_model`` with the ``vllm_*`` settings (needs a GPU and vLLM).
     * ``openai``: ``settings.openai_base_url`` / ``openai_api_key``, asking the upstream for
@@ -38,16 +38,13 @@ def make_engine(settings: Settings) -> Engine:
     """
     kind = settings.engine.strip().lower()
     if kind == "transformers":
+        from core.catalogue import is_provisioned, resolve
         from inference_workers.engines.transformers_engine import TransformersEngine
 
-        from chatbus.models import is_provisioned, resolve
-
         target = resolve(settings.model, settings.build_dir)
-        if target.tiny:
-            from chatbus.tiny_model import build_tiny_model
-
-            build_tiny_model(Path(target.path))
-        elif target.packaged is not None and not is_provisioned(target.packaged, settings.build_dir / "models"):
+        if target.tiny and not (Path(target.path) / "config.json").exists():
+            raise RuntimeError(f"the tiny random model is not built at {target.path}: run `make setup` (or `chatbus make-tiny-model`)")
+        if target.packaged is not None and not is_provisioned(target.packaged, settings.build_dir / "models"):
             raise RuntimeError(
                 f"{target.packaged.name} is not provisioned under {settings.build_dir / 'models'}: run `make setup` "
                 f"(or `chatbus models provision {target.packaged.name}`)"

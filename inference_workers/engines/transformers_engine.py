@@ -488,7 +488,11 @@ class _ThreadStream:
 
     def _run(self, loop: asyncio.AbstractEventLoop, req: GenerationRequest, ids: list[int], max_new: int) -> None:
         import torch
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+        from transformers import (
+            GenerationConfig,
+            StoppingCriteria,
+            StoppingCriteriaList,
+        )
         from transformers.generation.streamers import BaseStreamer
 
         engine = self._engine

