@@ -10,9 +10,9 @@ records never wait for it. If the backlog cannot be read, the gate stays open (b
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
+from core.background import PeriodicService
 from core.config import Settings
 from topics.lag import LagReader
 from topics.registry import topic
@@ -20,25 +20,22 @@ from topics.registry import topic
 log = logging.getLogger(__name__)
 
 
-class DownstreamGate:
+class DownstreamGate(PeriodicService):
     def __init__(self, settings: Settings, name: str, group_id: str, *, high: int = 16, low: int = 4, every_s: float = 0.5) -> None:
+        super().__init__()
         self.settings = settings
         self.topic = topic(name, settings.topic_prefix)
+        self.task_name = f"gate-{self.topic}"
         self.group_id = group_id
         self.high, self.low, self.every_s = high, low, every_s
         self.open = True
         self.backlog = 0
         self._lag = LagReader(settings)
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         await self._lag.start()
-        self._task = asyncio.create_task(self._loop(), name=f"gate-{self.topic}")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def on_stop(self) -> None:
         await self._lag.stop()
 
     async def measure(self) -> int:
@@ -46,17 +43,12 @@ class DownstreamGate:
         lag = await self._lag.read({self.group_id: (self.topic,)})
         return sum(lag.values())
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                self.backlog = await self.measure()
-                was = self.open
-                self.open = self.backlog < (self.high if self.open else self.low)
-                if was != self.open:
-                    log.info("batch lane %s: %s backlog %d", "open" if self.open else "held", self.group_id, self.backlog)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # fail open: flow control must never strand a batch
-                log.warning("gate on %s: cannot read the backlog (%s); open", self.topic, type(exc).__name__)
-                self.open = True
-            await asyncio.sleep(self.every_s)
+    async def tick(self) -> None:
+        self.backlog = await self.measure()
+        was = self.open
+        self.open = self.backlog < (self.high if self.open else self.low)
+        if was != self.open:
+            log.info("batch lane %s: %s backlog %d", "open" if self.open else "held", self.group_id, self.backlog)
+
+    def failed(self, exc: Exception) -> None:
+        self.open = True  # fail open: flow control must never strand a batch

@@ -26,7 +26,6 @@ read (broker trouble), the last reading ages out after 10 s and only the in-flig
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import math
@@ -34,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 from core import metrics
+from core.background import PeriodicService
 from core.config import Settings
 from edge.protocol import APIError
 from topics.lag import LagReader
@@ -115,12 +115,16 @@ def decide(load: Load, settings: Settings, lane: str = "interactive", max_tokens
     return Decision(False, reason, retry_after_s=_retry_after(excess, load.drain_per_s, 60))
 
 
-class LoadMonitor:
+class LoadMonitor(PeriodicService):
     """Reads consumer lag every ``admit_poll_s`` (also exported as ``chatbus:consumer_lag``) and tracks
     how fast this edge's turns finish."""
 
+    task_name = "load-monitor"
+
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
+        self.every_s = settings.admit_poll_s
         p = settings.topic_prefix
         self.groups = {g.group_id: tuple(topic(t, p) for t in g.topics) for g in GROUPS}
         self.interactive = {(g, topic(t, p)) for g, t in INTERACTIVE.items()}
@@ -130,32 +134,20 @@ class LoadMonitor:
         self.admitted_since_read = 0
         self.finished: collections.deque[float] = collections.deque(maxlen=4096)
         self._reader = LagReader(settings)
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         await self._reader.start()
-        self._task = asyncio.create_task(self._loop(), name="load-monitor")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def on_stop(self) -> None:
         await self._reader.stop()
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                admitted = self.admitted_since_read
-                lag = await self._reader.read(self.groups)
-                self.lag_by, self.read_at = lag, time.monotonic()
-                self.admitted_since_read -= admitted  # those are in the reading now
-                for (group, name), value in lag.items():
-                    metrics.CONSUMER_LAG.labels(group, name).set(value)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("consumer lag unreadable: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(self.settings.admit_poll_s)
+    async def tick(self) -> None:  # a failed read is logged; the reading then ages out (LAG_MAX_AGE_S)
+        admitted = self.admitted_since_read
+        lag = await self._reader.read(self.groups)
+        self.lag_by, self.read_at = lag, time.monotonic()
+        self.admitted_since_read -= admitted  # those are in the reading now
+        for (group, name), value in lag.items():
+            metrics.CONSUMER_LAG.labels(group, name).set(value)
 
     def snapshot(self, inflight: int) -> Load:
         fresh = time.monotonic() - self.read_at < LAG_MAX_AGE_S

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Container
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.background import BackgroundService
 from core.config import Settings
 from schemas.events import DecodeError, TokenEvent, TurnCompleted, decode_object
 from topics.clients import make_consumer, records_forever
@@ -134,31 +135,25 @@ class TurnStream:
                 return
 
 
-class ReplyRelay:
+class ReplyRelay(BackgroundService):
+    task_name = "reply-relay"
+
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
         self.tp = TopicPartition(topic(CHAT_REPLIES, settings.topic_prefix), settings.reply_partition)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None, auto_offset_reset="latest", fetch_max_wait_ms=5)
         self.turns: dict[str, TurnStream] = {}
-        self._task: asyncio.Task[None] | None = None
         self.relayed = 0
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         await self.consumer.start()
         self.consumer.assign([self.tp])
         await self.consumer.seek_to_end(self.tp)
         await self.consumer.position(self.tp)  # resolve now, so no reply produced after start() is missed
-        self._task = asyncio.create_task(self._loop(), name="reply-relay")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def on_stop(self) -> None:
         await self.consumer.stop()
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def open(self, correlation_id: str) -> TurnStream:
         stream = TurnStream(correlation_id)
@@ -168,7 +163,7 @@ class ReplyRelay:
     def close(self, correlation_id: str) -> None:
         self.turns.pop(correlation_id, None)
 
-    async def _loop(self) -> None:
+    async def loop(self) -> None:
         async for record in records_forever(self.consumer, "reply relay"):
             self._dispatch(record.value)
 
