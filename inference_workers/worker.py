@@ -34,90 +34,36 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from aiokafka import (
-    AIOKafkaConsumer,
-    AIOKafkaProducer,
-    ConsumerRebalanceListener,
-    ConsumerRecord,
-    TopicPartition,
-)
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
-from consumers.cancellations import CancelledBatches
+from consumers.cancellations import CancelledBatches, ControlTail
+from consumers.runtime import ConsumerRuntime, OffsetTracker
 from core import metrics
 from core.config import Settings
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
-from producers.bus import Outgoing, dead_letter, produce_all
-from producers.replies import to_reply
+from producers.bus import Outgoing, produce_all
+from producers.replies import completion, to_reply
 from schemas.events import (
-    CancelTurn,
     DecodeError,
     FinishReason,
     GroundedTurn,
     TokenEvent,
     TurnCompleted,
     Usage,
-    decode,
     new_id,
 )
-from topics.clients import make_consumer, make_producer, partitions_of, records_forever
-from topics.registry import (
-    BATCH_GROUNDED,
-    CHAT_CONTROL,
-    CHAT_GROUNDED,
-    INFERENCE,
-    topic,
-)
+from topics.registry import CHAT_GROUNDED, INFERENCE, topic
+
+__all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
 
 log = logging.getLogger(__name__)
 
 CANCEL_MEMORY_S = 600.0
 ENGINE_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
-
-
-class OffsetTracker:
-    """In-order commit points for out-of-order completion (per partition).
-
-    ``start`` registers an offset as in flight; ``finish`` marks it done and returns the offset that is
-    now safe to commit (Kafka's convention: the *next* offset to read), or None if it did not advance.
-    ``handled`` tells whether an offset is running or already done here — after a rebalance hands a
-    partition back, the consumer refetches from the last commit and those must not run twice.
-    """
-
-    def __init__(self) -> None:
-        self.inflight: dict[TopicPartition, set[int]] = {}
-        self.highest_done: dict[TopicPartition, int] = {}
-        self.committed: dict[TopicPartition, int] = {}
-        self.done: dict[TopicPartition, set[int]] = {}  # finished, above the commit point
-
-    def handled(self, tp: TopicPartition, offset: int) -> bool:
-        if tp in self.committed and offset < self.committed[tp]:
-            return True
-        return offset in self.inflight.get(tp, ()) or offset in self.done.get(tp, ())
-
-    def start(self, tp: TopicPartition, offset: int) -> None:
-        self.inflight.setdefault(tp, set()).add(offset)
-        self.committed.setdefault(tp, offset)  # the group's position when we began: nothing to commit below it
-
-    def finish(self, tp: TopicPartition, offset: int) -> int | None:
-        pending = self.inflight.get(tp, set())
-        pending.discard(offset)
-        self.highest_done[tp] = max(self.highest_done.get(tp, -1), offset)
-        point = min(pending) if pending else self.highest_done[tp] + 1
-        done = self.done.setdefault(tp, set())
-        done.add(offset)
-        if point > self.committed.get(tp, -1):
-            self.committed[tp] = point
-            self.done[tp] = {o for o in done if o >= point}
-            return point
-        return None
-
-    def forget(self, tp: TopicPartition) -> None:
-        for table in (self.inflight, self.highest_done, self.committed, self.done):
-            table.pop(tp, None)
 
 
 def derived_seed(correlation_id: str) -> int:
@@ -150,18 +96,21 @@ class _Revoker(ConsumerRebalanceListener):
             await self.worker.drop_partitions(lost)
 
 
-class InferenceWorker:
+class InferenceWorker(ConsumerRuntime):
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
-        self.settings = settings
         self.engine = engine or make_engine(settings)
-        self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
-        self.batch_topic = topic(BATCH_GROUNDED, settings.topic_prefix)
-        self.batch_limit = max(1, settings.max_inflight_turns - settings.interactive_reserve)
         self.cancelled_batches = CancelledBatches(settings, on_cancel=self.cancel_batch)
-        self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
-        self.producer: AIOKafkaProducer = make_producer(settings)
-        self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=INFERENCE.group_id, max_poll_records=settings.max_inflight_turns)
-        self.control: AIOKafkaConsumer = make_consumer(settings, group_id=None, auto_offset_reset="latest")
+        self.control = ControlTail(settings, on_cancel=self.cancel)
+        super().__init__(
+            settings,
+            "inference",
+            INFERENCE.group_id,
+            INFERENCE.topics,
+            companions=[self.engine, self.cancelled_batches, self.control],
+            max_poll_records=settings.max_inflight_turns,
+        )
+        self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
+        self.batch_limit = max(1, settings.max_inflight_turns - settings.interactive_reserve)
         self.tracker = OffsetTracker()
         self.running: dict[str, Running] = {}
         self.cancelled: OrderedDict[str, float] = OrderedDict()  # correlation id -> when the cancel arrived
@@ -171,42 +120,17 @@ class InferenceWorker:
         self._stop: asyncio.Event | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event) -> None:
-        self._stop = stop
-        await self.engine.start()
-        await self.producer.start()
-        try:
-            self.consumer.subscribe([self.in_topic, self.batch_topic], listener=_Revoker(self))
-            await self.consumer.start()
-            await self.cancelled_batches.start()
-            await self.control.start()
-            self.control.assign(await partitions_of(self.control, self.control_topic))
-            await self.control.seek_to_end()
-            control_task = asyncio.create_task(self._control_loop(), name="control")
-            try:
-                await self._main_loop(stop)
-            finally:
-                await self._drain(timeout_s=10.0)
-                control_task.cancel()
-                await asyncio.gather(control_task, return_exceptions=True)
-                await self.control.stop()
-                await self.cancelled_batches.stop()
-                await self.consumer.stop()
-        finally:
-            await self.producer.stop()
-            await self.engine.stop()
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        self._stop = stop = stop or asyncio.Event()
+        await super().run(stop)
         if self.fatal is not None:
             raise RuntimeError("inference worker stopped: a completion could not be delivered") from self.fatal
 
-    async def _main_loop(self, stop: asyncio.Event) -> None:
-        log.info(
-            "inference: consuming %s, %s as group %s (max %d in flight, batch at most %d)",
-            self.in_topic,
-            self.batch_topic,
-            INFERENCE.group_id,
-            self.settings.max_inflight_turns,
-            self.batch_limit,
-        )
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        return _Revoker(self)
+
+    async def consume(self, stop: asyncio.Event) -> None:
+        log.info("inference: max %d turns in flight, batch at most %d", self.settings.max_inflight_turns, self.batch_limit)
         while not stop.is_set():
             for tp, records in (await self._fetch()).items():
                 for record in records:
@@ -216,24 +140,10 @@ class InferenceWorker:
         """Interactive records first; batch records only into the slots batch work may take."""
         free = self.settings.max_inflight_turns - len(self.running)
         batch_free = self.batch_limit - len(self.running)
-        assigned = self.consumer.assignment()
-        interactive = [tp for tp in assigned if tp.topic == self.in_topic]
-        batch = [tp for tp in assigned if tp.topic != self.in_topic]
-        paused = self.consumer.paused()
-        for tps, full in ((interactive, free <= 0), (batch, batch_free <= 0)):
-            if full:
-                self.consumer.pause(*tps)
-            else:
-                self.consumer.resume(*(tp for tp in tps if tp in paused))
-        if free <= 0:  # every partition is paused: poll anyway (a member that stops polling leaves the group)
-            return await self.consumer.getmany(timeout_ms=50)
-        if interactive:
-            batches = await self.consumer.getmany(*interactive, timeout_ms=0 if batch_free > 0 else 100, max_records=free)
-            if batches or batch_free <= 0:
-                return batches
-        elif batch_free <= 0:  # only batch partitions here, all paused
-            return await self.consumer.getmany(timeout_ms=50)
-        return await self.consumer.getmany(timeout_ms=100, max_records=max(1, min(free, batch_free)))
+        return await self.fetch_lanes({self.in_topic}, free, min(free, batch_free), idle_ms=100, full_ms=50)
+
+    async def wind_down(self) -> None:
+        await self._drain(timeout_s=10.0)
 
     async def _drain(self, timeout_s: float) -> None:
         """On shutdown: let running turns finish briefly, then abort the rest uncommitted (redelivered later)."""
@@ -254,16 +164,6 @@ class InferenceWorker:
             self.tracker.forget(tp)
 
     # --- control ---------------------------------------------------------------------------------------
-    async def _control_loop(self) -> None:
-        async for record in records_forever(self.control, "control"):
-            try:
-                event = decode(record.value)
-            except DecodeError as exc:
-                log.warning("ignoring undecodable control message at %d: %s", record.offset, exc)
-                continue
-            if isinstance(event, CancelTurn):
-                self.cancel(event.correlation_id, event.reason)
-
     def cancel_batch(self, batch_id: str) -> None:
         """A batch was cancelled: abort its running turns (its queued ones finish as cancelled on arrival)."""
         for cid, running in list(self.running.items()):
@@ -289,14 +189,12 @@ class InferenceWorker:
     # --- turns -------------------------------------------------------------------------------------------
     async def _admit(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         try:
-            event = decode(record.value)
-            if not isinstance(event, GroundedTurn):
-                raise DecodeError(f"expected chat.turn.grounded, got {event.event_type}")
+            event = self.decode_record(record, GroundedTurn)
         except DecodeError as exc:
-            log.warning("inference: dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
-            await produce_all(self.producer, [dead_letter(self.settings, record, "inference", str(exc))])
+            await produce_all(self.producer, [self.reject(record, str(exc))])
             await self._commit(tp, record.offset, started=False)
             return
+        assert isinstance(event, GroundedTurn)
         if tp not in self.consumer.assignment() or self.tracker.handled(tp, record.offset):
             return  # revoked meanwhile, or refetched after a rebalance: already running or done here
         event.mark("inference_dequeued")
@@ -313,12 +211,8 @@ class InferenceWorker:
         if not started:
             self.tracker.start(tp, offset)
         point = self.tracker.finish(tp, offset)
-        if point is None:
-            return
-        try:
-            await self.consumer.commit({tp: point})
-        except (CommitFailedError, KafkaError) as exc:  # partition moved on a rebalance: the new owner redoes it
-            log.warning("commit of %s@%d failed: %s", tp, point, exc)
+        if point is not None:
+            await self.commit(tp, point)  # a failure means the partition moved on a rebalance: the new owner redoes it
 
     async def _run_turn(self, turn: GroundedTurn, tp: TopicPartition, record: ConsumerRecord) -> None:
         cid = turn.correlation_id
@@ -396,25 +290,23 @@ class InferenceWorker:
             except Exception as exc:  # the engine failed on this turn: answer with an error, keep serving
                 log.exception("generation failed for %s", cid)
                 finish, error = "error", f"{type(exc).__name__}: {exc}"[:500]
-                extra.append(dead_letter(self.settings, record, "inference", error, cid))
+                extra.append(self.reject(record, error, cid))
             running = self.running.get(cid)
             if running is not None:
                 running.finishing = True
-            done = TurnCompleted(
-                correlation_id=cid,
-                conversation_id=turn.conversation_id,
+            done = completion(
+                request,
                 attempt=attempt,
                 seq=seq,
                 finish_reason=finish,
                 text=text,
                 model=self.engine.model_name,
+                stages=stages,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens),
                 citations=citations,
                 verdict=turn.verdict,
                 retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
                 error=error,
-                stages=dict(stages),
-                batch=request.batch,
             )
             extra.append(to_reply(request, done.to_bytes()))
             observe_turn(done)

@@ -42,9 +42,44 @@ def whole_reply(
         token = TokenEvent(correlation_id=cid, conversation_id=conv, attempt=attempt, stages=dict(stages), seq=0, delta=text, text_offset=0)
         out.append(to_reply(request, token.to_bytes()))
         seq = 1
-    done = TurnCompleted(
-        correlation_id=cid,
-        conversation_id=conv,
+    done = completion(
+        request,
+        attempt=attempt,
+        seq=seq,
+        finish_reason=finish_reason,
+        text=text,
+        model=model,
+        stages=stages,
+        usage=usage,
+        citations=citations,
+        verdict=verdict,
+        error=error,
+        retrieval_status=retrieval_status,
+    )
+    out.append(to_reply(request, done.to_bytes()))
+    return out
+
+
+def completion(
+    request: ChatTurnRequest,
+    *,
+    attempt: str,
+    seq: int,
+    finish_reason: FinishReason,
+    text: str,
+    model: str,
+    stages: dict[str, float],
+    usage: Usage | None = None,
+    citations: list[Citation] | None = None,
+    verdict: SafetyVerdict | None = None,
+    error: str | None = None,
+    retrieval_status: str = "",
+) -> TurnCompleted:
+    """The turn's final event (``chat.turn.completed``): ``seq`` follows the attempt's last token event;
+    ``stages`` (wall-clock seconds per stage, :mod:`schemas.timing`) is copied."""
+    return TurnCompleted(
+        correlation_id=request.correlation_id,
+        conversation_id=request.conversation_id,
         attempt=attempt,
         stages=dict(stages),
         seq=seq,
@@ -58,5 +93,3 @@ def whole_reply(
         retrieval_status=retrieval_status,
         batch=request.batch,
     )
-    out.append(to_reply(request, done.to_bytes()))
-    return out
