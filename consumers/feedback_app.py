@@ -91,6 +91,9 @@ from core.config import Settings
 from producers.bus import dead_letter
 from schemas.events import DecodeError, ScreenedTurn, TurnCompleted, decode_object
 from schemas.feedback import (
+    CandidateDrop,
+    CandidateRecord,
+    CurationCandidate,
     DpoPair,
     FeedbackEvent,
     KtoExample,
@@ -382,15 +385,15 @@ class FeedbackApp:
                 if vote and (vote.get("prompt_group") == pg or (turn and turn.get("prompt_group") == pg)):
                     votes[cid] = vote
             result = build_group(pg, turns, votes, self.preferences.get(pg))
-            candidate = {
-                "prompt_group": pg,
-                "conversation_id": group.get("conversation_id", ""),
-                "prompt": result.prompt,
-                "records": [{"kind": "dpo" if r.event_type == "dpo.pair" else "kto", "record": r.model_dump(mode="json")} for r in result.records],
-                "drops": [d.to_dict() for d in result.drops],
-                "pending": result.pending,
-            }
-            await self.send(self.candidates_name, pg.encode(), orjson.dumps(candidate))
+            candidate = CurationCandidate(
+                prompt_group=pg,
+                conversation_id=group.get("conversation_id", ""),
+                prompt=result.prompt,
+                records=[CandidateRecord(kind="dpo" if r.event_type == "dpo.pair" else "kto", record=r.model_dump(mode="json")) for r in result.records],
+                drops=[CandidateDrop.model_validate(d.to_dict()) for d in result.drops],
+                pending=result.pending,
+            )
+            await self.send(self.candidates_name, pg.encode(), candidate.to_bytes())
 
     # --- curator --------------------------------------------------------------------------------------------
     async def _curator(self, stream: faust.StreamT[bytes]) -> None:
@@ -405,16 +408,13 @@ class FeedbackApp:
         return self._deduper
 
     async def curate_one(self, message: Any) -> None:
-        try:
-            candidate = orjson.loads(message.value)
-        except (orjson.JSONDecodeError, TypeError) as exc:
-            raise DecodeError(f"not JSON: {exc}") from None
-        pg = candidate["prompt_group"]
-        records: list[dict[str, Any]] = candidate["records"]
-        drops: list[dict[str, Any]] = candidate["drops"]
+        candidate = CurationCandidate.from_bytes(message.value)
+        pg = candidate.prompt_group
+        records = candidate.records
+        drops = candidate.drops
         entry = self.prompts.get(pg)
-        if entry is None and candidate.get("prompt"):
-            values, duplicate_of = self.deduper().classify(pg, normalise_prompt(candidate["prompt"]))
+        if entry is None and candidate.prompt:
+            values, duplicate_of = self.deduper().classify(pg, normalise_prompt(candidate.prompt))
             entry = {"hashvalues": values, "duplicate_of": duplicate_of}
             self.prompts[pg] = entry
             if duplicate_of:
@@ -422,22 +422,22 @@ class FeedbackApp:
         if entry is not None and entry.get("duplicate_of"):
             reason = f"near_duplicate_prompt:{entry['duplicate_of']}"
             drops = drops + [
-                {"record_id": r["record"]["record_id"], "kind": r["kind"], "reason": reason, "prompt_group": pg, "conversation_id": candidate.get("conversation_id", "")}
+                CandidateDrop(record_id=r.record["record_id"], kind=r.kind, reason=reason, prompt_group=pg, conversation_id=candidate.conversation_id)
                 for r in records
             ]
             records = []
         previous: dict[str, str] = dict(self.group_records.get(pg) or {})
-        current = {r["record"]["record_id"]: r for r in records}
+        current = {r.record["record_id"]: r for r in records}
         for rid, kind in sorted(previous.items()):
             if rid not in current:
                 await self.retract(rid, kind)
         for rid, r in current.items():
-            await self.publish(rid, r["kind"], r["record"])
+            await self.publish(rid, r.kind, r.record)
         for drop in drops:
-            if drop["record_id"] not in current:
-                await retry_forever(functools.partial(self.save_drop, drop), "mongodb")
+            if drop.record_id not in current:
+                await retry_forever(functools.partial(self.save_drop, drop.model_dump(exclude_unset=True)), "mongodb")
         if previous.keys() != current.keys():
-            self.group_records[pg] = {rid: r["kind"] for rid, r in current.items()}
+            self.group_records[pg] = {rid: r.kind for rid, r in current.items()}
 
     async def publish(self, rid: str, kind: str, record: dict[str, Any]) -> None:
         model = DpoPair.model_validate(record) if kind == "dpo" else KtoExample.model_validate(record)

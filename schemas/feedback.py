@@ -194,3 +194,45 @@ def decode_feedback(raw: bytes | None) -> FeedbackEvent:
         return FeedbackEvent.model_validate(data)
     except ValidationError as exc:
         raise invalid("chat.feedback", exc) from None
+
+
+# --- the feedback app's internal topic ------------------------------------------------------------------
+class CandidateRecord(_Model):
+    """One record a prompt group should have now: a :class:`DpoPair` or :class:`KtoExample` as JSON."""
+
+    kind: Literal["dpo", "kto"]
+    record: dict[str, Any]
+
+
+class CandidateDrop(_Model):
+    """A record that must not exist, and why (``consumers.curation.Drop``)."""
+
+    record_id: str
+    kind: Literal["dpo", "kto"]
+    reason: str
+    prompt_group: str
+    conversation_id: str = ""
+    response_ids: list[str] = Field(default_factory=list)
+
+
+class CurationCandidate(_Model):
+    """``<app id>-candidates`` (key: prompt group, 1 partition): a prompt group's complete current set
+    of records, sent by the feedback app's joiner to its curator (which dedups prompts and publishes)."""
+
+    prompt_group: str
+    conversation_id: str = ""
+    prompt: list[dict[str, str]] | None = None  # the group's masked prompt messages, once known
+    records: list[CandidateRecord]
+    drops: list[CandidateDrop]
+    pending: list[str] = Field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> CurationCandidate:
+        """Raises :class:`~schemas.events.DecodeError` if ``raw`` is not a candidate."""
+        try:
+            return cls.model_validate_json(raw or b"")
+        except ValidationError as exc:
+            raise DecodeError(f"not a curation candidate: {exc.errors()[:3]}") from None
