@@ -19,14 +19,10 @@ from dataclasses import dataclass
 
 import orjson
 
+from batches.errors import InvalidRequest, NotFound, RequestError, TooLarge
 from core.config import Settings
-from edge.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    check_supported,
-    parse_request,
-)
 from schemas.events import BatchLineError
+from schemas.openai import ChatCompletionRequest, check_supported, parse_request
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 
@@ -53,37 +49,37 @@ class BatchFileError(ValueError):
 
 
 def parse_line(raw: bytes, number: int, settings: Settings) -> BatchLine:
-    """One input line to a validated request. Raises :class:`APIError` (its message is the reason)."""
+    """One input line to a validated request. Raises a :class:`~schemas.errors.RequestError` (its message is the reason)."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"not valid JSON: {exc}", code="invalid_json") from None
+        raise InvalidRequest(f"not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(obj, dict):
-        raise APIError(400, "a line must be a JSON object", code="invalid_json")
+        raise InvalidRequest("a line must be a JSON object", code="invalid_json")
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip():
-        raise APIError(400, "custom_id: a non-empty string is required", param="custom_id", code="missing_custom_id")
+        raise InvalidRequest("custom_id: a non-empty string is required", param="custom_id", code="missing_custom_id")
     if len(custom_id) > 512:
-        raise APIError(400, "custom_id: at most 512 characters", param="custom_id", code="invalid_custom_id")
+        raise InvalidRequest("custom_id: at most 512 characters", param="custom_id", code="invalid_custom_id")
     if "body" in obj or "url" in obj or "method" in obj:
         if obj.get("method", "POST") != "POST":
-            raise APIError(400, f"method: only POST is supported, got {obj.get('method')!r}", param="method", code="invalid_method")
+            raise InvalidRequest(f"method: only POST is supported, got {obj.get('method')!r}", param="method", code="invalid_method")
         if obj.get("url") != CHAT_COMPLETIONS:
-            raise APIError(400, f"url: only {CHAT_COMPLETIONS} is supported, got {obj.get('url')!r}", param="url", code="invalid_url")
+            raise InvalidRequest(f"url: only {CHAT_COMPLETIONS} is supported, got {obj.get('url')!r}", param="url", code="invalid_url")
         body = obj.get("body")
         if not isinstance(body, dict):
-            raise APIError(400, "body: a JSON object is required", param="body", code="invalid_body")
+            raise InvalidRequest("body: a JSON object is required", param="body", code="invalid_body")
     else:
         body = {k: v for k, v in obj.items() if k != "custom_id"}
         body.setdefault("model", settings.model_name)
     request = parse_request(body)
     if request.stream:
-        raise APIError(400, "stream: streaming is not available in a batch", param="stream")
+        raise InvalidRequest("stream: streaming is not available in a batch", param="stream")
     check_supported(request, settings.max_model_len)
     if request.model != settings.model_name:
-        raise APIError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+        raise NotFound(f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
     if len(raw) > settings.max_request_bytes:
-        raise APIError(413, f"line longer than {settings.max_request_bytes} bytes", code="request_too_large")
+        raise TooLarge(f"line longer than {settings.max_request_bytes} bytes", code="request_too_large")
     return BatchLine(number, custom_id, request)
 
 
@@ -100,7 +96,7 @@ def parse_batch(data: bytes, settings: Settings) -> ParsedBatch:
             raise BatchFileError(f"the file has more than {settings.max_batch_lines} requests")
         try:
             line = parse_line(raw, number, settings)
-        except APIError as err:
+        except RequestError as err:
             custom_id = _custom_id_of(raw)
             parsed.invalid.append(BatchLineError(line=number, custom_id=custom_id, code=err.code or err.type, message=f"line {number}: {err.message}"))
             continue

@@ -18,8 +18,10 @@ Idempotency: with a ``batch_key`` the batch id is derived from the key, so submi
 existing batch and publishes nothing (an interrupted submission, left in ``validating``, is resumed,
 skipping lines that already have a result). The same key with a different file is a 409.
 
-Errors are :class:`edge.protocol.APIError` (HTTP status, OpenAI error body): 404 unknown file or batch,
-400 a bad parameter or a file that cannot be a batch at all, 409 a reused batch key.
+Errors are :mod:`batches.errors` (OpenAI's message, param and code; the edge gives them their HTTP status):
+:class:`~batches.errors.NoSuchFile` / :class:`~batches.errors.NoSuchBatch` (404), ``InvalidRequest`` (400,
+a bad parameter or a file that cannot be a batch at all), :class:`~batches.errors.BatchKeyConflict` (409,
+a reused batch key), :class:`~batches.errors.FileTooLarge` (413).
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ from aiokafka import AIOKafkaProducer
 from pymongo import AsyncMongoClient
 from tqdm import tqdm
 
+from batches.errors import BatchKeyConflict, FileTooLarge, InvalidRequest, NoSuchBatch, NoSuchFile
 from batches.input import CHAT_COMPLETIONS, BatchFileError, parse_batch
 from batches.store import TERMINAL, BatchStore, error_file_id, request_id
 from core.config import Settings
-from edge.protocol import APIError
 from schemas.events import (
     BatchCancelled,
     BatchCreated,
@@ -50,10 +52,6 @@ from topics.clients import make_producer
 from topics.registry import BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, topic
 
 MAX_EVENT_ERRORS = 2000  # invalid lines carried in batch.created (all of them are stored)
-
-
-def _no_file(file_id: str) -> APIError:
-    return APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
 
 
 class BatchService:
@@ -83,21 +81,21 @@ class BatchService:
     # --- files ---------------------------------------------------------------------------------------------
     async def upload(self, data: bytes, filename: str, purpose: str = "batch") -> dict[str, Any]:
         if purpose != "batch":
-            raise APIError(400, "purpose: only 'batch' files are accepted", param="purpose")
+            raise InvalidRequest("purpose: only 'batch' files are accepted", param="purpose")
         if len(data) > self.settings.max_batch_file_bytes:
-            raise APIError(413, f"file larger than {self.settings.max_batch_file_bytes} bytes", param="file", code="file_too_large")
+            raise FileTooLarge(self.settings.max_batch_file_bytes)
         return await self.store.put_file(data, filename, purpose)
 
     async def file(self, file_id: str) -> dict[str, Any]:
         meta = await self.store.file(file_id)
         if meta is None:
-            raise _no_file(file_id)
+            raise NoSuchFile(file_id)
         return meta
 
     async def check_file(self, file_id: str) -> None:
         """404 unless the file exists (without rendering an output file to learn its size)."""
         if not await self.store.file_exists(file_id):
-            raise _no_file(file_id)
+            raise NoSuchFile(file_id)
 
     async def content(self, file_id: str) -> AsyncIterator[bytes]:
         await self.check_file(file_id)
@@ -120,12 +118,12 @@ class BatchService:
     ) -> dict[str, Any]:
         """Validate the input file and publish its lines; returns the OpenAI batch object."""
         if endpoint != CHAT_COMPLETIONS:
-            raise APIError(400, f"endpoint: only {CHAT_COMPLETIONS} is supported", param="endpoint")
+            raise InvalidRequest(f"endpoint: only {CHAT_COMPLETIONS} is supported", param="endpoint")
         if completion_window != "24h":
-            raise APIError(400, "completion_window: only '24h' is supported", param="completion_window")
+            raise InvalidRequest("completion_window: only '24h' is supported", param="completion_window")
         metadata = metadata or {}
         if len(metadata) > 16 or any(not isinstance(v, str) or len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
-            raise APIError(400, "metadata: at most 16 string pairs, keys ≤ 64 and values ≤ 512 characters", param="metadata")
+            raise InvalidRequest("metadata: at most 16 string pairs, keys ≤ 64 and values ≤ 512 characters", param="metadata")
         data = await self.read(input_file_id)
         sha = hashlib.sha256(data).hexdigest()
         key_sha = hashlib.sha256(batch_key.encode()).hexdigest() if batch_key else None
@@ -133,7 +131,7 @@ class BatchService:
         existing = await self.store.get_batch(batch_id)
         if existing is not None:
             if existing["input_sha256"] != sha:
-                raise APIError(409, "this batch key was already used for a different input file", param="batch_key", code="batch_key_conflict")
+                raise BatchKeyConflict()
             if existing["status"] != "validating":
                 return await self.store.openai_batch(existing)  # submitted before: nothing runs twice
         try:
@@ -187,7 +185,7 @@ class BatchService:
     async def get(self, batch_id: str) -> dict[str, Any]:
         batch = await self.store.get_batch(batch_id)
         if batch is None:
-            raise APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+            raise NoSuchBatch(batch_id)
         return await self.store.openai_batch(batch)
 
     async def list(self, limit: int = 20, after: str | None = None) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.pii import mask_pii
-from edge.protocol import completion_body
 from schemas.events import BatchCreated, BatchLineError, TurnCompleted
+from schemas.openai import completion_body
 
 CHUNK_BYTES = 1024 * 1024
 TERMINAL = ("completed", "failed", "cancelled", "expired")

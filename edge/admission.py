@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from core import metrics
 from core.background import PeriodicService
 from core.config import Settings
-from edge.protocol import APIError
+from edge.errors import APIError
 from topics.lag import LagReader
 from topics.registry import (
     BATCH_GROUNDED,

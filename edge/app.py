@@ -57,16 +57,9 @@ from core.config import Settings, get_settings
 from core.pii import mask_pii
 from edge.admission import LoadMonitor, decide, refuse
 from edge.conversations import ConversationStore, TurnInfo
+from edge.errors import EXCEPTION_HANDLERS, APIError
 from edge.feedback import feedback_event, parse_feedback
 from edge.live import LiveStats
-from edge.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    ChunkBuilder,
-    check_supported,
-    completion_body,
-    parse_request,
-)
 from edge.relay import (
     ReplyRelay,
     TurnStream,
@@ -83,6 +76,7 @@ from schemas.events import (
     TurnCompleted,
 )
 from schemas.feedback import prompt_group
+from schemas.openai import ChatCompletionRequest, ChunkBuilder, check_supported, completion_body, parse_request
 from schemas.timing import breakdown, server_timing
 from topics.clients import make_admin, make_consumer, make_producer, records_forever
 from topics.compat import describe_groups
@@ -139,10 +133,6 @@ RECENT_TURNS = 4096  # finished turns remembered per edge (for feedback that out
 class ORJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
-
-
-def error_response(err: APIError) -> Response:
-    return ORJSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 class ChatService:
@@ -708,17 +698,6 @@ async def cancel_batch(request: Request) -> Response:
     return ORJSONResponse(await _batches(request).cancel(request.path_params["batch_id"]))
 
 
-async def api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, APIError)
-    return error_response(exc)
-
-
-async def internal_error(request: Request, exc: Exception) -> Response:
-    """Anything unexpected: an OpenAI-style 500 with a sanitised message (details stay in the log)."""
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(APIError(500, "internal server error", type="internal_error"))
-
-
 async def prometheus_metrics(request: Request) -> Response:
     """Prometheus text exposition of this edge process (``chatbus:*`` metrics, :mod:`core.metrics`)."""
     service: ChatService = request.app.state.service
@@ -814,7 +793,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/readyz", readyz, methods=["GET"]),
         ],
         lifespan=lifespan,
-        exception_handlers={APIError: api_error, Exception: internal_error},
+        exception_handlers=EXCEPTION_HANDLERS,
     )
     app.state.settings = settings
     app.state.api_keys = settings.api_key_list()

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from core.pii import mask_pii
 from edge.conversations import TurnInfo
-from edge.protocol import APIError
+from schemas.errors import InvalidRequest
 from schemas.feedback import (
     MAX_COMMENT_CHARS,
     FeedbackEvent,
@@ -81,7 +81,7 @@ class FeedbackRequest(BaseModel):
 def parse_feedback(payload: object) -> FeedbackRequest:
     """The request, or a 400 naming the first problem."""
     if not isinstance(payload, dict):
-        raise APIError(400, "the body must be a JSON object")
+        raise InvalidRequest("the body must be a JSON object")
     try:
         return FeedbackRequest.model_validate(payload)
     except ValidationError as exc:
@@ -91,7 +91,7 @@ def parse_feedback(payload: object) -> FeedbackRequest:
         if not loc and ": " in msg:  # a whole-body check names its field first
             loc = msg.split(": ", 1)[0].split("/")[0].split(" ")[0]
             msg = msg.split(": ", 1)[1]
-        raise APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None) from None
+        raise InvalidRequest(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
 
 
 def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo]) -> FeedbackEvent:
@@ -113,7 +113,7 @@ def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo]) -> Feedback
             model=first.model,
         )
     if any(turns[r].prompt_group != first.prompt_group for r in req.rejected_ids):
-        raise APIError(400, "rejected_ids: not siblings of chosen_id (same conversation and prompt)", param="rejected_ids")
+        raise InvalidRequest("rejected_ids: not siblings of chosen_id (same conversation and prompt)", param="rejected_ids")
     return FeedbackEvent(
         feedback_id=feedback_id("preference", req.user, first.prompt_group),
         kind="preference",

@@ -6,11 +6,13 @@ import pytest
 from aiokafka import TopicPartition
 
 from core.grounding import assemble
-from edge.protocol import APIError, parse_request
+from edge.errors import http_status
 from edge.relay import TurnStream, TurnTimeout
 from inference_workers.worker import OffsetTracker, derived_seed
 from retrieval_workers.chunking import chunk_text
+from schemas.errors import InvalidRequest
 from schemas.events import ChatMessage, Passage, TokenEvent, TurnCompleted
+from schemas.openai import parse_request
 
 TP = TopicPartition("chat.grounded", 0)
 
@@ -125,9 +127,9 @@ def test_parse_request_maps_openai_parameters() -> None:
     [([], None), ({"model": "m", "messages": [{"role": "system", "content": "x"}]}, None), ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p")],
 )
 def test_parse_request_errors(payload: object, param: str | None) -> None:
-    with pytest.raises(APIError) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         parse_request(payload)
-    assert exc.value.status == 400 and exc.value.param == param
+    assert http_status(exc.value) == 400 and exc.value.param == param
 
 
 def test_unexpected_errors_become_openai_500s_without_details() -> None:
@@ -136,7 +138,7 @@ def test_unexpected_errors_become_openai_500s_without_details() -> None:
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from edge.app import internal_error
+    from edge.errors import internal_error
 
     async def boom(request: Request) -> None:
         raise RuntimeError("secret detail")

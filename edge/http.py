@@ -1,0 +1,46 @@
+"""What every route of the edge shares: the JSON response (orjson), reading a bounded body, query parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from schemas.errors import InvalidRequest, TooLarge
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes with a 413 (also when no Content-Length is sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body larger than {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body larger than {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON (413 past ``limit`` bytes, 400 if it is not JSON)."""
+    try:
+        return orjson.loads(await read_body(request, limit))
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("request body is not valid JSON") from None
+
+
+def limit_param(request: Request, default: int, most: int) -> int:
+    """``?limit=N`` (1 to ``most``, default ``default``); 400 otherwise."""
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise InvalidRequest(f"limit: an integer from 1 to {most}", param="limit")
+    return int(raw)
