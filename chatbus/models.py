@@ -44,19 +44,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from core.catalogue import (
-    CATALOGUE,
-    DEFAULT_MODEL,
-    FORMAT,
-    MARKER,
-    TINY_SERVED_NAME,
-    PackagedModel,
-    Resolved,
-    WheelPart,
-    is_provisioned,
-    packaged,
-    resolve,
-)
+from core.catalogue import CATALOGUE, DEFAULT_MODEL, FORMAT, MARKER, TINY_SERVED_NAME, PackagedModel, Resolved, WheelPart, is_provisioned, packaged, resolve
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +151,7 @@ def convert(model: PackagedModel, gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # transformers refuses save_pretrained on a GGUF-quantised model; the weights are dequantised already

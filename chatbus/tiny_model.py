@@ -34,6 +34,12 @@ import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from core.logging import setup_logging
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +95,6 @@ Chat format: ChatML (`<|im_start|>role\\n...<|im_end|>`); end of turn / EOS: `<|
 """
 
 
-
 def is_complete(model_dir: Path) -> bool:
     """True when ``model_dir`` holds every file a finished build writes."""
     return all((model_dir / name).is_file() for name in REQUIRED_FILES)
@@ -137,7 +142,7 @@ def _build_into(target: Path, seed: int) -> None:
     target.mkdir(parents=True)
     tokenizer = _train_tokenizer()
     tokenizer.save_pretrained(target)
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    ids = {tok: _token_id(tokenizer, tok) for tok in SPECIAL_TOKENS}
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -155,10 +160,10 @@ def _build_into(target: Path, seed: int) -> None:
     rng_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]  # transformers leaves __init__ untyped
     finally:
         torch.random.set_rng_state(rng_state)  # do not disturb the caller's RNG
-    model.generation_config = GenerationConfig(
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=ids[BOS],
         eos_token_id=ids[IM_END],
         pad_token_id=ids[PAD],
@@ -170,7 +175,15 @@ def _build_into(target: Path, seed: int) -> None:
         path.chmod(0o644)
 
 
-def _train_tokenizer():  # -> PreTrainedTokenizerFast
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    """The id of one (special) token: ``convert_tokens_to_ids`` of a single string is an int."""
+    value = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(value, int):
+        raise TypeError(f"{token!r}: expected one token id, got {value!r}")
+    return value
+
+
+def _train_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -186,7 +199,7 @@ def _train_tokenizer():  # -> PreTrainedTokenizerFast
     )
     texts = list(_corpus())
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=IM_END,
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO, short=True)
     print(build_tiny_model(args.out_dir, seed=args.seed))
 
 

@@ -304,7 +304,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         if not ids:
             return ""
-        return self._tok.decode(list(ids), skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
+        text: str = self._tok.decode(list(ids), skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
+        return text
 
     def add(self, new_ids: Sequence[int]) -> str:
         """Append ``new_ids``; return the newly complete text (may be ``""``)."""

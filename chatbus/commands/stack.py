@@ -1,0 +1,105 @@
+"""``chatbus stack up|down|run|status``: the local stack without Docker (:mod:`chatbus.stack`), and the default corpus."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import click
+
+from core.config import Settings, get_settings
+from core.logging import setup_logging
+
+
+@click.group()
+def stack() -> None:
+    """Start and stop the local stack (Kafka, FerretDB, workers, edge) without Docker."""
+
+
+@stack.command("up")
+@click.option("--ingest-default/--no-ingest-default", default=True, help="Ingest the default corpus if the knowledge base is empty.")
+def stack_up(ingest_default: bool) -> None:
+    """Start everything in the background; return once /readyz is 200."""
+    from chatbus.stack import Stack
+
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    s = Stack(settings)
+    s.up()
+    if ingest_default:
+        _ingest_default(settings)
+    click.echo(f"chatbus is up: {s.edge_url}/v1 (model {settings.model_name}); logs in {s.paths.logs}")
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop every process this stack started (and nothing else)."""
+    from chatbus.stack import Stack
+
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    stopped = Stack(settings).down()
+    click.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@stack.command("run")
+def stack_run() -> None:
+    """Start everything in the foreground; Ctrl-C stops all of it."""
+    from chatbus.stack import Stack
+
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    s = Stack(settings)
+    try:
+        s.up()
+        _ingest_default(settings)
+        click.echo(f"chatbus is running: {s.edge_url}/v1 — Ctrl-C stops everything")
+        # Explicit handlers: a process started in the background inherits SIGINT ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        click.echo("stopping…")
+        s.down()
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Which services run (pid, and each worker's metrics address) and which do not."""
+    from chatbus.stack import WORKERS, Stack
+
+    stack = Stack(get_settings())
+    for name, pid in stack.status().items():
+        port = stack.metrics_port(name) if name in WORKERS and pid else None
+        metrics = f"  metrics http://{stack.settings.metrics_host}:{port}/metrics" if port else ""
+        click.echo(f"{name:10s} {f'running (pid {pid})' if pid else 'stopped'}{metrics}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def default_corpus() -> list[Path]:
+    """The default knowledge base: the Python 3.11 tutorial from Debian's python3.11-doc, else the docs here."""
+    tutorial = Path("/usr/share/doc/python3.11/html/tutorial")
+    if tutorial.is_dir():
+        return [tutorial]
+    from core.config import ROOT
+
+    return [ROOT / "README.md"]
+
+
+def _ingest_default(settings: Settings) -> None:
+    from retrieval_workers.ingest import ingest as do_ingest
+
+    marker = settings.state_dir / "default-corpus-ingested"
+    if marker.exists():
+        return
+    paths = default_corpus()
+    n = asyncio.run(do_ingest(paths, settings, wait=True))
+    marker.write_text(f"{n} chunks from {', '.join(map(str, paths))}\n")
+    click.echo(f"ingested {n} chunks from {', '.join(map(str, paths))}")
