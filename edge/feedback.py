@@ -16,20 +16,24 @@ they leave the edge.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
 
 from core.pii import mask_pii
-from edge.conversations import TurnInfo
-from schemas.errors import InvalidRequest
-from schemas.feedback import (
-    MAX_COMMENT_CHARS,
-    FeedbackEvent,
-    Rating,
-    Reason,
-    feedback_id,
-)
+from edge.auth import protected
+from edge.conversations import ConversationStore, TurnInfo
+from edge.errors import APIError
+from edge.http import ORJSONResponse, read_json
+from edge.turns import ChatService
+from schemas.errors import InvalidRequest, NotFound
+from schemas.feedback import MAX_COMMENT_CHARS, FeedbackEvent, Rating, Reason, feedback_id
+
+log = logging.getLogger(__name__)
 
 
 def _id() -> Any:
@@ -124,3 +128,26 @@ def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo]) -> Feedback
         user=req.user,
         model=first.model,
     )
+
+
+async def create_feedback(request: Request) -> Response:
+    """``POST /v1/feedback``: 400 bad body, 404 unknown response, else published."""
+    service: ChatService = request.app.state.service
+    conversations: ConversationStore = request.app.state.conversations
+    req = parse_feedback(await read_json(request, 16_384))
+    turns: dict[str, TurnInfo] = {}
+    for rid in req.response_ids:
+        info = await service.turn_info(rid, conversations)
+        if info is None:
+            raise NotFound(f"No completed response found with id '{rid}'.", type="NotFoundError", param="response_id", code="response_not_found")
+        turns[rid] = info
+    event = feedback_event(req, turns)
+    try:
+        await service.producer.send_and_wait(service.feedback_topic, event.to_bytes(), key=event.key)
+    except Exception as exc:
+        log.exception("publishing feedback %s failed", event.feedback_id)
+        raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc
+    return ORJSONResponse({"id": event.feedback_id, "object": "feedback", "status": "accepted", "event_id": event.event_id})
+
+
+ROUTES: list[BaseRoute] = [protected("/v1/feedback", create_feedback, ["POST"])]

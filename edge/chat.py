@@ -1,0 +1,129 @@
+"""Chat completions: ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/chat/completions/{id}/events``
+(resume a stream after ``Last-Event-ID``, on any edge: the tokens are on Kafka) and
+``POST /v1/chat/completions/{id}/cancel`` (Stop on the chat page).
+
+A request is validated (:mod:`schemas.openai`), admitted (:mod:`edge.admission`), and only then published
+to ``chat.requests`` keyed by conversation id, with ``reply_to`` this instance's reply partition. The
+response is built from the token events the relay routes back: SSE by :mod:`edge.streaming`, or one
+``chat.completion`` body with ``Server-Timing``. A client that disconnects mid-turn causes a
+``chat.turn.cancel`` on ``chat.control`` (after ``resume_grace_s`` for a stream), so generation stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from edge.auth import protected
+from edge.errors import APIError
+from edge.http import ORJSONResponse, read_json
+from edge.relay import TurnStream, TurnTimeout, parse_event_id
+from edge.streaming import live_events, on_client_close, resumed_events
+from edge.turns import ChatService, timing_ms
+from schemas.errors import InvalidRequest
+from schemas.events import ChatTurnRequest
+from schemas.openai import check_supported, completion_body, parse_request
+from schemas.timing import server_timing
+from topics.registry import CHAT_REPLIES, spec
+
+CHAT_REPLIES_PARTITIONS = spec(CHAT_REPLIES).partitions
+
+
+async def complete(service: ChatService, turn: ChatTurnRequest, stream: TurnStream, request: Request) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """Wait for the whole answer; a client that disconnects meanwhile cancels the turn.
+
+    Returns the response body and the turn's latency split (seconds, :func:`schemas.timing.breakdown`)."""
+    waiter = asyncio.ensure_future(_drain_pieces(service, stream))
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=0.5)
+            if not waiter.done() and await request.is_disconnected():
+                waiter.cancel()
+                await service.cancel(turn, "client_disconnected", stream)
+                raise APIError(499, "client closed the request", type="client_closed")
+        waiter.result()
+    except TurnTimeout as exc:
+        await service.cancel(turn, "timeout", stream)
+        raise APIError(504, str(exc), type="timeout") from None
+    finally:
+        waiter.cancel()
+        service.relay.close(turn.correlation_id)
+    done = stream.done
+    assert done is not None
+    parts = service.finished(turn, stream)
+    if done.finish_reason == "error":
+        raise APIError(500, "generation failed", type="internal_error")
+    # the completion's own text: for a redelivered turn it is the text of the attempt that finished
+    return {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": timing_ms(parts)}, parts
+
+
+async def _drain_pieces(service: ChatService, stream: TurnStream) -> None:
+    async for _ in stream.pieces(service.settings.turn_timeout_s):
+        pass
+
+
+async def chat_completions(request: Request) -> Response:
+    received = time.time()
+    service: ChatService = request.app.state.service
+    req = parse_request(await read_json(request, service.settings.max_request_bytes))
+    if len(req.messages) > service.settings.max_request_messages:
+        raise InvalidRequest(f"at most {service.settings.max_request_messages} messages", param="messages")
+    check_supported(req, service.settings.max_model_len)
+    turn = service.build_turn(req, received)
+    headers = {"X-Correlation-Id": turn.correlation_id, **service.admit(turn)}
+    stream = await service.publish(turn)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventSourceResponse(
+            live_events(service, turn, stream, include_usage),
+            ping=0,  # heartbeats come from the event loop of edge.streaming (one task less per open stream)
+            sep="\n",
+            send_timeout=30,  # a client that stops reading cannot hold the turn (and a worker slot) for ever
+            client_close_handler_callable=on_client_close(service, turn, stream),
+            headers=headers,
+        )
+    body, parts = await complete(service, turn, stream, request)
+    headers["Server-Timing"] = server_timing(parts)
+    return ORJSONResponse(body, headers=headers)
+
+
+async def resume_chat_completion(request: Request) -> Response:
+    """``GET /v1/chat/completions/{id}/events`` with ``Last-Event-ID`` (or ``?last_event_id=``): the rest
+    of a streamed turn after the last SSE event the client received — on any edge, the tokens are on Kafka."""
+    service: ChatService = request.app.state.service
+    last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if not last:
+        raise InvalidRequest("Last-Event-ID: required (the id of the last SSE event received)", param="Last-Event-ID")
+    try:
+        cid, partition, since_ms, delivered = parse_event_id(last)
+    except ValueError:
+        raise InvalidRequest("Last-Event-ID: not an event id of this server", param="Last-Event-ID") from None
+    if cid != request.path_params["completion_id"] or not 0 <= partition < CHAT_REPLIES_PARTITIONS or delivered < 0:
+        raise InvalidRequest("Last-Event-ID: does not belong to this completion", param="Last-Event-ID")
+    include_usage = request.query_params.get("include_usage") in ("1", "true")
+    return EventSourceResponse(
+        resumed_events(service, cid, partition, since_ms, delivered, include_usage),
+        ping=0,
+        sep="\n",
+        send_timeout=30,
+        headers={"X-Correlation-Id": cid},
+    )
+
+
+async def stop_chat_completion(request: Request) -> Response:
+    """``POST /v1/chat/completions/{id}/cancel``: stop generating (Stop on the chat page)."""
+    service: ChatService = request.app.state.service
+    return ORJSONResponse(await service.stop(request.path_params["completion_id"], request.app.state.conversations))
+
+
+ROUTES: list[BaseRoute] = [
+    protected("/v1/chat/completions", chat_completions, ["POST"]),
+    protected("/v1/chat/completions/{completion_id}/events", resume_chat_completion, ["GET"]),
+    protected("/v1/chat/completions/{completion_id}/cancel", stop_chat_completion, ["POST"]),
+]

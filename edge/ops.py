@@ -1,0 +1,107 @@
+"""Pages and operator surfaces: ``GET /`` (chat page), ``/dashboard``, ``/live`` and ``/static`` (open),
+``GET /live.json`` (:mod:`edge.live`), ``GET /metrics`` (Prometheus, :mod:`core.metrics`), ``GET /healthz``
+(process alive), ``GET /readyz`` (broker reachable, reply relay running, and every stage's consumer group
+has a live member), and ``GET /v1/models`` (needs the API key)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from core import metrics
+from core.config import Settings
+from edge.auth import protected
+from edge.http import ORJSONResponse
+from edge.relay import ReplyRelay
+from edge.turns import ChatService
+from topics.clients import make_admin
+from topics.compat import describe_groups
+from topics.registry import GROUPS
+
+STAGE_GROUPS = tuple(g.group_id for g in GROUPS if g.stage)
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def page(name: str) -> Callable[[Request], Awaitable[Response]]:
+    async def serve(request: Request) -> Response:
+        return Response((STATIC / name).read_bytes(), media_type="text/html; charset=utf-8")
+
+    return serve
+
+
+async def list_models(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    model = {
+        "id": settings.model_name,
+        "object": "model",
+        "created": request.app.state.started,
+        "owned_by": "chatbus",
+        "max_model_len": settings.max_model_len,  # the served context in tokens (prompt + completion), as vLLM's card
+    }
+    return ORJSONResponse({"object": "list", "data": [model]})
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text exposition of this edge process (``chatbus:*`` metrics, :mod:`core.metrics`)."""
+    service: ChatService = request.app.state.service
+    metrics.OPEN_STREAMS.set(len(service.relay.turns))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def live_data(request: Request) -> Response:
+    service: ChatService = request.app.state.service
+    return ORJSONResponse(service.live.snapshot(service.monitor.lag_by, len(service.relay.turns)))
+
+
+async def healthz(request: Request) -> Response:
+    return ORJSONResponse({"status": "ok"})
+
+
+async def readiness(settings: Settings, relay: ReplyRelay) -> dict[str, Any]:
+    """Broker reachable, relay running, and a live member in every stage's consumer group."""
+    checks: dict[str, Any] = {"relay": relay.alive}
+    admin = make_admin(settings)
+    try:
+        await asyncio.wait_for(admin.start(), 5)
+        groups = await asyncio.wait_for(describe_groups(admin, list(STAGE_GROUPS)), 5)
+        checks["broker"] = True
+        for group_id, g in groups.items():
+            checks[group_id] = g["state"] == "Stable" and g["members"] > 0
+    except Exception as exc:
+        checks["broker"] = False
+        checks["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    for group_id in STAGE_GROUPS:
+        checks.setdefault(group_id, False)
+    checks["ready"] = all(v is True for k, v in checks.items() if k not in ("error", "ready"))
+    return checks
+
+
+async def readyz(request: Request) -> Response:
+    checks = await readiness(request.app.state.settings, request.app.state.relay)
+    return ORJSONResponse(checks, status_code=200 if checks["ready"] else 503)
+
+
+MODEL_ROUTES: list[BaseRoute] = [protected("/v1/models", list_models, ["GET"])]
+
+ROUTES: list[BaseRoute] = [
+    Route("/metrics", prometheus_metrics, methods=["GET"]),
+    Route("/", page("chat.html"), methods=["GET"]),
+    Route("/dashboard", page("dashboard.html"), methods=["GET"]),
+    Route("/live", page("live.html"), methods=["GET"]),
+    Route("/live.json", live_data, methods=["GET"]),
+    Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

@@ -1,0 +1,231 @@
+"""The edge's side of a turn: build and admit it, publish it to ``chat.requests``, cancel it on
+``chat.control`` (a client gone, a timeout, Stop), and record it when it finishes (metrics, live stats,
+the recent turns feedback may name before the recorder has stored them).
+
+The SSE and non-streamed answers are built from the turn's :class:`edge.relay.TurnStream` by
+:mod:`edge.streaming` and :mod:`edge.chat`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer
+
+from core import metrics
+from core.config import Settings
+from core.pii import mask_pii
+from edge.admission import LoadMonitor, decide, refuse
+from edge.conversations import ConversationStore, TurnInfo
+from edge.errors import APIError
+from edge.live import LiveStats
+from edge.relay import ReplyRelay, TurnStream
+from schemas.errors import NotFound
+from schemas.events import CancelTurn, ChatMessage, ChatTurnRequest, ReplyTo
+from schemas.feedback import prompt_group
+from schemas.openai import ChatCompletionRequest
+from schemas.timing import breakdown
+from topics.registry import CHAT_CONTROL, CHAT_FEEDBACK, CHAT_REPLIES, CHAT_REQUESTS, topic
+
+log = logging.getLogger(__name__)
+
+RECENT_TURNS = 4096  # finished turns remembered per edge (for feedback that outruns the recorder)
+
+
+class TurnKey(Protocol):
+    """What a cancel needs of a turn."""
+
+    @property
+    def correlation_id(self) -> str: ...
+
+    @property
+    def conversation_id(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class TurnRef:
+    correlation_id: str
+    conversation_id: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A turn this edge finished recently: feedback on it is accepted before the recorder has stored it."""
+
+    conversation_id: str
+    messages: list[ChatMessage]
+    model: str
+    finish_reason: str
+
+    def info(self, correlation_id: str) -> TurnInfo:
+        masked = [{"role": m.role, "content": mask_pii(m.content)[0]} for m in self.messages]
+        return TurnInfo(correlation_id, self.conversation_id, prompt_group(self.conversation_id, masked), self.model, self.finish_reason)
+
+
+def timing_ms(parts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The latency split in milliseconds, as sent to clients in the ``timing`` extra field."""
+    return {group: {k: round(v * 1000, 2) for k, v in values.items()} for group, values in parts.items()}
+
+
+class ChatService:
+    """Publishes turns, cancels them, and records them when they finish."""
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, relay: ReplyRelay, monitor: LoadMonitor, live: LiveStats) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.relay = relay
+        self.monitor = monitor
+        self.live = live
+        self.requests_topic = topic(CHAT_REQUESTS, settings.topic_prefix)
+        self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
+        self.reply_to = ReplyTo(topic=topic(CHAT_REPLIES, settings.topic_prefix), partition=settings.reply_partition)
+        self.feedback_topic = topic(CHAT_FEEDBACK, settings.topic_prefix)
+        self._background: set[asyncio.Task[None]] = set()
+        self.pending_cancels: dict[str, asyncio.TimerHandle] = {}  # disconnected turns a resume may still claim
+        # correlation id -> conversation id of turns this edge published and not yet saw end (for Stop)
+        self.open_turns: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.recent: collections.OrderedDict[str, Finished] = collections.OrderedDict()
+
+    def build_turn(self, req: ChatCompletionRequest, received_at: float) -> ChatTurnRequest:
+        if req.model != self.settings.model_name:
+            raise NotFound(f"The model `{req.model}` does not exist.", type="NotFoundError", param="model", code="model_not_found")
+        turn = ChatTurnRequest(
+            correlation_id=f"chatcmpl-{uuid.uuid4().hex}",
+            conversation_id=req.conversation_id or f"conv-{uuid.uuid4().hex}",
+            model=req.model,
+            messages=req.chat_messages(),
+            sampling=req.sampling(self.settings.default_max_tokens),
+            reply_to=self.reply_to,
+            user=req.user,
+        )
+        turn.mark("edge_received", received_at)
+        return turn
+
+    def admit(self, turn: ChatTurnRequest) -> dict[str, str]:
+        """Admission control (:mod:`edge.admission`): raises a 429, or returns headers for the response
+        (``X-Chatbus-Brownout`` when ``max_tokens`` was capped)."""
+        load = self.monitor.snapshot(len(self.relay.turns))
+        decision = decide(load, self.settings, "interactive", turn.sampling.max_tokens)
+        if not decision.admit:
+            self.live.rejected("interactive")
+            raise refuse(decision, "interactive", load, self.settings)
+        self.monitor.admitted()
+        if decision.max_tokens is not None and decision.max_tokens < turn.sampling.max_tokens:
+            turn.sampling.max_tokens = decision.max_tokens
+            metrics.BROWNOUT_CAPPED.inc()
+            return {"X-Chatbus-Brownout": f"max_tokens={decision.max_tokens}"}
+        return {}
+
+    def finished(self, turn: ChatTurnRequest, stream: TurnStream) -> dict[str, dict[str, float]]:
+        """Record a finished turn's metrics; returns its latency split (:func:`schemas.timing.breakdown`)."""
+        done = stream.done
+        assert done is not None
+        stages = {**turn.stages, **done.stages, "last_relayed": time.time()}
+        if stream.first_relayed is not None:
+            stages["first_relayed"] = stream.first_relayed
+        parts = breakdown(stages)
+        model = turn.model
+        metrics.REQUEST_SUCCESS.labels(model, done.finish_reason).inc()
+        metrics.EDGE_GENERATION_TOKENS.labels(model).inc(done.usage.completion_tokens)
+        totals = parts["totals"]
+        if "ttft" in totals and done.finish_reason in ("stop", "length"):
+            metrics.TTFT.labels(model).observe(totals["ttft"])
+        if "e2e" in totals:
+            metrics.E2E.labels(model).observe(totals["e2e"])
+        for name, seconds in parts["stages"].items():
+            metrics.TURN_STAGE.labels(name).observe(seconds)
+        for name, seconds in parts["hops"].items():
+            metrics.TURN_HOP.labels(name).observe(seconds)
+        self.live.turn(done.finish_reason, parts, done.usage.completion_tokens)
+        self.monitor.turn_finished()
+        self.open_turns.pop(turn.correlation_id, None)
+        self.recent[turn.correlation_id] = Finished(turn.conversation_id, turn.messages, done.model or turn.model, done.finish_reason)
+        while len(self.recent) > RECENT_TURNS:
+            self.recent.popitem(last=False)
+        return parts
+
+    async def publish(self, turn: ChatTurnRequest) -> TurnStream:
+        turn.mark("edge_published")
+        value = turn.to_bytes()  # validated input always serialises; do it before anything is opened
+        stream = self.relay.open(turn.correlation_id)
+        self.open_turns[turn.correlation_id] = turn.conversation_id
+        while len(self.open_turns) > RECENT_TURNS:  # turns abandoned without an end are forgotten, oldest first
+            self.open_turns.popitem(last=False)
+        try:
+            await self.producer.send_and_wait(self.requests_topic, value, key=turn.key)
+        except Exception as exc:
+            self.relay.close(turn.correlation_id)
+            self.open_turns.pop(turn.correlation_id, None)
+            log.exception("publishing turn %s failed", turn.correlation_id)
+            raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc
+        return stream
+
+    async def cancel(self, turn: TurnKey, reason: str, stream: TurnStream | None = None) -> None:
+        """Publish ``chat.turn.cancel`` for the turn (once per stream)."""
+        if stream is not None:
+            if stream.cancel_sent:
+                return
+            stream.cancel_sent = True
+        ev = CancelTurn(correlation_id=turn.correlation_id, conversation_id=turn.conversation_id, reason=reason)
+        try:
+            await self.producer.send_and_wait(self.control_topic, ev.to_bytes(), key=ev.key)
+            log.info("turn %s cancelled: %s", turn.correlation_id, reason)
+        except Exception:
+            log.exception("could not publish cancel for %s", turn.correlation_id)
+
+    def cancel_soon(self, turn: TurnKey, reason: str, stream: TurnStream) -> None:
+        """Publish a cancel from a context that cannot await (a closing generator); the task is kept alive."""
+        task = asyncio.get_running_loop().create_task(self.cancel(turn, reason, stream))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def cancel_unless_resumed(self, turn: TurnKey, stream: TurnStream) -> None:
+        """A client left mid-turn: cancel it after ``resume_grace_s`` unless a client resumes it first
+        (:meth:`claim`); at once when the grace is 0."""
+        cid = turn.correlation_id
+        if stream.cancel_sent or cid in self.pending_cancels:
+            return
+        if self.settings.resume_grace_s <= 0:
+            self.cancel_soon(turn, "client_disconnected", stream)
+            return
+
+        def fire() -> None:
+            if self.pending_cancels.pop(cid, None) is not None:
+                self.cancel_soon(turn, "client_disconnected", stream)
+
+        self.pending_cancels[cid] = asyncio.get_running_loop().call_later(self.settings.resume_grace_s, fire)
+
+    def claim(self, cid: str) -> None:
+        """A client resumed (or stopped) the turn: the cancel pending since its last client left is off."""
+        pending = self.pending_cancels.pop(cid, None)
+        if pending is not None:
+            pending.cancel()
+
+    async def stop(self, cid: str, conversations: ConversationStore) -> dict[str, Any]:
+        """The chat page's Stop: publish ``chat.turn.cancel`` now (no resume grace). The turn may be relayed
+        by any edge; its conversation id (the cancel's key) comes from this edge or the database.
+        404 if the turn is unknown; ``cancelled: false`` if it had already finished."""
+        self.claim(cid)
+        conversation = self.open_turns.get(cid)
+        if conversation is None:
+            if cid in self.recent:
+                return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
+            doc = await conversations.db.turns.find_one({"_id": cid}, {"conversation_id": 1, "answer.finish_reason": 1})
+            if doc is None or not doc.get("conversation_id"):
+                raise NotFound(f"No chat completion found with id '{cid}'.", type="NotFoundError", param="completion_id")
+            if doc.get("answer"):
+                return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
+            conversation = doc["conversation_id"]
+        await self.cancel(TurnRef(cid, conversation), "stopped_by_user", self.relay.turns.get(cid))
+        return {"id": cid, "object": "chat.completion.cancel", "cancelled": True}
+
+    async def turn_info(self, cid: str, conversations: ConversationStore) -> TurnInfo | None:
+        """A completed turn: one this edge finished, else one the recorder stored."""
+        recent = self.recent.get(cid)
+        return recent.info(cid) if recent is not None else await conversations.turn(cid)
