@@ -16,13 +16,7 @@ from aiokafka import AIOKafkaConsumer
 
 from core.background import BackgroundService
 from core.config import Settings
-from schemas.events import (
-    BatchCancelled,
-    CancelTurn,
-    ChatTurnRequest,
-    DecodeError,
-    decode,
-)
+from schemas.events import BatchCancelled, CancelTurn, ChatTurnRequest, DecodeError, decode
 from topics.clients import make_consumer, partitions_of, records_forever
 from topics.registry import BATCH_JOBS, CHAT_CONTROL, topic
 

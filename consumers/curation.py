@@ -52,15 +52,7 @@ import orjson
 from datasketch import MinHash, MinHashLSH
 
 from core.pii import mask_pii
-from schemas.feedback import (
-    DpoMetadata,
-    DpoPair,
-    KtoExample,
-    KtoMetadata,
-    Message,
-    dpo_record_id,
-    kto_record_id,
-)
+from schemas.feedback import DpoMetadata, DpoPair, KtoExample, KtoMetadata, Message, dpo_record_id, kto_record_id
 
 UNFINISHED = ("cancelled", "error")
 SHINGLE_CHARS = 5

@@ -19,7 +19,7 @@ below, so a column that is null in every row still has its type). Both load with
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,10 +64,24 @@ _KTO_META = pa.struct(
 )
 SCHEMAS: dict[str, pa.Schema] = {
     "dpo": pa.schema(
-        [("record_id", pa.string()), ("prompt", _MESSAGES), ("chosen", _MESSAGES), ("rejected", _MESSAGES), ("created_at", pa.float64()), ("metadata", _DPO_META)]
+        [
+            ("record_id", pa.string()),
+            ("prompt", _MESSAGES),
+            ("chosen", _MESSAGES),
+            ("rejected", _MESSAGES),
+            ("created_at", pa.float64()),
+            ("metadata", _DPO_META),
+        ]
     ),
     "kto": pa.schema(
-        [("record_id", pa.string()), ("prompt", _MESSAGES), ("completion", _MESSAGES), ("label", pa.bool_()), ("created_at", pa.float64()), ("metadata", _KTO_META)]
+        [
+            ("record_id", pa.string()),
+            ("prompt", _MESSAGES),
+            ("completion", _MESSAGES),
+            ("label", pa.bool_()),
+            ("created_at", pa.float64()),
+            ("metadata", _KTO_META),
+        ]
     ),
 }
 
@@ -87,7 +101,7 @@ def parse_since(value: str | None) -> float | None:
         return number
     when = datetime.fromisoformat(value)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return when.timestamp()
 
 
@@ -126,7 +140,7 @@ def write_rows(rows: list[dict[str, Any]], kind: Kind, fmt: Format, path: Path) 
 
 
 def default_output(kind: Kind, fmt: Format) -> Path:
-    return Path(f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.{fmt}")
+    return Path(f"{kind}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.{fmt}")
 
 
 async def export(settings: Settings, kind: Kind, fmt: Format, output: Path | None = None, since: float | None = None) -> tuple[Path, int]:

@@ -77,40 +77,14 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
-from consumers.curation import (
-    Preference,
-    PromptDeduper,
-    TurnState,
-    Vote,
-    build_group,
-    normalise_prompt,
-    record_digest,
-)
+from consumers.curation import Preference, PromptDeduper, TurnState, Vote, build_group, normalise_prompt, record_digest
 from core import metrics
 from core.config import Settings
 from producers.bus import dead_letter
 from schemas.events import DecodeError, ScreenedTurn, TurnCompleted, decode_object
-from schemas.feedback import (
-    CandidateDrop,
-    CandidateRecord,
-    CurationCandidate,
-    DpoPair,
-    FeedbackEvent,
-    KtoExample,
-    decode_feedback,
-    prompt_group,
-)
+from schemas.feedback import CandidateDrop, CandidateRecord, CurationCandidate, DpoPair, FeedbackEvent, KtoExample, decode_feedback, prompt_group
 from topics.clients import create_missing_topics
-from topics.registry import (
-    CHAT_DLQ,
-    CHAT_FEEDBACK,
-    CHAT_REPLIES,
-    CHAT_SCREENED,
-    DAY_MS,
-    DPO_PAIRS,
-    KTO_EXAMPLES,
-    topic,
-)
+from topics.registry import CHAT_DLQ, CHAT_FEEDBACK, CHAT_REPLIES, CHAT_SCREENED, DAY_MS, DPO_PAIRS, KTO_EXAMPLES, topic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,7 +93,15 @@ APP_NAME = "chatbus-feedback"
 JOIN_PARTITIONS = 6  # chat.screened and chat.feedback have 6; the completions repartition topic too
 OUTPUTS = {"dpo": (DPO_PAIRS, "dpo_pairs"), "kto": (KTO_EXAMPLES, "kto_examples")}
 # table -> partitions: the joiner's are co-partitioned with its sources, the curator's with A-candidates
-TABLES = {"turns": JOIN_PARTITIONS, "groups": JOIN_PARTITIONS, "votes": JOIN_PARTITIONS, "preferences": JOIN_PARTITIONS, "prompts": 1, "emitted": 1, "group_records": 1}
+TABLES = {
+    "turns": JOIN_PARTITIONS,
+    "groups": JOIN_PARTITIONS,
+    "votes": JOIN_PARTITIONS,
+    "preferences": JOIN_PARTITIONS,
+    "prompts": 1,
+    "emitted": 1,
+    "group_records": 1,
+}
 
 
 def record_document(record: DpoPair | KtoExample) -> dict[str, Any]:

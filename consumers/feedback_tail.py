@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 
@@ -41,7 +41,7 @@ def line(event: FeedbackEvent, as_json: bool = False) -> str:
     """One event as a line: its JSON, or ``time kind conversation … user`` text."""
     if as_json:
         return orjson.dumps(event.model_dump(mode="json")).decode()
-    at = datetime.fromtimestamp(event.created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    at = datetime.fromtimestamp(event.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     if event.kind == "rating":
         what = f"rating {event.rating or 'withdrawn':9s} {event.response_id}"
         if event.reason:

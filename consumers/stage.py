@@ -24,12 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 
 from consumers.gate import DownstreamGate
-from consumers.runtime import (
-    Companion,
-    ConsumerRuntime,
-    install_stop_signals,
-    run_forever,
-)
+from consumers.runtime import Companion, ConsumerRuntime, install_stop_signals, run_forever
 from core import metrics
 from core.config import Settings
 from producers.bus import Outgoing, produce_all

@@ -143,5 +143,3 @@ def is_provisioned(model: PackagedModel, models_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     return bool(data.get("gguf_sha256") == model.gguf_sha256 and data.get("format") == FORMAT)
-
-

@@ -35,11 +35,15 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04,
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 
 # --- edge ------------------------------------------------------------------------------------------------
-TTFT = Histogram("chatbus:time_to_first_token_seconds", "Edge received the request -> first content relayed to the client.", ["model_name"], buckets=LATENCY_BUCKETS)
+TTFT = Histogram(
+    "chatbus:time_to_first_token_seconds", "Edge received the request -> first content relayed to the client.", ["model_name"], buckets=LATENCY_BUCKETS
+)
 ITL = Histogram("chatbus:inter_token_latency_seconds", "Gap between successive content chunks relayed to a client.", ["model_name"], buckets=TOKEN_GAP_BUCKETS)
 E2E = Histogram("chatbus:e2e_request_latency_seconds", "Edge received the request -> last event relayed.", ["model_name"], buckets=E2E_BUCKETS)
 TURN_STAGE = Histogram("chatbus:turn_stage_seconds", "Per turn: time in one stage's own work (from the turn's marks).", ["stage"], buckets=LATENCY_BUCKETS)
-TURN_HOP = Histogram("chatbus:turn_hop_seconds", "Per turn: transport and queueing between two stages (from the turn's marks).", ["hop"], buckets=LATENCY_BUCKETS)
+TURN_HOP = Histogram(
+    "chatbus:turn_hop_seconds", "Per turn: transport and queueing between two stages (from the turn's marks).", ["hop"], buckets=LATENCY_BUCKETS
+)
 REQUEST_SUCCESS = Counter("chatbus:request_success_total", "Turns finished, by finish reason.", ["model_name", "finished_reason"])
 EDGE_GENERATION_TOKENS = Counter("chatbus:edge_generation_tokens_total", "Completion tokens of the turns this edge relayed.", ["model_name"])
 OPEN_STREAMS = Gauge("chatbus:edge_open_turns", "Turns this edge is waiting on (streamed and not).")
@@ -60,8 +64,15 @@ RETRIEVAL_HITS = Histogram("chatbus:retrieval_hits", "Passages retrieved per tur
 RETRIEVAL_SKIPPED = Counter("chatbus:retrieval_skipped_total", "Turns grounded without retrieval, by reason.", ["reason"])
 
 # --- inference ---------------------------------------------------------------------------------------------
-ENGINE_TTFT = Histogram("chatbus:engine_time_to_first_token_seconds", "Inference dequeued -> first token from the engine (queue in engine + prefill).", ["model_name"], buckets=LATENCY_BUCKETS)
-TPOT = Histogram("chatbus:time_per_output_token_seconds", "(last token - first token) / (completion tokens - 1), per turn.", ["model_name"], buckets=TOKEN_GAP_BUCKETS)
+ENGINE_TTFT = Histogram(
+    "chatbus:engine_time_to_first_token_seconds",
+    "Inference dequeued -> first token from the engine (queue in engine + prefill).",
+    ["model_name"],
+    buckets=LATENCY_BUCKETS,
+)
+TPOT = Histogram(
+    "chatbus:time_per_output_token_seconds", "(last token - first token) / (completion tokens - 1), per turn.", ["model_name"], buckets=TOKEN_GAP_BUCKETS
+)
 RUNNING = Gauge("chatbus:num_requests_running", "Turns running in this inference worker.", ["lane"])
 PROMPT_TOKENS = Counter("chatbus:prompt_tokens_total", "Prompt tokens processed.", ["model_name"])
 GENERATION_TOKENS = Counter("chatbus:generation_tokens_total", "Tokens generated.", ["model_name"])

@@ -65,9 +65,7 @@ _NINO_RE = re.compile(r"\b([A-Z]{2}) ?(\d{2}) ?(\d{2}) ?(\d{2}) ?([A-D])\b", re.
 _NIR_RE = re.compile(r"(?<![\d])[1-478] ?\d{2} ?\d{2} ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}(?![\d])", re.IGNORECASE)
 _IDNR_GROUPED_RE = re.compile(r"(?<![\d])[1-9]\d \d{3} \d{3} \d{3}(?![\d])")
 _IDNR_PLAIN_RE = re.compile(r"(?<![\d])[1-9]\d{10}(?![\d])")
-_IDNR_CONTEXT_RE = re.compile(
-    r"\b(?:steuer|idnr|id-nr|identifikationsnummer|tax\s*id|tin)\W{0,3}\s*\S{0,12}\s*$", re.IGNORECASE
-)
+_IDNR_CONTEXT_RE = re.compile(r"\b(?:steuer|idnr|id-nr|identifikationsnummer|tax\s*id|tin)\W{0,3}\s*\S{0,12}\s*$", re.IGNORECASE)
 # A run that could hold a phone number: optional +, then digits and separators, 7+ digits in all.
 _PHONE_CANDIDATE_RE = re.compile(r"\+?\(?\d[\d \t().\-/]{5,}\d")
 _DIGIT_RE = re.compile(r"\d")

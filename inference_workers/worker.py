@@ -47,15 +47,7 @@ from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
 from producers.bus import Outgoing, produce_all
 from producers.replies import completion, to_reply
-from schemas.events import (
-    DecodeError,
-    FinishReason,
-    GroundedTurn,
-    TokenEvent,
-    TurnCompleted,
-    Usage,
-    new_id,
-)
+from schemas.events import DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, new_id
 from topics.registry import CHAT_GROUNDED, INFERENCE, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]

@@ -3,16 +3,7 @@
 from __future__ import annotations
 
 from producers.bus import Outgoing
-from schemas.events import (
-    ChatTurnRequest,
-    Citation,
-    FinishReason,
-    SafetyVerdict,
-    TokenEvent,
-    TurnCompleted,
-    Usage,
-    new_id,
-)
+from schemas.events import ChatTurnRequest, Citation, FinishReason, SafetyVerdict, TokenEvent, TurnCompleted, Usage, new_id
 
 
 def to_reply(request: ChatTurnRequest, value: bytes) -> Outgoing:

@@ -41,7 +41,10 @@ async def ingest(paths: list[Path], settings: Settings, *, wait: bool = True, pr
                 batch = chunks[i : i + BATCH]
                 vectors = await asyncio.to_thread(embedder.encode, [c.text for c in batch])
                 await publisher.send(
-                    [KbChunk(chunk_id=c.chunk_id, text=c.text, source=c.source, position=c.position, embedding=v.tolist()) for c, v in zip(batch, vectors, strict=True)]
+                    [
+                        KbChunk(chunk_id=c.chunk_id, text=c.text, source=c.source, position=c.position, embedding=v.tolist())
+                        for c, v in zip(batch, vectors, strict=True)
+                    ]
                 )
                 bar.update(len(batch))
     if wait and publisher.last:

@@ -70,9 +70,7 @@ class KnowledgeBase:
 
     def search(self, vector: list[float], top_k: int = 4, min_score: float = -1.0) -> list[Passage]:
         """Top-``k`` passages by cosine similarity, best first, dropping those under ``min_score``."""
-        hits = self.client.search(
-            self.collection, data=[vector], limit=top_k, anns_field="vector", output_fields=["text", "source", "position"]
-        )[0]
+        hits = self.client.search(self.collection, data=[vector], limit=top_k, anns_field="vector", output_fields=["text", "source", "position"])[0]
         passages = []
         for h in hits:
             entity = h.get("entity", {})
@@ -80,7 +78,9 @@ class KnowledgeBase:
             if score < min_score:
                 continue
             passages.append(
-                Passage(chunk_id=str(h.get("chunk_id", h.get("id"))), text=entity["text"], source=entity["source"], position=int(entity["position"]), score=score)
+                Passage(
+                    chunk_id=str(h.get("chunk_id", h.get("id"))), text=entity["text"], source=entity["source"], position=int(entity["position"]), score=score
+                )
             )
         return passages
 

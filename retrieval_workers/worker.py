@@ -32,26 +32,11 @@ from core.grounding import assemble
 from producers.bus import Outgoing
 from producers.replies import whole_reply
 from retrieval_workers.store import KnowledgeBase
-from schemas.events import (
-    AnyEvent,
-    GroundedTurn,
-    KbIngest,
-    RetrievalResult,
-    ScreenedTurn,
-    last_user_text,
-)
-from topics.registry import (
-    BATCH_GROUNDED,
-    CHAT_GROUNDED,
-    CHAT_SCREENED,
-    INFERENCE,
-    RETRIEVAL,
-    RETRIEVAL_INGEST,
-    lane,
-    topic,
-)
+from schemas.events import AnyEvent, GroundedTurn, KbIngest, RetrievalResult, ScreenedTurn, last_user_text
+from topics.registry import BATCH_GROUNDED, CHAT_GROUNDED, CHAT_SCREENED, INFERENCE, RETRIEVAL, RETRIEVAL_INGEST, lane, topic
 
 log = logging.getLogger(__name__)
+
 
 class RetrievalStage:
     def __init__(self, settings: Settings, kb: KnowledgeBase | None = None, embedder: TextEmbedder | None = None) -> None:
@@ -81,9 +66,7 @@ class RetrievalStage:
             remaining = budget - (time.perf_counter() - t0)
             if remaining <= 0:  # the embedding used the whole budget: no search at all
                 raise TimeoutError
-            search = loop.run_in_executor(
-                self.milvus, self.kb.search, vector, self.settings.retrieval_top_k, self.settings.retrieval_min_score
-            )
+            search = loop.run_in_executor(self.milvus, self.kb.search, vector, self.settings.retrieval_top_k, self.settings.retrieval_min_score)
             passages = await asyncio.wait_for(search, remaining)
         except TimeoutError:
             metrics.RETRIEVAL_SKIPPED.labels("timeout").inc()
@@ -126,7 +109,6 @@ class RetrievalStage:
         self.last_upsert = time.monotonic()
         log.info("upserted %d chunks", n)
         return []
-
 
     async def seal_when_idle(self, stop: asyncio.Event, idle_s: float = 2.0) -> None:
         """Flush upserted chunks once ingestion pauses for ``idle_s`` (or after 30 s of steady ingest), so

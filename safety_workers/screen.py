@@ -170,7 +170,8 @@ class Screener:
 
     def embed_query(self, text: str) -> np.ndarray:
         """The text's embedding, shape ``(d,)``, via the screener's embedder."""
-        return np.asarray(self._embed([text]), dtype=np.float32)[0]
+        vectors: np.ndarray = np.asarray(self._embed([text]), dtype=np.float32)
+        return vectors[0]
 
     # -- decision ---------------------------------------------------------------------------------------
 
@@ -183,10 +184,7 @@ class Screener:
         """
         norm = normalise(text)
         margin = self.policy.allow_margin
-        signals = {
-            name: _Signal(cat, threshold=self.threshold(name), margin=margin)
-            for name, cat in self.policy.categories.items()
-        }
+        signals = {name: _Signal(cat, threshold=self.threshold(name), margin=margin) for name, cat in self.policy.categories.items()}
         for sig in signals.values():
             sig.pattern_score = _pattern_score(sig.category, norm)
 
@@ -243,7 +241,8 @@ def _normalise_rows(vecs: np.ndarray) -> np.ndarray:
         return vecs
     norms = np.linalg.norm(vecs, axis=1, keepdims=True)
     norms[norms == 0.0] = 1.0
-    return vecs / norms
+    out: np.ndarray = vecs / norms
+    return out
 
 
 def _pattern_score(cat: Category, text: str) -> float:

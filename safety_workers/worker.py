@@ -32,25 +32,11 @@ from producers.bus import Outgoing
 from producers.replies import whole_reply
 from safety_workers.policy import load_policy
 from safety_workers.screen import Screener
-from schemas.events import (
-    AnyEvent,
-    ChatMessage,
-    ChatTurnRequest,
-    SafetyVerdict,
-    ScreenedTurn,
-    last_user_text,
-)
-from topics.registry import (
-    BATCH_SCREENED,
-    CHAT_REQUESTS,
-    CHAT_SCREENED,
-    RETRIEVAL,
-    SAFETY,
-    lane,
-    topic,
-)
+from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
+from topics.registry import BATCH_SCREENED, CHAT_REQUESTS, CHAT_SCREENED, RETRIEVAL, SAFETY, lane, topic
 
 log = logging.getLogger(__name__)
+
 
 class SafetyStage:
     def __init__(self, settings: Settings, embedder: TextEmbedder | None = None) -> None:
@@ -97,9 +83,7 @@ class SafetyStage:
         metrics.SAFETY_VERDICTS.labels(action, verdict.category or "none").inc()
         if not verdict.allowed:
             log.info("turn %s blocked: category=%s score=%.3f", event.correlation_id, verdict.category, verdict.score)
-            return whole_reply(
-                masked, self.screener.refusal_text(verdict.category), "content_filter", event.model, stages=masked.stages, verdict=verdict
-            )
+            return whole_reply(masked, self.screener.refusal_text(verdict.category), "content_filter", event.model, stages=masked.stages, verdict=verdict)
         screened = ScreenedTurn(
             correlation_id=event.correlation_id,
             conversation_id=event.conversation_id,

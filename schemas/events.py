@@ -298,16 +298,7 @@ class DeadLetter(_Envelope):
 
 
 AnyEvent = Annotated[
-    ChatTurnRequest
-    | ScreenedTurn
-    | GroundedTurn
-    | TokenEvent
-    | TurnCompleted
-    | CancelTurn
-    | KbIngest
-    | DeadLetter
-    | BatchCreated
-    | BatchCancelled,
+    ChatTurnRequest | ScreenedTurn | GroundedTurn | TokenEvent | TurnCompleted | CancelTurn | KbIngest | DeadLetter | BatchCreated | BatchCancelled,
     Field(discriminator="event_type"),
 ]
 _adapter: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)

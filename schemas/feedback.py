@@ -28,15 +28,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from schemas.events import (
-    ChatMessage,
-    DecodeError,
-    _Envelope,
-    _Model,
-    check_envelope,
-    invalid,
-    load_json,
-)
+from schemas.events import ChatMessage, DecodeError, _Envelope, _Model, check_envelope, invalid, load_json
 
 # The fixed list of reasons a person can give with a rating (the page shows them; the API accepts no others).
 REASONS: dict[str, str] = {

@@ -61,8 +61,8 @@ async def partitions_of(consumer: AIOKafkaConsumer, name: str, timeout_s: float 
             return [TopicPartition(name, p) for p in sorted(parts)]
         if asyncio.get_running_loop().time() > deadline:
             raise KafkaError(f"no metadata for topic {name!r}")
-        consumer._client.add_topic(name)  # noqa: SLF001 - aiokafka's only way to ask metadata for one topic
-        await consumer._client.force_metadata_update()  # noqa: SLF001
+        consumer._client.add_topic(name)
+        await consumer._client.force_metadata_update()
         await asyncio.sleep(0.05)
 
 

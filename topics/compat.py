@@ -11,11 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.protocol.admin import (
-    DescribeGroupsRequest_v0,
-    DescribeGroupsRequest_v1,
-    DescribeGroupsRequest_v2,
-)
+from aiokafka.protocol.admin import DescribeGroupsRequest_v0, DescribeGroupsRequest_v1, DescribeGroupsRequest_v2
 from aiokafka.protocol.api import Request
 
 
@@ -34,7 +30,7 @@ async def describe_groups(admin: AIOKafkaAdminClient, group_ids: list[str]) -> d
     out: dict[str, dict[str, Any]] = {}
     for gid in group_ids:
         node = await admin.find_coordinator(gid)
-        resp = await admin._client.send(node, DescribeGroupsV2([gid]))  # noqa: SLF001 - see module docstring
+        resp = await admin._client.send(node, DescribeGroupsV2([gid]))
         for g in resp.to_object()["groups"]:
             out[g["group"]] = {"state": g["state"], "members": len(g["members"])}
     return out

@@ -73,7 +73,9 @@ REGISTRY: tuple[TopicSpec, ...] = (
     # all keyed by conversation id, so the feedback app's tables are co-partitioned with its sources
     TopicSpec(CHAT_FEEDBACK, 6, "conversation_id", "thumbs ratings and pairwise preferences from people (POST /v1/feedback)", 365 * DAY_MS),
     TopicSpec(DPO_PAIRS, 3, "record id", "curated DPO pairs, TRL conversational format; a null value deletes a record", 365 * DAY_MS, compacted=True),
-    TopicSpec(KTO_EXAMPLES, 3, "record id", "curated KTO examples, TRL conversational unpaired format; a null value deletes a record", 365 * DAY_MS, compacted=True),
+    TopicSpec(
+        KTO_EXAMPLES, 3, "record id", "curated KTO examples, TRL conversational unpaired format; a null value deletes a record", 365 * DAY_MS, compacted=True
+    ),
 )
 
 
