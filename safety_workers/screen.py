@@ -170,8 +170,8 @@ class Screener:
 
     def embed_query(self, text: str) -> np.ndarray:
         """The text's embedding, shape ``(d,)``, via the screener's embedder."""
-        vectors: np.ndarray = np.asarray(self._embed([text]), dtype=np.float32)
-        return vectors[0]
+        vector: np.ndarray = np.asarray(self._embed([text]), dtype=np.float32)[0]
+        return vector
 
     # -- decision ---------------------------------------------------------------------------------------
 
