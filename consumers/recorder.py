@@ -9,6 +9,8 @@ FerretDB) through PyMongo's ``AsyncMongoClient``. Collections:
   (status, reason, sources), ``answer`` (text, finish_reason, usage, model), ``stages``, ``events``.
 * ``verdicts`` — ``_id`` = correlation id; the safety verdict with its conversation id.
 
+The documents' shape and field names are :mod:`schemas.documents` (the edge reads them through it).
+
 A database outage never loses a record: after a few quick retries the event is left uncommitted and
 retried with back-off (:class:`consumers.stage.RetryLater`). Every write is an upsert of fields derived only from the event (``$set``/``$setOnInsert``/``$addToSet``),
 so replaying an event — at-least-once delivery — changes nothing: idempotent by ``event_id``, and
@@ -26,73 +28,60 @@ from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from consumers.stage import RetryLater, StageWorker
 from core.config import Settings
 from core.pii import mask_pii
 from producers.bus import Outgoing
-from schemas.events import (
-    AnyEvent,
-    ChatMessage,
-    ChatTurnRequest,
-    GroundedTurn,
-    ScreenedTurn,
-    TokenEvent,
-    TurnCompleted,
-    last_user_text,
-)
+from schemas.documents import CONVERSATIONS, ID, TURNS, VERDICTS, AnswerDoc, Conversation, ConversationDoc, MessageDoc, RetrievalDoc, Turn, TurnDoc
+from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted, last_user_text
 from topics.registry import RECORDER
 
 log = logging.getLogger(__name__)
 
-def masked_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": mask_pii(m.content)[0]} for m in messages]
+def masked_messages(messages: Sequence[ChatMessage]) -> list[MessageDoc]:
+    return [MessageDoc(role=m.role, content=mask_pii(m.content)[0]) for m in messages]
 
 
-def turn_updates(event: AnyEvent) -> dict[str, Any] | None:
+def turn_updates(event: AnyEvent) -> TurnDoc | None:
     """The ``$set`` fields an event contributes to its turn document (None: nothing to record)."""
     if isinstance(event, ChatTurnRequest):
-        return {
-            "conversation_id": event.conversation_id,
-            "model": event.model,
-            "messages": masked_messages(event.messages),
-            "sampling": event.sampling.model_dump(),
-            "source": event.source,
-            "created_at": event.created_at,
-        }
+        return TurnDoc(
+            conversation_id=event.conversation_id,
+            model=event.model,
+            messages=masked_messages(event.messages),
+            sampling=event.sampling.model_dump(),
+            source=event.source,
+            created_at=event.created_at,
+        )
     if isinstance(event, ScreenedTurn):
-        return {"conversation_id": event.conversation_id, "verdict": event.verdict.model_dump(), "messages": masked_messages(event.request.messages)}
+        return TurnDoc(conversation_id=event.conversation_id, verdict=event.verdict.model_dump(), messages=masked_messages(event.request.messages))
     if isinstance(event, GroundedTurn):
-        return {
-            "conversation_id": event.conversation_id,
-            "retrieval": {
-                "status": event.retrieval.status,
-                "reason": event.retrieval.reason,
-                "latency_ms": event.retrieval.latency_ms,
-                "sources": [p.model_dump(exclude={"text"}) for p in event.retrieval.passages],
-            },
-        }
+        return TurnDoc(
+            conversation_id=event.conversation_id,
+            retrieval=RetrievalDoc(
+                status=event.retrieval.status,
+                reason=event.retrieval.reason,
+                latency_ms=event.retrieval.latency_ms,
+                sources=[p.model_dump(exclude={"text"}) for p in event.retrieval.passages],
+            ),
+        )
     if isinstance(event, TurnCompleted):
-        fields: dict[str, Any] = {
-            "conversation_id": event.conversation_id,
-            "answer": {
-                "text": mask_pii(event.text)[0],
-                "finish_reason": event.finish_reason,
-                "model": event.model,
-                "usage": event.usage.model_dump(),
-                "attempt": event.attempt,
-                "error": event.error,
-                "citations": [c.model_dump() for c in event.citations],
-                "completed_at": event.created_at,
-            },
-            "stages": event.stages,
-        }
+        fields = TurnDoc(
+            conversation_id=event.conversation_id,
+            answer=AnswerDoc(
+                text=mask_pii(event.text)[0],
+                finish_reason=event.finish_reason,
+                model=event.model,
+                usage=event.usage.model_dump(),
+                attempt=event.attempt,
+                error=event.error,
+                citations=[c.model_dump() for c in event.citations],
+                completed_at=event.created_at,
+            ),
+            stages=event.stages,
+        )
         if event.verdict is not None:
             fields["verdict"] = event.verdict.model_dump()
         return fields
@@ -122,23 +111,24 @@ class Recorder:
             raise RetryLater(f"database unavailable: {type(exc).__name__}") from exc
         return True
 
-    async def _write(self, event: AnyEvent, cid: str, fields: dict[str, Any]) -> None:
+    async def _write(self, event: AnyEvent, cid: str, fields: TurnDoc) -> None:
         conv = fields["conversation_id"]
-        await self.db.turns.update_one(
-            {"_id": cid}, {"$set": fields, "$addToSet": {"events": event.event_id}}, upsert=True  # type: ignore[union-attr]
+        await self.db[TURNS].update_one(
+            {ID: cid}, {"$set": fields, "$addToSet": {Turn.EVENTS: event.event_id}}, upsert=True
         )
+        on_insert = ConversationDoc(created_at=event.created_at)
         conv_update: dict[str, Any] = {
-            "$setOnInsert": {"created_at": event.created_at},  # type: ignore[union-attr]
-            "$max": {"updated_at": event.created_at},  # type: ignore[union-attr]
-            "$addToSet": {"turn_ids": cid},
+            "$setOnInsert": on_insert,
+            "$max": {Conversation.UPDATED_AT: event.created_at},
+            "$addToSet": {Conversation.TURN_IDS: cid},
         }
         if isinstance(event, ChatTurnRequest):
-            conv_update["$setOnInsert"]["title"] = mask_pii(last_user_text(event.messages))[0][:80]
+            on_insert["title"] = mask_pii(last_user_text(event.messages))[0][:80]
             if event.user:
-                conv_update["$set"] = {"user": event.user}
-        await self.db.conversations.update_one({"_id": conv}, conv_update, upsert=True)
+                conv_update["$set"] = ConversationDoc(user=event.user)
+        await self.db[CONVERSATIONS].update_one({ID: conv}, conv_update, upsert=True)
         if "verdict" in fields:
-            await self.db.verdicts.update_one({"_id": cid}, {"$set": {**fields["verdict"], "conversation_id": conv}}, upsert=True)
+            await self.db[VERDICTS].update_one({ID: cid}, {"$set": {**fields["verdict"], Turn.CONVERSATION_ID: conv}}, upsert=True)
 
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         await self.record(event)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from schemas.documents import ANSWER_SHOWN, CONVERSATIONS, ID, TURNS, VERDICT_SHOWN, Answer, Conversation, ConversationDoc, Turn, TurnDoc
 from schemas.feedback import feedback_id, prompt_group
 
 # finish reasons as the dashboard groups them
@@ -34,48 +35,54 @@ class TurnInfo:
 class ConversationStore:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self.db = db
+        self.conversations = db[CONVERSATIONS]
+        self.turns = db[TURNS]
 
     async def list(self, user: str | None, limit: int) -> list[dict[str, Any]]:
         """Newest first: ``[{id, title, created_at, updated_at, turns}]`` (epoch seconds); only ``user``'s
         conversations when given."""
-        query: dict[str, Any] = {"user": user} if user else {}
-        cursor = self.db.conversations.find(query, {"title": 1, "created_at": 1, "updated_at": 1, "turn_ids": 1}).sort("updated_at", -1).limit(limit)
-        return [
-            {
-                "id": c["_id"],
-                "title": c.get("title") or "(untitled)",
-                "created_at": c.get("created_at"),
-                "updated_at": c.get("updated_at"),
-                "turns": len(c.get("turn_ids") or []),
-            }
-            async for c in cursor
-        ]
+        query: dict[str, Any] = {Conversation.USER: user} if user else {}
+        fields = (Conversation.TITLE, Conversation.CREATED_AT, Conversation.UPDATED_AT, Conversation.TURN_IDS)
+        cursor = self.conversations.find(query, dict.fromkeys(fields, 1)).sort(Conversation.UPDATED_AT, -1).limit(limit)
+        listed = []
+        async for raw in cursor:
+            c = cast(ConversationDoc, raw)
+            listed.append(
+                {
+                    "id": raw[ID],
+                    "title": c.get("title") or "(untitled)",
+                    "created_at": c.get("created_at"),
+                    "updated_at": c.get("updated_at"),
+                    "turns": len(c.get("turn_ids") or []),
+                }
+            )
+        return listed
 
     async def get(self, conversation_id: str) -> dict[str, Any] | None:
         """The conversation with its turns (oldest first), each turn's vote, and explicit preferences by
         prompt group — the shape ``GET /v1/conversations/{id}`` returns. None if unknown."""
-        conv = await self.db.conversations.find_one({"_id": conversation_id})
-        if conv is None:
+        found = await self.conversations.find_one({ID: conversation_id})
+        if found is None:
             return None
+        conv = cast(ConversationDoc, found)
         user = conv.get("user")
         ids = list(conv.get("turn_ids") or [])
-        docs = [d async for d in self.db.turns.find({"_id": {"$in": ids}})] if ids else []
-        docs.sort(key=lambda d: d.get("created_at") or 0.0)
+        docs = [d async for d in self.turns.find({ID: {"$in": ids}})] if ids else []
+        docs.sort(key=lambda d: d.get(Turn.CREATED_AT) or 0.0)
         turns = []
-        for d in docs:
+        for raw in docs:
+            d = cast(TurnDoc, raw)
             messages = d.get("messages") or []
             answer = d.get("answer")
             verdict = d.get("verdict")
             turns.append(
                 {
-                    "id": d["_id"],
+                    "id": raw[ID],
                     "created_at": d.get("created_at"),
-                    "prompt_group": prompt_group(conversation_id, messages),
+                    "prompt_group": prompt_group(conversation_id, messages),  # type: ignore[arg-type]
                     "messages": messages,
-                    "answer": None
-                    if answer is None
-                    else {k: answer.get(k) for k in ("text", "finish_reason", "citations", "model", "completed_at")},
-                    "verdict": None if verdict is None else {k: verdict.get(k) for k in ("allowed", "category", "flags")},
+                    "answer": None if answer is None else {k: answer.get(k) for k in ANSWER_SHOWN},
+                    "verdict": None if verdict is None else {k: verdict.get(k) for k in VERDICT_SHOWN},
                     "feedback": None,
                 }
             )
@@ -102,12 +109,22 @@ class ConversationStore:
 
     async def turn(self, correlation_id: str) -> TurnInfo | None:
         """A completed turn (one with an answer), or None."""
-        d = await self.db.turns.find_one({"_id": correlation_id}, {"conversation_id": 1, "messages": 1, "answer": 1, "model": 1})
+        found = await self.turns.find_one({ID: correlation_id}, dict.fromkeys((Turn.CONVERSATION_ID, Turn.MESSAGES, Turn.ANSWER, Turn.MODEL), 1))
+        d = cast(TurnDoc | None, found)
         if d is None or not d.get("answer") or not d.get("conversation_id"):
             return None
         conv = d["conversation_id"]
         answer = d["answer"]
-        return TurnInfo(correlation_id, conv, prompt_group(conv, d.get("messages") or []), answer.get("model") or d.get("model", ""), answer.get("finish_reason", ""))
+        messages = d.get("messages") or []
+        return TurnInfo(correlation_id, conv, prompt_group(conv, messages), answer.get("model") or d.get("model", ""), answer.get("finish_reason", ""))  # type: ignore[arg-type]
+
+    async def turn_state(self, correlation_id: str) -> tuple[str, bool] | None:
+        """``(conversation_id, answered)`` of a recorded turn, or None if the recorder has not seen it."""
+        found = await self.turns.find_one({ID: correlation_id}, {Turn.CONVERSATION_ID: 1, Answer.FINISH_REASON_PATH: 1})
+        d = cast(TurnDoc | None, found)
+        if d is None or not d.get("conversation_id"):
+            return None
+        return d["conversation_id"], bool(d.get("answer"))
 
     async def dashboard(self, hours: float, bucket_s: int) -> dict[str, Any]:
         """Outcomes of turns per ``bucket_s`` over the last ``hours`` (answered / refused / cancelled /
@@ -122,8 +139,8 @@ class ConversationStore:
         ts = [start + i * bucket_s for i in range(n)]
         outcomes: dict[str, list[int]] = {k: [0] * n for k in ("answered", "refused", "cancelled", "error")}
         turns = 0
-        async for d in self.db.turns.find({"answer.completed_at": {"$gte": start}}, {"answer.finish_reason": 1, "answer.completed_at": 1}):
-            answer = d.get("answer") or {}
+        async for d in self.turns.find({Answer.COMPLETED_AT_PATH: {"$gte": start}}, {Answer.FINISH_REASON_PATH: 1, Answer.COMPLETED_AT_PATH: 1}):
+            answer = d.get(Turn.ANSWER) or {}
             at, kind = answer.get("completed_at"), OUTCOMES.get(answer.get("finish_reason", ""))
             if kind is None or not isinstance(at, (int, float)) or at < start:
                 continue

@@ -216,12 +216,12 @@ class ChatService:
         if conversation is None:
             if cid in self.recent:
                 return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
-            doc = await conversations.db.turns.find_one({"_id": cid}, {"conversation_id": 1, "answer.finish_reason": 1})
-            if doc is None or not doc.get("conversation_id"):
+            state = await conversations.turn_state(cid)
+            if state is None:
                 raise NotFound(f"No chat completion found with id '{cid}'.", type="NotFoundError", param="completion_id")
-            if doc.get("answer"):
+            conversation, answered = state
+            if answered:
                 return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
-            conversation = doc["conversation_id"]
         await self.cancel(TurnRef(cid, conversation), "stopped_by_user", self.relay.turns.get(cid))
         return {"id": cid, "object": "chat.completion.cancel", "cancelled": True}
 
