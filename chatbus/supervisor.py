@@ -102,7 +102,7 @@ class Supervisor:
             return existing
         self.paths.logs.mkdir(parents=True, exist_ok=True)
         self.paths.pids.mkdir(parents=True, exist_ok=True)
-        logf = open(self.paths.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        logf = open(self.paths.logs / f"{name}.log", "ab")  # handed to the child (closed here once it has it)
         try:
             proc = subprocess.Popen(
                 argv,

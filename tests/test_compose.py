@@ -41,7 +41,7 @@ def test_compose_has_the_cluster_the_database_the_vector_store_and_every_worker(
 
 
 def test_every_chatbus_command_exists() -> None:
-    for name, svc in COMPOSE["services"].items():
+    for svc in COMPOSE["services"].values():
         command = svc.get("command")
         if isinstance(command, str) and command.startswith("chatbus"):
             resolve(shlex.split(command))

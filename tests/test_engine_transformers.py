@@ -18,13 +18,7 @@ import pytest
 from chatbus.tiny_model import build_tiny_model
 from core.config import Settings
 from inference_workers.engines import make_engine
-from inference_workers.engines.base import (
-    GenerationDelta,
-    GenerationRequest,
-    IncrementalDetokenizer,
-    StopMatcher,
-    fit_prompt,
-)
+from inference_workers.engines.base import GenerationDelta, GenerationRequest, IncrementalDetokenizer, StopMatcher, fit_prompt
 from inference_workers.engines.openai_engine import OpenAIEngine
 from inference_workers.engines.transformers_engine import TransformersEngine
 
@@ -83,7 +77,7 @@ async def test_max_tokens_gives_length(engine: TransformersEngine) -> None:
 async def test_concurrent_requests_all_complete(engine: TransformersEngine) -> None:
     reqs = [GenerationRequest(f"t-conc-{i}", USER, max_tokens=12 + i, temperature=0.8, top_p=0.9) for i in range(3)]
     results = await asyncio.wait_for(asyncio.gather(*(collect(engine, r) for r in reqs)), 30)
-    for req, deltas in zip(reqs, results):
+    for req, deltas in zip(reqs, results, strict=True):
         assert deltas[-1].finish_reason in ("stop", "length")
         if deltas[-1].finish_reason == "length":
             assert deltas[-1].completion_tokens == req.max_tokens

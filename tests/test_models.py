@@ -17,33 +17,13 @@ from pathlib import Path
 import pytest
 
 from chatbus import models
-from chatbus.models import (
-    CATALOGUE,
-    DEFAULT_MODEL,
-    MARKER,
-    PackagedModel,
-    ProvisionError,
-    WheelPart,
-    assemble_gguf,
-    is_provisioned,
-    packaged,
-    provision,
-    resolve,
-    verify_wheels,
-)
+from chatbus.models import ProvisionError, assemble_gguf, provision, verify_wheels
+from core.catalogue import CATALOGUE, DEFAULT_MODEL, MARKER, PackagedModel, WheelPart, is_provisioned, packaged, resolve
 from core.config import Settings
 from core.grounding import assemble
 from inference_workers.engines.base import end_of_turn_id, fit_prompt, sampling_defaults
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
-from schemas.events import (
-    ChatMessage,
-    ChatTurnRequest,
-    GroundedTurn,
-    Passage,
-    ReplyTo,
-    RetrievalResult,
-    SafetyVerdict,
-)
+from schemas.events import ChatMessage, ChatTurnRequest, GroundedTurn, Passage, ReplyTo, RetrievalResult, SafetyVerdict
 
 
 def _sha(data: bytes) -> str:

@@ -20,14 +20,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from chatbus.stack import (
-    Stack,
-    StackError,
-    free_port,
-    pid_alive,
-    proc_start_time,
-    read_pidfile,
-)
+from chatbus.stack import Stack, StackError, free_port, pid_alive, proc_start_time, read_pidfile
 from core.config import Settings
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -131,7 +124,10 @@ def test_group_members_of_a_dead_leader_are_stopped(stack: Stack, tmp_path: Path
     pids_file = tmp_path / "children"
     leader_code = f"""
 import os, subprocess, sys
-stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+stubborn = subprocess.Popen(
+    [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"],
+    stdout=subprocess.PIPE,
+)
 assert stubborn.stdout.readline().strip() == b"ready"
 polite = subprocess.Popen(["sleep", "120"])
 foreign = subprocess.Popen(["sleep", "120"], env={{"PATH": os.environ["PATH"]}})  # same group, not our environment
@@ -160,7 +156,10 @@ def test_stop_waits_for_the_whole_group_and_kills_what_ignores_sigterm(stack: St
     ready = tmp_path / "ready"
     code = f"""
 import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+child = subprocess.Popen(
+    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"],
+    stdout=subprocess.PIPE,
+)
 assert child.stdout.readline().strip() == b"ready"
 open({str(ready)!r}, "w").write(str(child.pid))
 time.sleep(120)

@@ -24,7 +24,9 @@ def feedback() -> None:
 @click.option("--from-beginning", is_flag=True, help="Start at the oldest retained event instead of now.")
 @click.option("--json", "as_json", is_flag=True, help="Print each event as one JSON line.")
 @click.option("-n", "--limit", type=int, default=None, help="Stop after this many events.")
-def feedback_tail(kind: str | None, rating: str | None, conversation_id: str | None, user: str | None, from_beginning: bool, as_json: bool, limit: int | None) -> None:
+def feedback_tail(
+    kind: str | None, rating: str | None, conversation_id: str | None, user: str | None, from_beginning: bool, as_json: bool, limit: int | None
+) -> None:
     """Follow chat.feedback live, one line per event (Ctrl-C stops)."""
     from consumers.feedback_tail import FeedbackFilter, print_tail
 

@@ -41,7 +41,8 @@ def _print_batch(batch: dict[str, Any], as_json: bool) -> None:
         click.echo(json.dumps(batch, indent=2))
         return
     c = batch["request_counts"]
-    click.echo(f"{batch['id']}  {batch['status']}  total={c['total']} completed={c['completed']} failed={c['failed']} (cancelled {batch.get('cancelled_count', 0)})")
+    counts = f"total={c['total']} completed={c['completed']} failed={c['failed']} (cancelled {batch.get('cancelled_count', 0)})"
+    click.echo(f"{batch['id']}  {batch['status']}  {counts}")
     for e in (batch.get("errors") or {}).get("data", [])[:10]:
         click.echo(f"  error: {e['message']}")
     for f in ("output_file_id", "error_file_id"):

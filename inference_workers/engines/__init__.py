@@ -28,8 +28,8 @@ def make_engine(settings: Settings) -> Engine:
 
     * ``transformers``: ``settings.resolved_model`` on ``settings.device`` in ``settings.dtype``, up to
       ``settings.max_inflight_turns`` requests generating at once. The tiny random model must be built
-      (``chatbus make-tiny-model``; ``chatbus worker inference`` builds it when missing); a packaged model that was not provisioned raises ``RuntimeError`` naming
-      ``make setup`` (provisioning downloads ~0.5 GB, never done behind a worker's back).
+      (``chatbus make-tiny-model``; ``chatbus worker inference`` builds it when missing); a packaged model
+      that was not provisioned raises ``RuntimeError`` naming ``make setup`` (provisioning downloads ~0.5 GB, never done behind a worker's back).
     * ``vllm``: ``settings.resolved_model`` with the ``vllm_*`` settings (needs a GPU and vLLM).
     * ``openai``: ``settings.openai_base_url`` / ``openai_api_key``, asking the upstream for
       ``settings.model`` (required).

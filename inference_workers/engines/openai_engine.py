@@ -23,13 +23,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from inference_workers.engines.base import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    GenerationDelta,
-    GenerationRequest,
-)
+from inference_workers.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, GenerationDelta, GenerationRequest
 
 logger = logging.getLogger(__name__)
 

@@ -44,49 +44,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-from inference_workers.engines.base import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    GenerationDelta,
-    GenerationRequest,
-    IncrementalDetokenizer,
-    StopMatcher,
-    end_of_turn_id,
-    fit_prompt,
-    resolve_sampling,
-    sampling_defaults,
-    warm_up_render,
-)
+from inference_workers.engines import base
+from inference_workers.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, GenerationDelta, GenerationRequest, IncrementalDetokenizer, StopMatcher
+from inference_workers.engines.transformers_loading import DTYPES, load
+from inference_workers.engines.transformers_streams import CbStream, ThreadStream, cb_still_scheduled, start_manager
 
 logger = logging.getLogger(__name__)
 
 MODES = ("continuous_batching", "threads")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 _MODE_ALIASES = {"cb": "continuous_batching", "continuous_batching": "continuous_batching", "threads": "threads"}
-
-# Fallback for models without a chat template (base models): ChatML.
-_CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-@dataclass
-class _Update:
-    """What a backend stream reports: tokens generated since the last update, and the end."""
-
-    new_ids: list[int] = field(default_factory=list)
-    done: bool = False
 
 
 class TransformersEngine(Engine):
@@ -172,96 +143,17 @@ class TransformersEngine(Engine):
         )
 
     def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if self.device_request == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(self.device_request)
-        if self.dtype_request != "auto":
-            dtype: Any = getattr(torch, self.dtype_request)
-        elif device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = "auto"  # transformers reads the checkpoint's own dtype (local folder or hub id alike)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        if not getattr(tokenizer, "chat_template", None):
-            logger.warning("%s has no chat template; using ChatML", self.model_path)
-            tokenizer.chat_template = _CHATML
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        if device.type == "cpu" and model.dtype == torch.float16:
-            model.to(torch.bfloat16)  # type: ignore[arg-type]  # CPU fp16 kernels are slow; bf16 keeps the range fp16 weights need
-        model.to(device)  # type: ignore[arg-type]  # torch stubs type Module.to loosely
-        model.eval()
-
-        eos: set[int] = set()
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        for value in (gen_eos, tokenizer.eos_token_id, end_of_turn_id(tokenizer)):
-            if isinstance(value, int):
-                eos.add(value)
-            elif isinstance(value, (list, tuple)):
-                eos.update(int(v) for v in value)
-        if not eos:
-            logger.warning("%s defines no end-of-sequence token: generations end at max_tokens", self.model_path)
-        text_config = model.config.get_text_config()
-        positions = getattr(text_config, "max_position_embeddings", None)
-        if isinstance(positions, int) and 0 < positions < self.max_model_len:
-            logger.warning(
-                "max_model_len %d exceeds the %d positions of %s; using %d",
-                self.max_model_len,
-                positions,
-                self.model_path,
-                positions,
-            )
-            self.max_model_len = positions
-        self.device, self._model, self._tokenizer, self._eos_ids = device, model, tokenizer, eos
-        self._sampling_defaults = sampling_defaults(model.generation_config)
-        self._vocab_size = int(text_config.vocab_size)
-        warm_up_render(self._render)  # before generate() renders in several threads at once
+        loaded = load(self.model_path, self.device_request, self.dtype_request, self.max_model_len)
+        self.device, self._model, self._tokenizer, self._eos_ids = loaded.device, loaded.model, loaded.tokenizer, loaded.eos_ids
+        self.max_model_len, self._sampling_defaults, self._vocab_size = loaded.max_model_len, loaded.sampling_defaults, loaded.vocab_size
+        base.warm_up_render(self._render)  # before generate() renders in several threads at once
 
     def _pad_id(self) -> int | None:
         pad = self._tokenizer.pad_token_id
         return pad if pad is not None else (min(self._eos_ids) if self._eos_ids else None)
 
     def _start_manager(self) -> None:
-        from transformers import GenerationConfig
-        from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-        # Placeholders that are NOT neutral, so that transformers creates the temperature / top-k / top-p
-        # processors; every request overrides all three through per-request kwargs.
-        gen_config = GenerationConfig(
-            do_sample=True,
-            temperature=0.5,
-            top_k=self._vocab_size,
-            top_p=0.5,
-            max_new_tokens=self.max_model_len,
-            eos_token_id=sorted(self._eos_ids) or None,
-            pad_token_id=self._pad_id(),
-        )
-        cb_config = self._cb_config_override
-        if cb_config is None:
-            if self.device.type == "cpu":
-                block = 32
-                per_request = math.ceil(self.max_model_len / block) + 1
-                cb_config = ContinuousBatchingConfig(
-                    block_size=block,
-                    num_blocks=per_request * (self.max_concurrency + 1),
-                    max_batch_tokens=512,
-                    max_requests_per_batch=self.max_concurrency,
-                    per_request_processors=True,
-                )
-            else:
-                cb_config = ContinuousBatchingConfig(
-                    per_request_processors=True, max_requests_per_batch=self.max_concurrency
-                )
-        elif not cb_config.per_request_processors:
-            raise ValueError("cb_config.per_request_processors must be True (per-request sampling)")
-        manager = self._model.init_continuous_batching(
-            generation_config=gen_config, continuous_batching_config=cb_config
-        )
-        manager.start()
-        self._manager = manager
+        self._manager = start_manager(self)
 
     async def stop(self) -> None:
         if not self._started:
@@ -301,28 +193,8 @@ class TransformersEngine(Engine):
             self._cb_cancelling.clear()
             return
         for rid in list(self._cb_cancelling):
-            if not self._cb_still_scheduled(manager, rid):
+            if not cb_still_scheduled(manager, rid):
                 self._cb_cancelling.discard(rid)
-
-    @staticmethod
-    def _cb_still_scheduled(manager: Any, rid: str) -> bool:
-        """Best effort, reading the manager's internals: is ``rid`` queued, scheduled or being cancelled?"""
-        try:
-            if rid in list(manager.cancel_queue.queue):
-                return True
-            if any(getattr(state, "request_id", None) == rid for state in list(manager.input_queue.queue)):
-                return True
-            processor = manager.batch_processor
-            if processor is None:
-                return False
-            scheduler = processor.scheduler
-            return (
-                rid in scheduler.active_requests
-                or rid in scheduler.waiting_requests
-                or rid in scheduler._requests_to_cancel
-            )
-        except (AttributeError, RuntimeError):  # internals changed, or mutated while we looked
-            return True
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
         if self._tokenizer is None:
@@ -335,7 +207,7 @@ class TransformersEngine(Engine):
 
     def _prepare(self, req: GenerationRequest) -> tuple[list[int], int]:
         """Prompt token ids and ``max_new_tokens`` for ``req`` (blocking: run it in a worker thread)."""
-        return fit_prompt(req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens)
+        return base.fit_prompt(req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens)
 
     # ----------------------------------------------------------------------------------- generation
 
@@ -379,205 +251,11 @@ class TransformersEngine(Engine):
         finally:
             self._slots.release()
 
-    def _open(self, req: GenerationRequest, ids: list[int], max_new: int) -> _CbStream | _ThreadStream:
+    def _open(self, req: GenerationRequest, ids: list[int], max_new: int) -> CbStream | ThreadStream:
         rid = f"{req.request_id}#{next(self._ids)}"
         if self.mode == "continuous_batching":
-            return _CbStream(self, rid, req, ids, max_new)
-        return _ThreadStream(self, rid, req, ids, max_new)
+            return CbStream(self, rid, req, ids, max_new)
+        return ThreadStream(self, rid, req, ids, max_new)
 
 
-class _CbStream:
-    """One request in the continuous-batching manager, bridged to asyncio."""
-
-    def __init__(self, engine: TransformersEngine, rid: str, req: GenerationRequest, ids: list[int], max_new: int):
-        from transformers.generation.continuous_batching.requests import RequestStatus
-
-        manager = engine._manager
-        if manager is None or not manager.is_running():
-            raise RuntimeError("continuous batching manager is not running")
-        self._failed = RequestStatus.FAILED
-        self._engine = engine
-        self._manager = manager
-        self.rid = rid
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._seen = 0
-        self._done = False
-        if req.seed is not None:
-            logger.debug("request %s: per-request seed is not supported in continuous batching; ignored", rid)
-        temperature, top_p = resolve_sampling(req, engine._sampling_defaults)
-        if temperature <= 0:
-            kwargs = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        else:
-            kwargs = {"temperature": temperature, "top_k": engine._vocab_size, "top_p": top_p}
-        manager.register_result_handler(rid, self._queue.put_nowait)
-        accepted = manager.add_request(
-            input_ids=ids,
-            request_id=rid,
-            max_new_tokens=max_new,
-            streaming=True,
-            eos_token_id=sorted(engine._eos_ids) or None,
-            **kwargs,
-        )
-        if accepted is None:
-            self._unregister()
-            raise RuntimeError("continuous batching manager refused the request (stopping?)")
-        engine._cb_live.add(rid)
-
-    async def next(self) -> _Update:
-        output = await self._queue.get()
-        while not self._queue.empty():  # coalesce: each output carries all tokens so far
-            output = self._queue.get_nowait()
-        if output.error is not None or output.status == self._failed:
-            self._finish()
-            raise RuntimeError(f"generation failed: {output.error}")
-        tokens = output.generated_tokens
-        new_ids, self._seen = list(tokens[self._seen :]), len(tokens)
-        if output.is_finished():
-            self._finish()
-            return _Update(new_ids, done=True)
-        return _Update(new_ids)
-
-    def _finish(self) -> None:
-        self._done = True
-        self._engine._cb_live.discard(self.rid)
-        self._unregister()
-
-    def _unregister(self) -> None:
-        router = self._manager.output_router
-        with router._lock:  # the manager only drops handlers of requests that finish normally
-            router.result_handlers.pop(self.rid, None)
-
-    def close(self) -> None:
-        """Abort if still running (consumer gone, or stop string hit). Idempotent, never blocks."""
-        if self._done:
-            return
-        self._done = True
-        self._manager.cancel_request(self.rid)
-        self._unregister()
-        self._engine._cb_live.discard(self.rid)
-        self._engine._cb_cancelling.add(self.rid)
-        logger.debug("request %s cancelled in the continuous batching manager", self.rid)
-
-
-class _ThreadStream:
-    """One request running ``model.generate`` in a worker thread, bridged to asyncio."""
-
-    def __init__(self, engine: TransformersEngine, rid: str, req: GenerationRequest, ids: list[int], max_new: int):
-        if engine._executor is None:
-            raise RuntimeError("engine not started")
-        self._engine = engine
-        self.rid = rid
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._abort = threading.Event()
-        self._done = False
-        loop = asyncio.get_running_loop()
-        with engine._threads_lock:
-            engine._thread_live[rid] = self._abort
-        try:
-            engine._executor.submit(self._run, loop, req, ids, max_new)
-        except RuntimeError:
-            with engine._threads_lock:
-                engine._thread_live.pop(rid, None)
-            raise
-
-    def _push(self, loop: asyncio.AbstractEventLoop, kind: str, value: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
-        except RuntimeError:  # loop closed: nobody is listening any more
-            self._abort.set()
-
-    def _run(self, loop: asyncio.AbstractEventLoop, req: GenerationRequest, ids: list[int], max_new: int) -> None:
-        import torch
-        from transformers import (
-            GenerationConfig,
-            StoppingCriteria,
-            StoppingCriteriaList,
-        )
-        from transformers.generation.streamers import BaseStreamer
-
-        engine = self._engine
-        abort = self._abort
-        push = self._push
-
-        class _Streamer(BaseStreamer):
-            def __init__(self) -> None:
-                self.prompt_seen = False
-
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:  # generate() first hands over the prompt
-                    self.prompt_seen = True
-                    return
-                push(loop, "tokens", [int(t) for t in value.reshape(-1).tolist()])
-
-            def end(self) -> None:
-                pass
-
-        class _Abort(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), abort.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        try:
-            if abort.is_set():  # aborted (or engine stopping) before it started
-                push(loop, "error", RuntimeError("request aborted before it started"))
-                return
-            temperature, top_p = resolve_sampling(req, engine._sampling_defaults)
-            greedy = temperature <= 0
-            config = GenerationConfig(
-                max_new_tokens=max_new,
-                do_sample=not greedy,
-                temperature=None if greedy else temperature,
-                top_p=None if greedy else top_p,
-                top_k=None if greedy else 0,  # no top-k: OpenAI semantics, whatever the model's defaults
-                eos_token_id=sorted(engine._eos_ids) or None,
-                pad_token_id=engine._pad_id(),
-            )
-            model = engine._model
-            if model is None:
-                raise RuntimeError("engine stopped")
-            input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=config,
-                    streamer=_Streamer(),
-                    stopping_criteria=StoppingCriteriaList([_Abort()]),
-                )
-            if abort.is_set():  # stopped early: by close() (nobody listens) or by engine.stop()
-                push(loop, "error", RuntimeError("request aborted"))
-            else:
-                push(loop, "end", None)
-        except Exception as exc:  # reported to the consumer
-            logger.exception("generation thread for %s failed", self.rid)
-            push(loop, "error", exc)
-        finally:
-            with engine._threads_lock:
-                engine._thread_live.pop(self.rid, None)
-
-    async def next(self) -> _Update:
-        update = _Update()
-        kind, value = await self._queue.get()
-        while True:
-            if kind == "tokens":
-                update.new_ids.extend(value)
-            elif kind == "end":
-                self._done = True
-                update.done = True
-                return update
-            else:
-                self._done = True
-                raise RuntimeError(f"generation failed: {value}") from value
-            if self._queue.empty():
-                return update
-            kind, value = self._queue.get_nowait()
-
-    def close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._abort.set()
-            logger.debug("request %s aborted (thread mode)", self.rid)
-
-
-__all__ = ["MODES", "TransformersEngine"]
+__all__ = ["DTYPES", "MODES", "TransformersEngine"]

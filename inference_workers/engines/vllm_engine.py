@@ -29,17 +29,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from inference_workers.engines.base import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Engine,
-    GenerationDelta,
-    GenerationRequest,
-    fit_prompt,
-    load_sampling_defaults,
-    resolve_sampling,
-    warm_up_render,
-)
+from inference_workers.engines import base
+from inference_workers.engines.base import FINISH_LENGTH, FINISH_STOP, Engine, GenerationDelta, GenerationRequest, resolve_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +104,9 @@ class VllmEngine(Engine):
         if inspect.isawaitable(tokenizer):
             tokenizer = await tokenizer
         self._engine, self._tokenizer = engine, tokenizer
-        await asyncio.to_thread(warm_up_render, self._render)  # before generate() renders in threads
+        await asyncio.to_thread(base.warm_up_render, self._render)  # before generate() renders in threads
         self._sampling_params, self._output_kind = SamplingParams, RequestOutputKind
-        self._defaults = await asyncio.to_thread(load_sampling_defaults, self.model_path)
+        self._defaults = await asyncio.to_thread(base.load_sampling_defaults, self.model_path)
         logger.info("vllm engine ready: %s (max_model_len %d)", self.model_path, self.max_model_len)
 
     async def stop(self) -> None:
@@ -137,7 +128,7 @@ class VllmEngine(Engine):
             raise RuntimeError("engine not started")
         # Chat template + tokenization + fitting is CPU-bound and grows with the request: off the event loop.
         ids, max_new = await asyncio.to_thread(
-            fit_prompt, req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens
+            base.fit_prompt, req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens
         )
         engine = self._engine
         if engine is None:
