@@ -9,8 +9,8 @@ Usage from Python::
         async for line in batches.content(batch["output_file_id"]):
             ...
 
-Submitting publishes a ``batch.created`` event on ``batch.jobs``, then every valid line as a chat turn
-(``source="batch"``) on ``batch.requests`` with ``reply_to`` ``batch.results``; the safety, retrieval and
+Submitting publishes (:mod:`producers.batches`) a ``batch.created`` event on ``batch.jobs``, then every valid
+line as a chat turn (``source="batch"``) on ``batch.requests`` with ``reply_to`` ``batch.results``; the safety, retrieval and
 inference stages take those only when interactive turns leave room. The ``batches`` worker
 (:mod:`batches.collector`) records each result; the batch is ``completed`` when every line has one.
 
@@ -41,15 +41,9 @@ from batches.errors import BatchKeyConflict, FileTooLarge, InvalidRequest, NoSuc
 from batches.input import CHAT_COMPLETIONS, BatchFileError, parse_batch
 from batches.store import TERMINAL, BatchStore, error_file_id, request_id
 from core.config import Settings
-from schemas.events import (
-    BatchCancelled,
-    BatchCreated,
-    BatchRef,
-    ChatTurnRequest,
-    ReplyTo,
-)
+from producers.batches import BatchProducer
+from schemas.events import BatchCreated
 from topics.clients import make_producer
-from topics.registry import BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, topic
 
 MAX_EVENT_ERRORS = 2000  # invalid lines carried in batch.created (all of them are stored)
 
@@ -59,9 +53,7 @@ class BatchService:
         self.settings = settings
         self.store = store
         self.producer = producer
-        self.jobs_topic = topic(BATCH_JOBS, settings.topic_prefix)
-        self.requests_topic = topic(BATCH_REQUESTS, settings.topic_prefix)
-        self.reply_to = ReplyTo(topic=topic(BATCH_RESULTS, settings.topic_prefix))
+        self.bus = BatchProducer(settings, producer)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -156,25 +148,13 @@ class BatchService:
         await self.store.create_batch(created, "validating", key_sha)
         await self.store.record_invalid(batch_id, parsed.invalid)
         done = {d["_id"] async for d in self.store.requests.find({"batch_id": batch_id}, {"_id": 1})}  # lines with a result
-        await self.producer.send_and_wait(self.jobs_topic, created.to_bytes(), key=created.key)
+        await self.bus.created(created)
         futures = []
         for line in tqdm(parsed.lines, desc="submitting", unit="req", disable=not progress):
             cid = request_id(batch_id, line.line)
             if cid in done:
                 continue
-            turn = ChatTurnRequest(
-                correlation_id=cid,
-                conversation_id=cid,
-                model=line.request.model,
-                messages=line.request.chat_messages(),
-                sampling=line.request.sampling(self.settings.default_max_tokens),
-                reply_to=self.reply_to,
-                user=line.request.user,
-                source="batch",
-                batch=BatchRef(batch_id=batch_id, custom_id=line.custom_id, line=line.line),
-            )
-            turn.mark("batch_submitted")
-            futures.append(await self.producer.send(self.requests_topic, turn.to_bytes(), key=turn.key))
+            futures.append(await self.bus.send_line(self.bus.line_turn(cid, batch_id, line.custom_id, line.line, line.request)))
         await asyncio.gather(*futures)
         if parsed.lines:
             await self.store.set_status(batch_id, "in_progress", only_from=("validating",))
@@ -205,8 +185,7 @@ class BatchService:
         if batch["status"] not in ("validating", "in_progress"):  # as OpenAI: nothing to cancel once finalizing
             return batch
         await self.store.set_status(batch_id, "cancelling", only_from=("validating", "in_progress"))
-        event = BatchCancelled(batch_id=batch_id, reason=reason)
-        await self.producer.send_and_wait(self.jobs_topic, event.to_bytes(), key=event.key)
+        await self.bus.cancelled(batch_id, reason)
         await self.store.maybe_finalize(batch_id)
         return await self.get(batch_id)
 

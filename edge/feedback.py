@@ -30,8 +30,9 @@ from edge.conversations import ConversationStore, TurnInfo
 from edge.errors import APIError
 from edge.http import ORJSONResponse, read_json
 from edge.turns import ChatService
+from producers.feedback import preference_event, rating_event
 from schemas.errors import InvalidRequest, NotFound
-from schemas.feedback import MAX_COMMENT_CHARS, FeedbackEvent, Rating, Reason, feedback_id
+from schemas.feedback import MAX_COMMENT_CHARS, FeedbackEvent, Rating, Reason
 
 log = logging.getLogger(__name__)
 
@@ -104,28 +105,24 @@ def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo]) -> Feedback
     first = turns[req.response_ids[0]]
     if req.type == "rating":
         assert req.response_id is not None
-        return FeedbackEvent(
-            feedback_id=feedback_id("rating", req.user, req.response_id),
-            kind="rating",
+        return rating_event(
+            user=req.user,
+            response_id=req.response_id,
             conversation_id=first.conversation_id,
             prompt_group=first.prompt_group,
-            response_id=req.response_id,
+            model=first.model,
             rating=req.rating,
             reason=req.reason,
             comment=mask_pii(req.comment)[0] if req.comment else None,
-            user=req.user,
-            model=first.model,
         )
     if any(turns[r].prompt_group != first.prompt_group for r in req.rejected_ids):
         raise InvalidRequest("rejected_ids: not siblings of chosen_id (same conversation and prompt)", param="rejected_ids")
-    return FeedbackEvent(
-        feedback_id=feedback_id("preference", req.user, first.prompt_group),
-        kind="preference",
-        conversation_id=first.conversation_id,
-        prompt_group=first.prompt_group,
+    return preference_event(
+        user=req.user,
         chosen_id=req.chosen_id,
         rejected_ids=req.rejected_ids,
-        user=req.user,
+        conversation_id=first.conversation_id,
+        prompt_group=first.prompt_group,
         model=first.model,
     )
 
@@ -143,7 +140,7 @@ async def create_feedback(request: Request) -> Response:
         turns[rid] = info
     event = feedback_event(req, turns)
     try:
-        await service.producer.send_and_wait(service.feedback_topic, event.to_bytes(), key=event.key)
+        await service.feedback.publish(event)
     except Exception as exc:
         log.exception("publishing feedback %s failed", event.feedback_id)
         raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc

@@ -26,12 +26,13 @@ from edge.conversations import ConversationStore, TurnInfo
 from edge.errors import APIError
 from edge.live import LiveStats
 from edge.relay import ReplyRelay, TurnStream
+from producers.feedback import FeedbackProducer
+from producers.turns import TurnProducer, edge_reply_to
 from schemas.errors import NotFound
-from schemas.events import CancelTurn, ChatMessage, ChatTurnRequest, ReplyTo
+from schemas.events import ChatMessage, ChatTurnRequest
 from schemas.feedback import prompt_group
 from schemas.openai import ChatCompletionRequest
 from schemas.timing import breakdown
-from topics.registry import CHAT_CONTROL, CHAT_FEEDBACK, CHAT_REPLIES, CHAT_REQUESTS, topic
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,9 @@ class ChatService:
         self.relay = relay
         self.monitor = monitor
         self.live = live
-        self.requests_topic = topic(CHAT_REQUESTS, settings.topic_prefix)
-        self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
-        self.reply_to = ReplyTo(topic=topic(CHAT_REPLIES, settings.topic_prefix), partition=settings.reply_partition)
-        self.feedback_topic = topic(CHAT_FEEDBACK, settings.topic_prefix)
+        self.bus = TurnProducer(settings, producer)
+        self.feedback = FeedbackProducer(settings, producer)
+        self.reply_to = edge_reply_to(settings)
         self._background: set[asyncio.Task[None]] = set()
         self.pending_cancels: dict[str, asyncio.TimerHandle] = {}  # disconnected turns a resume may still claim
         # correlation id -> conversation id of turns this edge published and not yet saw end (for Stop)
@@ -152,13 +152,13 @@ class ChatService:
 
     async def publish(self, turn: ChatTurnRequest) -> TurnStream:
         turn.mark("edge_published")
-        value = turn.to_bytes()  # validated input always serialises; do it before anything is opened
+        record = self.bus.request(turn)  # validated input always serialises; do it before anything is opened
         stream = self.relay.open(turn.correlation_id)
         self.open_turns[turn.correlation_id] = turn.conversation_id
         while len(self.open_turns) > RECENT_TURNS:  # turns abandoned without an end are forgotten, oldest first
             self.open_turns.popitem(last=False)
         try:
-            await self.producer.send_and_wait(self.requests_topic, value, key=turn.key)
+            await self.bus.send(record)
         except Exception as exc:
             self.relay.close(turn.correlation_id)
             self.open_turns.pop(turn.correlation_id, None)
@@ -172,9 +172,8 @@ class ChatService:
             if stream.cancel_sent:
                 return
             stream.cancel_sent = True
-        ev = CancelTurn(correlation_id=turn.correlation_id, conversation_id=turn.conversation_id, reason=reason)
         try:
-            await self.producer.send_and_wait(self.control_topic, ev.to_bytes(), key=ev.key)
+            await self.bus.cancel(turn.correlation_id, turn.conversation_id, reason)
             log.info("turn %s cancelled: %s", turn.correlation_id, reason)
         except Exception:
             log.exception("could not publish cancel for %s", turn.correlation_id)
