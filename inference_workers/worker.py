@@ -46,8 +46,8 @@ from core.config import Settings
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
 from producers.bus import Outgoing, produce_all
-from producers.replies import completion, to_reply
-from schemas.events import DecodeError, FinishReason, GroundedTurn, TokenEvent, TurnCompleted, Usage, new_id
+from producers.replies import completion, to_reply, token_event
+from schemas.events import DecodeError, FinishReason, GroundedTurn, TurnCompleted, Usage, new_id
 from topics.registry import CHAT_GROUNDED, INFERENCE, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
@@ -222,17 +222,15 @@ class InferenceWorker(ConsumerRuntime):
             if buffer and not streams:
                 text, buffer = text + buffer, ""
             if buffer:
-                ev = TokenEvent(
-                    correlation_id=cid,
-                    conversation_id=turn.conversation_id,
+                ev = token_event(
+                    request,
                     attempt=attempt,
                     seq=seq,
                     delta=buffer,
                     text_offset=len(text),
                     completion_tokens=tokens,
+                    stages=stages if seq == 0 else None,
                 )
-                if seq == 0:
-                    ev.stages = dict(stages)
                 out = to_reply(request, ev.to_bytes())
                 futures.append(await self.producer.send(out.topic, out.value, key=out.key, partition=out.partition))
                 text += buffer

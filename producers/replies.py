@@ -26,12 +26,10 @@ def whole_reply(
 ) -> list[Outgoing]:
     """A complete answer in one go (a refusal, an error): one token event and the completion."""
     attempt = new_id()
-    cid, conv = request.correlation_id, request.conversation_id
     out: list[Outgoing] = []
     seq = 0
     if text and request.batch is None:  # the batch lane wants the completion only
-        token = TokenEvent(correlation_id=cid, conversation_id=conv, attempt=attempt, stages=dict(stages), seq=0, delta=text, text_offset=0)
-        out.append(to_reply(request, token.to_bytes()))
+        out.append(to_reply(request, token_event(request, attempt=attempt, seq=0, delta=text, text_offset=0, stages=stages).to_bytes()))
         seq = 1
     done = completion(
         request,
@@ -49,6 +47,23 @@ def whole_reply(
     )
     out.append(to_reply(request, done.to_bytes()))
     return out
+
+
+def token_event(
+    request: ChatTurnRequest, *, attempt: str, seq: int, delta: str, text_offset: int, completion_tokens: int = 0, stages: dict[str, float] | None = None
+) -> TokenEvent:
+    """One piece of an attempt's text: ``delta`` starts at character ``text_offset`` of the answer; the
+    first event of an attempt (``seq`` 0) carries the turn's ``stages`` so far (copied)."""
+    return TokenEvent(
+        correlation_id=request.correlation_id,
+        conversation_id=request.conversation_id,
+        attempt=attempt,
+        seq=seq,
+        delta=delta,
+        text_offset=text_offset,
+        completion_tokens=completion_tokens,
+        stages=dict(stages) if stages is not None else {},
+    )
 
 
 def completion(
