@@ -8,13 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbus.tiny_model import (
-    IM_END,
-    PAD,
-    REQUIRED_FILES,
-    build_tiny_model,
-    is_complete,
-)
+from chatbus.tiny_model import IM_END, PAD, REQUIRED_FILES, build_tiny_model, is_complete
 
 
 @pytest.fixture(scope="session")
