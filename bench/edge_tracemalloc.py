@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     import uvicorn
 
-    from chatbus.cli import _setup_logging
+    from core.logging import setup_logging
     from core.config import get_settings
     from edge.app import create_app
 
@@ -35,7 +35,7 @@ def main() -> None:
     tracemalloc.start(int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "12")))
     signal.signal(signal.SIGUSR1, dump)
     settings = get_settings()
-    _setup_logging(settings)
+    setup_logging(settings.log_level)
     uvicorn.run(create_app(settings), host=settings.edge_host, port=settings.edge_port, log_level="warning", timeout_graceful_shutdown=5)
 
 

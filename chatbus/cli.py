@@ -18,9 +18,8 @@ from chatbus.commands.analysts import dpo, feedback
 from chatbus.commands.batch import batch
 from chatbus.commands.models import make_tiny_model, models
 from chatbus.commands.processes import edge, worker
-from chatbus.commands.stack import default_corpus, stack
+from chatbus.commands.stack import stack
 from chatbus.commands.users import chat, dlq, ingest, lag, topics
-from core.logging import setup_logging as _setup_logging  # the name bench/edge_tracemalloc.py imports
 
 
 @click.group()
@@ -31,7 +30,7 @@ def main() -> None:
 for _command in (worker, edge, stack, chat, ingest, topics, lag, dlq, make_tiny_model, models, feedback, dpo, batch):
     main.add_command(_command)
 
-__all__ = ["_setup_logging", "default_corpus", "main"]
+__all__ = ["main"]
 
 if __name__ == "__main__":  # last: every command group above is registered by now
     main()

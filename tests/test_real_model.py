@@ -20,7 +20,7 @@ import openai
 import pytest
 from pymongo import AsyncMongoClient
 
-from chatbus.cli import default_corpus
+from chatbus.commands.stack import default_corpus
 from chatbus.models import DEFAULT_MODEL, is_provisioned, packaged
 from chatbus.stack import Stack
 from core.config import ROOT, Settings

@@ -20,9 +20,10 @@ T = TypeVar("T")
 
 
 def _batch_call(fn: Callable[[BatchService], Awaitable[T]]) -> T:
-    """Run ``fn(service)`` with a connected :class:`batches.service.BatchService`; API errors exit 1."""
+    """Run ``fn(service)`` with a connected :class:`batches.service.BatchService`; request errors exit 1 with the HTTP status the edge would give."""
     from batches.service import BatchService
-    from edge.protocol import APIError
+    from edge.errors import http_status
+    from schemas.errors import RequestError
 
     settings = get_settings()
 
@@ -32,8 +33,8 @@ def _batch_call(fn: Callable[[BatchService], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(go())
-    except APIError as err:
-        raise click.ClickException(f"{err.status} {err.message}") from None
+    except RequestError as err:  # the same status and message the edge would answer with
+        raise click.ClickException(f"{http_status(err)} {err.message}") from None
 
 
 def _print_batch(batch: dict[str, Any], as_json: bool) -> None:
