@@ -131,7 +131,9 @@ class BatchService:
         except BatchFileError as exc:
             created = BatchCreated(batch_id=batch_id, input_file_id=input_file_id, input_sha256=sha, metadata=metadata, total=0)
             await self.store.create_batch(created, "failed", key_sha)
-            await self.store.batches.update_one({"_id": batch_id}, {"$set": {"errors": [{"code": "invalid_file", "message": str(exc)}], "failed_at": int(created.created_at)}})
+            await self.store.batches.update_one(
+                {"_id": batch_id}, {"$set": {"errors": [{"code": "invalid_file", "message": str(exc)}], "failed_at": int(created.created_at)}}
+            )
             return await self.get(batch_id)
         invalid = [e.model_copy(update={"message": e.message[:200]}) for e in parsed.invalid]
         created = BatchCreated(
@@ -177,7 +179,13 @@ class BatchService:
                 query = {"$or": [{"created_at": {"$lt": anchor["created_at"]}}, {"created_at": anchor["created_at"], "_id": {"$lt": after}}]}
         docs = [d async for d in self.store.batches.find(query).sort([("created_at", -1), ("_id", -1)]).limit(limit + 1)]
         data = [await self.store.openai_batch(d) for d in docs[:limit]]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None, "has_more": len(docs) > limit}
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(docs) > limit,
+        }
 
     async def cancel(self, batch_id: str, reason: str = "cancelled by the user") -> dict[str, Any]:
         """Stop a batch: lines not yet generated finish as ``cancelled``; finished results are kept."""

@@ -282,7 +282,10 @@ class BatchStore:
             "status": batch["status"],
             "output_file_id": batch.get("output_file_id"),
             "error_file_id": batch.get("error_file_id"),
-            **{f"{s}_at": batch.get(f"{s}_at") for s in ("created", "in_progress", "expires", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")},
+            **{
+                f"{s}_at": batch.get(f"{s}_at")
+                for s in ("created", "in_progress", "expires", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
+            },
             "request_counts": {"total": batch["total"], "completed": counts["completed"], "failed": counts["failed"] + counts["cancelled"]},
             "metadata": batch.get("metadata") or None,
             # chatbus's own: cancelled lines (counted in ``failed`` above, as OpenAI has no such count)

@@ -12,8 +12,8 @@ FerretDB) through PyMongo's ``AsyncMongoClient``. Collections:
 The documents' shape and field names are :mod:`schemas.documents` (the edge reads them through it).
 
 A database outage never loses a record: after a few quick retries the event is left uncommitted and
-retried with back-off (:class:`consumers.stage.RetryLater`). Every write is an upsert of fields derived only from the event (``$set``/``$setOnInsert``/``$addToSet``),
-so replaying an event — at-least-once delivery — changes nothing: idempotent by ``event_id``, and
+retried with back-off (:class:`consumers.stage.RetryLater`). Every write is an upsert of fields derived only
+from the event (``$set``/``$setOnInsert``/``$addToSet``), so replaying an event — at-least-once delivery — changes nothing: idempotent by ``event_id``, and
 events of one turn may arrive in any order across topics. Text is PII-masked before it is stored.
 """
 
@@ -39,6 +39,7 @@ from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, GroundedTurn,
 from topics.registry import RECORDER
 
 log = logging.getLogger(__name__)
+
 
 def masked_messages(messages: Sequence[ChatMessage]) -> list[MessageDoc]:
     return [MessageDoc(role=m.role, content=mask_pii(m.content)[0]) for m in messages]
@@ -113,9 +114,7 @@ class Recorder:
 
     async def _write(self, event: AnyEvent, cid: str, fields: TurnDoc) -> None:
         conv = fields["conversation_id"]
-        await self.db[TURNS].update_one(
-            {ID: cid}, {"$set": fields, "$addToSet": {Turn.EVENTS: event.event_id}}, upsert=True
-        )
+        await self.db[TURNS].update_one({ID: cid}, {"$set": fields, "$addToSet": {Turn.EVENTS: event.event_id}}, upsert=True)
         on_insert = ConversationDoc(created_at=event.created_at)
         conv_update: dict[str, Any] = {
             "$setOnInsert": on_insert,

@@ -37,7 +37,19 @@ from core.background import PeriodicService
 from core.config import Settings
 from edge.errors import APIError
 from topics.lag import LagReader
-from topics.registry import BATCH_GROUNDED, BATCH_REQUESTS, BATCH_SCREENED, CHAT_GROUNDED, CHAT_REQUESTS, CHAT_SCREENED, GROUPS, INFERENCE, RETRIEVAL, SAFETY, topic
+from topics.registry import (
+    BATCH_GROUNDED,
+    BATCH_REQUESTS,
+    BATCH_SCREENED,
+    CHAT_GROUNDED,
+    CHAT_REQUESTS,
+    CHAT_SCREENED,
+    GROUPS,
+    INFERENCE,
+    RETRIEVAL,
+    SAFETY,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 

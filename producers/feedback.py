@@ -12,7 +12,15 @@ from topics.registry import CHAT_FEEDBACK, topic
 
 
 def rating_event(
-    *, user: str | None, response_id: str, conversation_id: str, prompt_group: str, model: str, rating: Rating | None, reason: Reason | None, comment: str | None
+    *,
+    user: str | None,
+    response_id: str,
+    conversation_id: str,
+    prompt_group: str,
+    model: str,
+    rating: Rating | None,
+    reason: Reason | None,
+    comment: str | None,
 ) -> FeedbackEvent:
     """A rating (``rating`` None withdraws it); ``comment`` must already be PII-masked."""
     return FeedbackEvent(

@@ -14,16 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from schemas.errors import InvalidRequest
 from schemas.events import ChatMessage, Citation, SamplingParams, TurnCompleted, Usage
@@ -194,9 +185,7 @@ def completion_body(completion_id: str, model: str, text: str, done: TurnComplet
         "object": "chat.completion",
         "created": int(done.created_at),
         "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": public_finish_reason(done)}
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": public_finish_reason(done)}],
         "usage": usage_dict(done.usage),
         "citations": citations_list(done.citations),
     }
