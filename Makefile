@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run up down status test lint clean docs-corpus browser models
+.PHONY: setup run up down status test test-unit test-stack lint clean docs-corpus browser models
 
 setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json models docs-corpus browser
 
@@ -64,11 +64,25 @@ down:
 status:
 	$(PY) -m chatbus.cli stack status
 
-test: setup
+# Everything CI proves: the lint (ruff, strict mypy, the import contract), then every test: the unit tests
+# (tests/unit, no stack) and the tests against a real local stack (tests/stack, one stack per session).
+test: setup lint
 	$(PY) -m pytest
 
-lint: setup
-	$(PY) -m mypy --ignore-missing-imports --follow-imports=silent chatbus consumers edge inference_workers producers retrieval_workers safety_workers schemas topics batches
+# Unit tests only: no Kafka, no database, no workers (needs the venv and the tiny model; under a minute).
+test-unit: $(VENV)/.installed $(BUILD)/tiny-model/config.json
+	$(PY) -m pytest tests/unit
+
+test-stack: setup
+	$(PY) -m pytest tests/stack
+
+# ruff (lint, import order, format) over the repository; strict mypy and the import contract
+# (pyproject.toml: [tool.mypy], [tool.importlinter]) over the product packages.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 clean: down
 	rm -rf .state

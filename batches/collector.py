@@ -31,13 +31,7 @@ from batches.store import OPEN, BatchStore, parse_request_id
 from consumers.stage import RetryLater, StageWorker
 from core.config import Settings
 from producers.bus import Outgoing
-from schemas.events import (
-    AnyEvent,
-    BatchCancelled,
-    BatchCreated,
-    DeadLetter,
-    TurnCompleted,
-)
+from schemas.events import AnyEvent, BatchCancelled, BatchCreated, DeadLetter, TurnCompleted
 from topics.registry import BATCH_LANE, BATCH_RESULTS, BATCHES, CHAT_DLQ, topic
 
 log = logging.getLogger(__name__)
@@ -92,7 +86,12 @@ class BatchCollector:
             batch_id = doc["_id"]
             if doc["status"] == "validating":
                 if wall - doc["created_at"] > VALIDATING_STALE_S:
-                    await self.store.set_status(batch_id, "failed", only_from=("validating",), errors=[{"code": "submission_interrupted", "message": "the submission stopped before every line was published"}])
+                    await self.store.set_status(
+                        batch_id,
+                        "failed",
+                        only_from=("validating",),
+                        errors=[{"code": "submission_interrupted", "message": "the submission stopped before every line was published"}],
+                    )
                 continue
             if wall > doc.get("expires_at", wall + 1):
                 await self.store.expire(batch_id)

@@ -40,10 +40,18 @@ from topics.registry import BATCH_RESULTS, topic
 SPANS = {**STAGES, **HOPS}
 
 OUT = Path(__file__).resolve().parent / "results"
+
+
 def summary(values: list[float]) -> dict[str, float]:
     """Percentiles of the turns that streamed content (a turn whose first token was EOS has no TTFT)."""
     values = [v for v in values if v == v]
-    return {"p50": round(pct(values, 50), 1), "p90": round(pct(values, 90), 1), "p99": round(pct(values, 99), 1), "mean": round(statistics.fmean(values), 1), "n": len(values)}
+    return {
+        "p50": round(pct(values, 50), 1),
+        "p90": round(pct(values, 90), 1),
+        "p99": round(pct(values, 99), 1),
+        "mean": round(statistics.fmean(values), 1),
+        "n": len(values),
+    }
 
 
 async def ttft(client: AsyncOpenAI, model: str, question: str, max_tokens: int) -> tuple[str, float]:
@@ -105,7 +113,11 @@ async def main() -> None:
                 "custom_id": f"bench-{i}",
                 "method": "POST",
                 "url": "/v1/chat/completions",
-                "body": {"model": model, "messages": [{"role": "user", "content": f"Batch question {i}: {QUESTIONS[i % 5]}"}], "max_tokens": args.batch_max_tokens},
+                "body": {
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"Batch question {i}: {QUESTIONS[i % 5]}"}],
+                    "max_tokens": args.batch_max_tokens,
+                },
             }
         )
         for i in range(args.batch_lines)

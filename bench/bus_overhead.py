@@ -37,18 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import report  # noqa: E402  (bench/ is the script's folder)
+import report
 
-from core.config import get_settings  # noqa: E402
-from inference_workers.engines import GenerationRequest, make_engine  # noqa: E402
-from schemas.events import GroundedTurn, decode  # noqa: E402
-from topics.clients import make_consumer, partitions_of  # noqa: E402
-from topics.registry import CHAT_GROUNDED, topic  # noqa: E402
+from core.config import get_settings
+from inference_workers.engines import GenerationRequest, make_engine
+from schemas.events import GroundedTurn, decode
+from topics.clients import make_consumer, partitions_of
+from topics.registry import CHAT_GROUNDED, topic
 
 QUESTIONS = [
     "How do I define a function in Python?",
@@ -204,7 +203,9 @@ async def main() -> None:
             if vals:
                 metrics[name if group == "stages" else f"hop {name}"] = vals
     metrics["hops (all three)"] = col(lambda r: (r["timing"] or {}).get("totals", {}).get("hops"))
-    metrics["bus overhead"] = [r["ttft_ms"] - r["timing"]["stages"]["prefill"] for r in rows if r["ttft_ms"] is not None and r["timing"] and "prefill" in r["timing"]["stages"]]
+    metrics["bus overhead"] = [
+        r["ttft_ms"] - r["timing"]["stages"]["prefill"] for r in rows if r["ttft_ms"] is not None and r["timing"] and "prefill" in r["timing"]["stages"]
+    ]
     summary = {k: report.summarise(v) for k, v in metrics.items() if v}
     bus, direct, via_http = (summary[k]["p50"] for k in list(metrics)[:3])
     ratios = {"bus / direct in-process (p50)": round(bus / direct, 2), "bus / direct HTTP (p50)": round(bus / via_http, 2)}
@@ -216,7 +217,10 @@ async def main() -> None:
 
     md = report.table(["metric (ms)", "p50", "p90", "p99", "mean", "n"], [[k, s["p50"], s["p90"], s["p99"], s["mean"], s["n"]] for k, s in summary.items()])
     md += "\n" + report.table(["ratio", "value"], list(ratios.items()))
-    md += "\n" + report.table(["target", "measured", "met"], [[f"{v['metric']} {v['percentile']} ≤ {v['target_ms']} ms", v["measured_ms"], "yes" if v["met"] else "**no**"] for v in verdicts])
+    md += "\n" + report.table(
+        ["target", "measured", "met"],
+        [[f"{v['metric']} {v['percentile']} ≤ {v['target_ms']} ms", v["measured_ms"], "yes" if v["met"] else "**no**"] for v in verdicts],
+    )
 
     fig, (left, right) = report.figure(ncols=2)
     names = list(metrics)[:3]
@@ -231,7 +235,20 @@ async def main() -> None:
     right.set_xlabel("ms")
     right.set_title("where the bus turn's TTFT goes")
     right.legend()
-    report.write(args.out, {"turns": len(rows), "max_tokens": args.max_tokens, "model": settings.model_name, "summary_ms": summary, "ratios": ratios, "targets": verdicts, "per_turn": rows}, md, fig)
+    report.write(
+        args.out,
+        {
+            "turns": len(rows),
+            "max_tokens": args.max_tokens,
+            "model": settings.model_name,
+            "summary_ms": summary,
+            "ratios": ratios,
+            "targets": verdicts,
+            "per_turn": rows,
+        },
+        md,
+        fig,
+    )
 
 
 if __name__ == "__main__":

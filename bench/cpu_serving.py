@@ -35,12 +35,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import report  # noqa: E402  (bench/ is the script's folder)
+import report
 
-from chatbus.models import resolve  # noqa: E402
-from core.config import Settings  # noqa: E402
-from inference_workers.engines import GenerationRequest  # noqa: E402
-from inference_workers.engines.transformers_engine import TransformersEngine  # noqa: E402
+from chatbus.models import resolve
+from core.config import Settings
+from inference_workers.engines import GenerationRequest
+from inference_workers.engines.transformers_engine import TransformersEngine
 
 TOPICS = ["dictionaries", "decorators", "generators", "context managers", "classes", "exceptions", "modules", "closures"]
 FILLER = (
@@ -72,8 +72,14 @@ async def one(engine: TransformersEngine, rid: str, messages: list[dict[str, str
         tokens, prompt = delta.completion_tokens, delta.prompt_tokens
     assert first is not None and last is not None
     decode_s = last - first
-    return {"ttft_s": first - t0, "decode_s": decode_s, "tokens": tokens, "prompt_tokens": prompt,
-            "tpot_ms": 1000 * decode_s / max(1, tokens - 1), "total_s": last - t0}
+    return {
+        "ttft_s": first - t0,
+        "decode_s": decode_s,
+        "tokens": tokens,
+        "prompt_tokens": prompt,
+        "tpot_ms": 1000 * decode_s / max(1, tokens - 1),
+        "total_s": last - t0,
+    }
 
 
 async def streams_run(engine: TransformersEngine, n: int, max_tokens: int, sequential: bool) -> dict[str, Any]:
@@ -125,8 +131,15 @@ async def main() -> None:
                 dec = await one(engine, "dec", long_prompt(0), args.max_tokens)
             finally:
                 await engine.stop()
-            grid.append({"dtype": dtype, "threads": threads, "prefill_750_s": round(pre["ttft_s"], 3),
-                         "prompt_tokens": pre["prompt_tokens"], "decode_tok_s": round(dec["tokens"] / dec["decode_s"], 2)})
+            grid.append(
+                {
+                    "dtype": dtype,
+                    "threads": threads,
+                    "prefill_750_s": round(pre["ttft_s"], 3),
+                    "prompt_tokens": pre["prompt_tokens"],
+                    "decode_tok_s": round(dec["tokens"] / dec["decode_s"], 2),
+                }
+            )
             print(grid[-1], flush=True)
     results["dtype_threads"] = grid
     best = max(grid, key=lambda g: g["decode_tok_s"] / 2 + 750 / g["prefill_750_s"] / 100)
@@ -166,19 +179,37 @@ async def main() -> None:
         await engine.stop()
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     slope, intercept = statistics.linear_regression(xs, ys)
-    results["prefill"] = {"points": [{"prompt_tokens": x, "ttft_s": round(y, 3)} for x, y in points],
-                          "ms_per_1000_tokens": round(slope * 1e6, 1), "intercept_ms": round(intercept * 1000, 1)}
+    results["prefill"] = {
+        "points": [{"prompt_tokens": x, "ttft_s": round(y, 3)} for x, y in points],
+        "ms_per_1000_tokens": round(slope * 1e6, 1),
+        "intercept_ms": round(intercept * 1000, 1),
+    }
 
     lines = [
-        f"# CPU serving: {target.served_name} ({os.cpu_count()} cores)", "",
-        "## dtype x threads (one stream)", "", "| dtype | threads | prefill ~750 tok (s) | decode tok/s |", "|---|---|---|---|",
-        *[f"| {g['dtype']} | {g['threads']} | {g['prefill_750_s']} | {g['decode_tok_s']} |" for g in grid], "",
-        f"chosen: {best['dtype']}, {best['threads']} threads", "",
-        f"## decode, {args.max_tokens}-token greedy completions", "",
-        "| mode | streams | aggregate tok/s | per-stream tok/s | TPOT p50 (ms) | TTFT p50 (s) |", "|---|---|---|---|---|---|",
-        *[f"| {m} | {r['streams']} | {r['aggregate_tok_s']} | {r['per_stream_tok_s']} | {r['tpot_ms_p50']} | {r['ttft_s_p50']} |" for m, rows in scaling.items() for r in rows], "",
-        f"continuous batching, aggregate at {max(counts)} streams / 1 stream: {results['cb_aggregate_ratio_max_vs_1']}x (target >= 2x)", "",
-        "## prefill", "",
+        f"# CPU serving: {target.served_name} ({os.cpu_count()} cores)",
+        "",
+        "## dtype x threads (one stream)",
+        "",
+        "| dtype | threads | prefill ~750 tok (s) | decode tok/s |",
+        "|---|---|---|---|",
+        *[f"| {g['dtype']} | {g['threads']} | {g['prefill_750_s']} | {g['decode_tok_s']} |" for g in grid],
+        "",
+        f"chosen: {best['dtype']}, {best['threads']} threads",
+        "",
+        f"## decode, {args.max_tokens}-token greedy completions",
+        "",
+        "| mode | streams | aggregate tok/s | per-stream tok/s | TPOT p50 (ms) | TTFT p50 (s) |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {m} | {r['streams']} | {r['aggregate_tok_s']} | {r['per_stream_tok_s']} | {r['tpot_ms_p50']} | {r['ttft_s_p50']} |"
+            for m, rows in scaling.items()
+            for r in rows
+        ],
+        "",
+        f"continuous batching, aggregate at {max(counts)} streams / 1 stream: {results['cb_aggregate_ratio_max_vs_1']}x (target >= 2x)",
+        "",
+        "## prefill",
+        "",
         f"{results['prefill']['ms_per_1000_tokens']} ms per 1,000 prompt tokens (intercept {results['prefill']['intercept_ms']} ms); points: "
         + ", ".join(f"{p['prompt_tokens']} tok {p['ttft_s']} s" for p in results["prefill"]["points"]),
     ]

@@ -27,8 +27,8 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.config import get_settings  # noqa: E402
-from inference_workers.engines import GenerationRequest, make_engine  # noqa: E402
+from core.config import get_settings
+from inference_workers.engines import GenerationRequest, make_engine
 
 
 def create_app() -> Starlette:

@@ -57,7 +57,6 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-
 def check_broker(bootstrap: str) -> None:
     host, _, port = bootstrap.rpartition(":")
     with socket.socket() as s:
@@ -96,7 +95,9 @@ def runtime_info() -> dict[str, Any]:
             info[dist] = None
     try:
         rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "edge", "schemas", "topics", "chatbus"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "edge", "schemas", "topics", "chatbus"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         info["edge_code"] = rev + (" (edge code modified)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         info["edge_code"] = None
@@ -166,9 +167,7 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
 class BenchEdge:
     """An edge process owned by the bench (see the module docstring)."""
 
-    def __init__(
-        self, prefix: str, env: dict[str, str] | None = None, reply_partition: int = 0, argv: list[str] | None = None, wide_open: bool = True
-    ) -> None:
+    def __init__(self, prefix: str, env: dict[str, str] | None = None, reply_partition: int = 0, argv: list[str] | None = None, wide_open: bool = True) -> None:
         """``wide_open``: admission bounds too large to matter (:data:`WIDE_OPEN`); False keeps the settings'."""
         self.prefix = prefix
         self.argv = argv or [PY, "-m", "chatbus.cli", "edge"]
@@ -302,7 +301,7 @@ async def serve_role(handler: Any) -> None:
             await asyncio.sleep(1)
         os._exit(3)
 
-    watchdog = asyncio.create_task(orphaned())  # noqa: RUF006 - lives as long as the role
+    _watchdog = asyncio.create_task(orphaned())  # held: a task nobody references can be collected
     while True:
         line = await reader.readline()
         if not line:

@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     import uvicorn
 
-    from core.logging import setup_logging
     from core.config import get_settings
+    from core.logging import setup_logging
     from edge.app import create_app
 
     out = Path(os.environ.get("BENCH_TRACEMALLOC_DIR", "."))

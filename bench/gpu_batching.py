@@ -37,12 +37,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import report  # noqa: E402  (bench/ is the script's folder)
+import report
 
-from chatbus.tiny_model import build_tiny_model  # noqa: E402
-from core.config import ROOT  # noqa: E402
-from inference_workers.engines import GenerationRequest  # noqa: E402
-from inference_workers.engines.transformers_engine import TransformersEngine  # noqa: E402
+from chatbus.tiny_model import build_tiny_model
+from core.config import ROOT
+from inference_workers.engines import GenerationRequest
+from inference_workers.engines.transformers_engine import TransformersEngine
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8},
@@ -93,7 +93,13 @@ async def run_engine(engine: Any, n: int, prompt_tokens: int, max_tokens: int) -
     wall = time.perf_counter() - t0
     tokens = sum(r[0] for r in results)
     tpot = [r[2] / max(r[0] - 1, 1) for r in results]
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "ttft_p50_ms": report.pct([r[1] * 1000 for r in results], 50), "tpot_p50_ms": report.pct([t * 1000 for t in tpot], 50)}
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": report.pct([r[1] * 1000 for r in results], 50),
+        "tpot_p50_ms": report.pct([t * 1000 for t in tpot], 50),
+    }
 
 
 def run_static(model_dir: Path, device: str, n: int, prompt_tokens: int, max_tokens: int) -> dict[str, float]:
@@ -155,8 +161,10 @@ async def main() -> None:
                 await engine.stop()
             except ImportError:
                 print("vllm not installed: skipped")
-    md = report.table(["mode", "streams", "tokens/s", "TTFT p50 (ms)", "TPOT p50 (ms)", "wall (s)"],
-                      [[r["mode"], r["streams"], round(r["tokens_per_s"], 1), round(r["ttft_p50_ms"], 1), round(r["tpot_p50_ms"], 2), round(r["wall_s"], 2)] for r in rows])
+    md = report.table(
+        ["mode", "streams", "tokens/s", "TTFT p50 (ms)", "TPOT p50 (ms)", "wall (s)"],
+        [[r["mode"], r["streams"], round(r["tokens_per_s"], 1), round(r["ttft_p50_ms"], 1), round(r["tpot_p50_ms"], 2), round(r["wall_s"], 2)] for r in rows],
+    )
     fig, ax = report.figure()
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = [r for r in rows if r["mode"] == mode]
@@ -166,8 +174,12 @@ async def main() -> None:
     ax.set_ylabel("generated tokens/s")
     ax.set_title(f"{args.preset} (random weights), {args.device}, {args.prompt_tokens}+{args.max_tokens} tokens")
     ax.legend()
-    report.write("gpu_batching" if args.device.startswith("cuda") else "gpu_batching_cpu_smoke",
-                 {"preset": args.preset, "device": args.device, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "rows": rows}, md, fig)
+    report.write(
+        "gpu_batching" if args.device.startswith("cuda") else "gpu_batching_cpu_smoke",
+        {"preset": args.preset, "device": args.device, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "rows": rows},
+        md,
+        fig,
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (edge_harness, report, relay_throughput)
-from edge_harness import (  # noqa: E402
+from edge_harness import (
     ROOT,
     BenchEdge,
     BenchError,
@@ -113,7 +113,7 @@ async def role_client() -> None:
         except asyncio.CancelledError:
             st["ended"] = "client closed"
             raise
-        except Exception as exc:  # noqa: BLE001 - reported
+        except Exception as exc:
             st["ended"] = f"{type(exc).__name__}"
             errors.append(f"{type(exc).__name__}: {exc}")
             counters["failed"] += 1
@@ -197,12 +197,7 @@ async def role_client() -> None:
 async def role_answerer(prefix: str) -> None:
     from relay_throughput import LoadTurn, completion_event, token_event
 
-    from topics.clients import (
-        make_consumer,
-        make_producer,
-        partitions_of,
-        records_forever,
-    )
+    from topics.clients import make_consumer, make_producer, partitions_of, records_forever
     from topics.registry import CHAT_CONTROL, CHAT_REQUESTS, topic
 
     settings = bench_settings(prefix)
@@ -249,7 +244,11 @@ async def role_answerer(prefix: str) -> None:
             requests.clear()
             return {"answered": n}
         if c == "count":
-            return {"requests": len(requests), "cancels": len(cancels), "cancel_reasons": {r: sum(1 for x in cancels.values() if x == r) for r in set(cancels.values())}}
+            return {
+                "requests": len(requests),
+                "cancels": len(cancels),
+                "cancel_reasons": {r: sum(1 for x in cancels.values() if x == r) for r in set(cancels.values())},
+            }
         if c == "reset":
             requests.clear()
             cancels.clear()
@@ -300,7 +299,7 @@ def open_to(edge: BenchEdge, clients: list[Role], target: int, current: int, con
     n = target - current
     shares = [n // len(clients) + (1 if i < n % len(clients) else 0) for i in range(len(clients))]
     t0, c0 = time.time(), cpu_seconds(edge.ps)
-    for c, share in zip(clients, shares):
+    for c, share in zip(clients, shares, strict=True):
         c.send({"cmd": "open", "n": share, "url": edge.url, "model": edge.model, "concurrency": max(1, concurrency // len(clients))})
     answers = [c.recv(timeout_s=900) for c in clients]
     times = [x for a in answers for x in a["open_ms"]]
@@ -333,7 +332,7 @@ def slope_kb(points: list[tuple[int, float]]) -> float:
         return float("nan")
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
-    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx * 2**20 / KB, 1) if sxx else float("nan")
+    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx * 2**20 / KB, 1) if sxx else float("nan")
 
 
 def owner(frames: Any) -> str:
@@ -361,7 +360,13 @@ def attribute(args: argparse.Namespace) -> None:
 
     n = args.tracemalloc
     snapdir = Path(tempfile.mkdtemp(prefix="chatbus-bench-tracemalloc-"))
-    env = {"CHATBUS_SSE_PING_S": str(args.ping), "CHATBUS_TURN_TIMEOUT_S": "3600", "CHATBUS_LOG_LEVEL": "WARNING", "BENCH_TRACEMALLOC_DIR": str(snapdir), "BENCH_TRACEMALLOC_FRAMES": "8"}
+    env = {
+        "CHATBUS_SSE_PING_S": str(args.ping),
+        "CHATBUS_TURN_TIMEOUT_S": "3600",
+        "CHATBUS_LOG_LEVEL": "WARNING",
+        "BENCH_TRACEMALLOC_DIR": str(snapdir),
+        "BENCH_TRACEMALLOC_FRAMES": "8",
+    }
     script = str(Path(__file__).resolve())
     roles: list[Role] = []
     with BenchEdge(args.prefix, env, argv=[sys.executable, str(Path(__file__).resolve().parent / "edge_tracemalloc.py")]) as edge:
@@ -400,7 +405,10 @@ def attribute(args: argparse.Namespace) -> None:
             slot[2 + which] += st.count
     rows = sorted(((who, (v[1] - v[0]) / n, (v[3] - v[2]) / n) for who, v in by.items()), key=lambda r: -r[1])
     traced = sum(r[1] for r in rows)
-    lines = [(st.traceback[0].filename.split("site-packages/")[-1] + f":{st.traceback[0].lineno}", st.size_diff / n, st.count_diff / n) for st in peak.compare_to(base, "lineno")[:15]]
+    lines = [
+        (st.traceback[0].filename.split("site-packages/")[-1] + f":{st.traceback[0].lineno}", st.size_diff / n, st.count_diff / n)
+        for st in peak.compare_to(base, "lineno")[:15]
+    ]
     md = [
         f"# Edge memory per open stream, by who allocated it (tracemalloc, 0 → {n:,} streams)",
         "",
@@ -415,7 +423,12 @@ def attribute(args: argparse.Namespace) -> None:
         "",
         table(["line", "KB per stream", "blocks per stream"], [[w, round(b / KB, 2), round(c, 1)] for w, b, c in lines]),
     ]
-    out = {"streams": n, "traced_kb_per_stream": round(traced / KB, 2), "owners": [{"owner": w, "bytes_per_stream": round(b), "blocks_per_stream": round(c, 2)} for w, b, c in rows if abs(b) >= 50], "lines": [{"line": w, "bytes_per_stream": round(b), "blocks_per_stream": round(c, 2)} for w, b, c in lines]}
+    out = {
+        "streams": n,
+        "traced_kb_per_stream": round(traced / KB, 2),
+        "owners": [{"owner": w, "bytes_per_stream": round(b), "blocks_per_stream": round(c, 2)} for w, b, c in rows if abs(b) >= 50],
+        "lines": [{"line": w, "bytes_per_stream": round(b), "blocks_per_stream": round(c, 2)} for w, b, c in lines],
+    }
     write(NAME + "_tracemalloc", out, "\n".join(md))
 
 
@@ -430,7 +443,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=200, help="opens in flight at a time (all clients)")
     ap.add_argument("--client-procs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1,000 streams")
-    ap.add_argument("--tracemalloc", type=int, default=0, metavar="N", help="instead: attribute the edge's memory per stream with tracemalloc at N streams (writes open_streams_tracemalloc.{json,md})")
+    ap.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: attribute the edge's memory per stream with tracemalloc at N streams (writes open_streams_tracemalloc.{json,md})",
+    )
     args = ap.parse_args()
     if args.role == "client":
         asyncio.run(role_client())
@@ -478,7 +497,13 @@ def main() -> None:
                 opening = open_to(edge, clients, level, current, args.concurrency)
                 current = level
                 m = settle_and_measure(edge, clients, settle, args.ping)
-                row = {"streams": level, **m, "opening": opening, "rss_kb_per_stream": per_stream_kb(base, m, level, "rss_mib"), "uss_kb_per_stream": per_stream_kb(base, m, level, "uss_mib")}
+                row = {
+                    "streams": level,
+                    **m,
+                    "opening": opening,
+                    "rss_kb_per_stream": per_stream_kb(base, m, level, "rss_mib"),
+                    "uss_kb_per_stream": per_stream_kb(base, m, level, "uss_mib"),
+                }
                 ramp.append(row)
                 print(
                     f"{level:6d} streams: opened in {opening['wall_s']} s ({opening['opens_per_s']}/s), RSS {m['rss_mib']} MiB ({row['rss_kb_per_stream']} KB/stream), "
@@ -506,7 +531,11 @@ def main() -> None:
             answerer.call({"cmd": "reset"})
             opening = open_to(edge, clients, peak["streams"], 0, args.concurrency)
             reopened = settle_and_measure(edge, clients, settle, args.ping)
-            phases["reopened"] = {"streams": peak["streams"], "opening": opening, **{k: reopened[k] for k in ("rss_mib", "uss_mib", "edge_cpu", "open", "alive", "min_pings")}}
+            phases["reopened"] = {
+                "streams": peak["streams"],
+                "opening": opening,
+                **{k: reopened[k] for k in ("rss_mib", "uss_mib", "edge_cpu", "open", "alive", "min_pings")},
+            }
             print(f"reopened: {phases['reopened']}", flush=True)
             closed = sum(c.call({"cmd": "close", "ping_s": args.ping}, timeout_s=300)["closed"] for c in clients)
             # every dropped stream should publish one cancel: wait until all came or none came for 15 s (90 s at most)
@@ -559,13 +588,36 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
 
     ramp, phases = result["ramp"], result["phases"]
     peak, base = ramp[-1], ramp[0]
-    head = ["streams", "edge RSS MiB", "RSS KB/stream", "edge USS MiB", "USS KB/stream", "alive / open", "min pings", "max silence s", "edge CPU (holding)", "opens/s", "edge CPU ms/open", "open p99 ms", "clients RSS MiB"]
+    head = [
+        "streams",
+        "edge RSS MiB",
+        "RSS KB/stream",
+        "edge USS MiB",
+        "USS KB/stream",
+        "alive / open",
+        "min pings",
+        "max silence s",
+        "edge CPU (holding)",
+        "opens/s",
+        "edge CPU ms/open",
+        "open p99 ms",
+        "clients RSS MiB",
+    ]
     rows = [
         [
-            r["streams"], r["rss_mib"], r.get("rss_kb_per_stream", "–"), r["uss_mib"], r.get("uss_kb_per_stream", "–"), f"{r['alive']}/{r['open']}", r["min_pings"] if r["min_pings"] is not None else "–",
-            r["max_silence_s"] if r["max_silence_s"] is not None else "–", r["edge_cpu"], r["opening"]["opens_per_s"] if "opening" in r else "–",
+            r["streams"],
+            r["rss_mib"],
+            r.get("rss_kb_per_stream", "–"),
+            r["uss_mib"],
+            r.get("uss_kb_per_stream", "–"),
+            f"{r['alive']}/{r['open']}",
+            r["min_pings"] if r["min_pings"] is not None else "–",
+            r["max_silence_s"] if r["max_silence_s"] is not None else "–",
+            r["edge_cpu"],
+            r["opening"]["opens_per_s"] if "opening" in r else "–",
             r["opening"]["edge_cpu_ms_per_open"] if "opening" in r else "–",
-            r["opening"]["open_ms"].get("p99", "–") if "opening" in r else "–", r["clients_rss_mib"],
+            r["opening"]["open_ms"].get("p99", "–") if "opening" in r else "–",
+            r["clients_rss_mib"],
         ]
         for r in ramp
     ]
@@ -591,11 +643,20 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
             ["phase", "streams", "edge RSS MiB", "edge USS MiB", "outcome"],
             [
                 ["peak (ramp)", peak["streams"], peak["rss_mib"], peak["uss_mib"], f"{peak['alive']} alive"],
-                ["closed by answering", a["answered"], a["rss_mib"], a["uss_mib"], f"{a['done']} got [DONE], {a['content_ok']} got the content, {a['still_open']} still open"],
+                [
+                    "closed by answering",
+                    a["answered"],
+                    a["rss_mib"],
+                    a["uss_mib"],
+                    f"{a['done']} got [DONE], {a['content_ok']} got the content, {a['still_open']} still open",
+                ],
                 ["reopened", r_["streams"], r_["rss_mib"], r_["uss_mib"], f"{r_['alive']}/{r_['open']} alive; RSS {leak_mib:+} MiB vs the first peak"],
                 ["closed by disconnect", c["closed"], c["rss_mib"], c["uss_mib"], f"{c['cancels']} chat.turn.cancel published {c['cancel_reasons']}"],
                 [
-                    "reopened after disconnect", r2["streams"], r2["rss_mib"], r2["uss_mib"],
+                    "reopened after disconnect",
+                    r2["streams"],
+                    r2["rss_mib"],
+                    r2["uss_mib"],
                     f"{r2['alive']}/{r2['open']} alive; RSS {r2['rss_mib'] - c['rss_mib']:+.1f} MiB vs after the disconnects; {r2['done_after_answer']} got [DONE] when answered",
                 ],
                 ["idle (0 streams, start)", 0, base["rss_mib"], base["uss_mib"], ""],

@@ -36,12 +36,12 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import report  # noqa: E402  (bench/ is the script's folder)
-from edge_harness import BenchEdge  # noqa: E402
+import report
+from edge_harness import BenchEdge
 
-from core.config import get_settings  # noqa: E402
-from topics.ops import end_offsets  # noqa: E402
-from topics.registry import CHAT_REQUESTS, topic  # noqa: E402
+from core.config import get_settings
+from topics.ops import end_offsets
+from topics.registry import CHAT_REQUESTS, topic
 
 QUESTION = "Explain how Python's for loop works, with an example."
 
@@ -108,17 +108,19 @@ def summarise_steps(rows: list[dict[str, Any]], rates: list[float], step_s: floa
         lost = [r for r in admitted if not r.get("done") or r.get("error") or r.get("timed_out")]
         lost += [r for r in mine if "status" not in r]  # no answer at all (timeout before headers)
         ttft = [r["ttft_ms"] for r in admitted if "ttft_ms" in r]
-        out.append({
-            "offered_per_s": rate,
-            "requests": len(mine),
-            "admitted_per_s": round(len(admitted) / step_s, 2),
-            "refused_share": round(len(refused) / max(len(mine), 1), 3),
-            "ttft_p50_ms": round(report.pct(ttft, 50), 1) if ttft else None,
-            "ttft_p99_ms": round(report.pct(ttft, 99), 1) if ttft else None,
-            "refusal_p99_ms": round(report.pct([r["answered_ms"] for r in refused], 99), 1) if refused else None,
-            "lost": len(lost),
-            "other_status": sorted({r.get("status") for r in mine} - {200, 429, None}),
-        })
+        out.append(
+            {
+                "offered_per_s": rate,
+                "requests": len(mine),
+                "admitted_per_s": round(len(admitted) / step_s, 2),
+                "refused_share": round(len(refused) / max(len(mine), 1), 3),
+                "ttft_p50_ms": round(report.pct(ttft, 50), 1) if ttft else None,
+                "ttft_p99_ms": round(report.pct(ttft, 99), 1) if ttft else None,
+                "refusal_p99_ms": round(report.pct([r["answered_ms"] for r in refused], 99), 1) if refused else None,
+                "lost": len(lost),
+                "other_status": sorted({r.get("status") for r in mine} - {200, 429, None}),
+            }
+        )
     return out
 
 
@@ -157,7 +159,14 @@ async def main() -> None:
             edge.stop()
         steps = summarise_steps(rows, rates, args.step_s)
         admitted = sum(1 for r in rows if r.get("status") == 200)
-        results[mode] = {"bounds": bounds or "defaults", "steps": steps, "admitted": admitted, "published": published, "wall_s": round(wall, 1), "per_request": rows}
+        results[mode] = {
+            "bounds": bounds or "defaults",
+            "steps": steps,
+            "admitted": admitted,
+            "published": published,
+            "wall_s": round(wall, 1),
+            "per_request": rows,
+        }
         print(f"{mode}: {len(rows)} requests, {admitted} admitted, {published} published, {sum(s['lost'] for s in steps)} lost, {wall:.0f} s")
         await asyncio.sleep(5)  # let the pipeline drain between modes
 
@@ -168,7 +177,10 @@ async def main() -> None:
         for s in r["steps"]
     ]
     md = report.table(header, md_rows)
-    md += "\n" + report.table(["mode", "admitted", "published to chat.requests", "lost"], [[m, r["admitted"], r["published"], sum(s["lost"] for s in r["steps"])] for m, r in results.items()])
+    md += "\n" + report.table(
+        ["mode", "admitted", "published to chat.requests", "lost"],
+        [[m, r["admitted"], r["published"], sum(s["lost"] for s in r["steps"])] for m, r in results.items()],
+    )
 
     fig, (left, right) = report.figure(ncols=2)
     for mode, r in results.items():

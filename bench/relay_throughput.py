@@ -73,8 +73,8 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (edge_harness, report)
-import psutil  # noqa: E402
-from edge_harness import (  # noqa: E402
+import psutil
+from edge_harness import (
     ROOT,
     BenchEdge,
     BenchError,
@@ -164,12 +164,7 @@ def completion_event(t: LoadTurn, now: float, model: str) -> bytes:
 
 
 async def role_loadgen(prefix: str) -> None:
-    from topics.clients import (
-        make_consumer,
-        make_producer,
-        partitions_of,
-        records_forever,
-    )
+    from topics.clients import make_consumer, make_producer, partitions_of, records_forever
     from topics.registry import CHAT_REQUESTS, topic
 
     settings = bench_settings(prefix)
@@ -211,7 +206,7 @@ async def role_loadgen(prefix: str) -> None:
             batches: dict[tuple[str, int], Any] = {}
             in_win = bool(params) and params["window"][0] <= t0 < params["window"][1]
 
-            async def put(t: LoadTurn, value: bytes) -> None:
+            async def put(t: LoadTurn, value: bytes, batches: dict[tuple[str, int], Any] = batches) -> None:
                 b = batches.get((t.topic, t.partition))
                 if b is None:
                     b = batches[(t.topic, t.partition)] = producer.create_batch()
@@ -416,7 +411,9 @@ def wait_idle(proc: psutil.Process, limit_s: float = 30.0, below: float = 0.15) 
     return time.monotonic() - t0
 
 
-def run_step(edge: BenchEdge, loadgen: Role, clients: list[Role], probe: Role | None, kafka: psutil.Process | None, rate: float, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_step(
+    edge: BenchEdge, loadgen: Role, clients: list[Role], probe: Role | None, kafka: psutil.Process | None, rate: float, n: int, args: argparse.Namespace
+) -> dict[str, Any]:
     k, iv = coalescing(rate / n)
     start_at = time.time() + 0.5
     window = [start_at + args.warmup, start_at + args.warmup + args.duration]
@@ -425,7 +422,7 @@ def run_step(edge: BenchEdge, loadgen: Role, clients: list[Role], probe: Role | 
     if probe is not None:
         probe.call({"cmd": "step", "window": window})
     shares = [n // len(clients) + (1 if i < n % len(clients) else 0) for i in range(len(clients))]
-    for c, share in zip(clients, shares):
+    for c, share in zip(clients, shares, strict=True):
         c.send({"cmd": "step", "streams": share, "start_at": start_at, "window": window, "deadline": end_at + args.grace, "url": edge.url, "model": edge.model})
     procs = {"edge": edge.ps, "loadgen": loadgen.ps, **{f"client{i}": c.ps for i, c in enumerate(clients)}}
     if kafka is not None:
@@ -495,23 +492,62 @@ def _summary(values: list[float]) -> dict[str, float]:
 def render(rows: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, Any]:
     from report import figure, table
 
-    head = ["clients", "offered tok/s", "tok/event", "produced tok/s", "delivered tok/s", "delivered ev/s", "added p50 ms", "added p99 ms", "Kafka-only p50 / p99 ms", "edge CPU", "edge run-queue wait", "edge µs CPU/event", "tok/s per edge core", "load tool CPU", "clients CPU", "kafka CPU", "host CPU (of 2)", "streams ok"]
+    head = [
+        "clients",
+        "offered tok/s",
+        "tok/event",
+        "produced tok/s",
+        "delivered tok/s",
+        "delivered ev/s",
+        "added p50 ms",
+        "added p99 ms",
+        "Kafka-only p50 / p99 ms",
+        "edge CPU",
+        "edge run-queue wait",
+        "edge µs CPU/event",
+        "tok/s per edge core",
+        "load tool CPU",
+        "clients CPU",
+        "kafka CPU",
+        "host CPU (of 2)",
+        "streams ok",
+    ]
     body = []
     for r in rows:
         d = r["added_delay_ms"]
-        body.append([
-            r["clients"], f"{r['offered_tok_s']:,.0f}", r["tokens_per_event"], f"{r['produced_tok_s']:,}", f"{r['delivered_tok_s']:,}", f"{r['delivered_ev_s']:,}",
-            d.get("p50", "–"), d.get("p99", "–"), f"{r['kafka_only_delay_ms'].get('p50', '–')} / {r['kafka_only_delay_ms'].get('p99', '–')}" if r["kafka_only_delay_ms"] else "–",
-            r["cpu"]["edge"], r["cpu"]["edge_runq_wait"], r["edge_us_per_event"] or "–", f"{r['tok_s_per_edge_core']:,}" if r["tok_s_per_edge_core"] else "–",
-            r["cpu"]["loadgen"], r["cpu"]["clients"], r["cpu"].get("kafka", "–"), r["cpu"]["host"], f"{r['streams']['done']}/{r['clients']}",
-        ])
+        body.append(
+            [
+                r["clients"],
+                f"{r['offered_tok_s']:,.0f}",
+                r["tokens_per_event"],
+                f"{r['produced_tok_s']:,}",
+                f"{r['delivered_tok_s']:,}",
+                f"{r['delivered_ev_s']:,}",
+                d.get("p50", "–"),
+                d.get("p99", "–"),
+                f"{r['kafka_only_delay_ms'].get('p50', '–')} / {r['kafka_only_delay_ms'].get('p99', '–')}" if r["kafka_only_delay_ms"] else "–",
+                r["cpu"]["edge"],
+                r["cpu"]["edge_runq_wait"],
+                r["edge_us_per_event"] or "–",
+                f"{r['tok_s_per_edge_core']:,}" if r["tok_s_per_edge_core"] else "–",
+                r["cpu"]["loadgen"],
+                r["cpu"]["clients"],
+                r["cpu"].get("kafka", "–"),
+                r["cpu"]["host"],
+                f"{r['streams']['done']}/{r['clients']}",
+            ]
+        )
     ok = [r for r in rows if r["delivered_tok_s"] >= 100_000 and r["added_delay_ms"].get("p99", 1e9) <= 50]
     best = max(rows, key=lambda r: r["delivered_tok_s"]) if rows else None
     verdict = (
         f"**met** at {len(ok)} step(s), e.g. {ok[0]['clients']} clients: {ok[0]['delivered_tok_s']:,} tok/s delivered, added p99 {ok[0]['added_delay_ms']['p99']} ms"
         if ok
         else "**not met**"
-        + (f": the most delivered was {best['delivered_tok_s']:,} tok/s ({best['clients']} clients, offered {best['offered_tok_s']:,.0f}, added p99 {best['added_delay_ms'].get('p99')} ms, edge CPU {best['cpu']['edge']})" if best else "")
+        + (
+            f": the most delivered was {best['delivered_tok_s']:,} tok/s ({best['clients']} clients, offered {best['offered_tok_s']:,.0f}, added p99 {best['added_delay_ms'].get('p99')} ms, edge CPU {best['cpu']['edge']})"
+            if best
+            else ""
+        )
     )
     md = [
         "# Relay throughput (one edge process)",
@@ -531,7 +567,11 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str,
     ]
     skipped = meta.get("skipped") or []
     if skipped:
-        md.append("Skipped (a lower offered rate with as many clients already saturated; the first rate ≥ 100k always runs): " + ", ".join(f"{c} clients @ {r:,.0f}" for c, r in skipped) + "\n")
+        md.append(
+            "Skipped (a lower offered rate with as many clients already saturated; the first rate ≥ 100k always runs): "
+            + ", ".join(f"{c} clients @ {r:,.0f}" for c, r in skipped)
+            + "\n"
+        )
     errs = [e for r in rows for e in r["errors"]]
     if errs:
         md.append("Errors seen by clients (first ones): " + "; ".join(errs[:3]) + "\n")
@@ -565,7 +605,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds streaming before the window")
     ap.add_argument("--grace", type=float, default=5.0, help="seconds after the step a client waits for its [DONE]")
     ap.add_argument("--client-procs", type=int, default=2)
-    ap.add_argument("--no-kafka-probe", dest="kafka_probe", action="store_false", help="skip the probe that measures send → consumer receive on the reply partition (Kafka's share of the delay; it costs some CPU)")
+    ap.add_argument(
+        "--no-kafka-probe",
+        dest="kafka_probe",
+        action="store_false",
+        help="skip the probe that measures send → consumer receive on the reply partition (Kafka's share of the delay; it costs some CPU)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rates × 2 client counts, 3 s windows (~1 minute)")
     args = ap.parse_args()
     if args.role == "loadgen":

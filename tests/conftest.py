@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
-from aiokafka import TopicPartition
 from pymongo import AsyncMongoClient
 
 from chatbus.stack import Stack, free_port
@@ -28,7 +30,6 @@ from topics.registry import topic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T = TypeVar("T")
-
 
 
 @pytest.fixture(scope="session")
@@ -134,3 +135,31 @@ async def end_offsets(settings: Settings, name: str) -> dict[int, int]:
         return {tp.partition: off for tp, off in ends.items()}
     finally:
         await consumer.stop()
+
+
+@contextmanager
+def extra_edge(stack: Stack, partition: int, **bounds: object) -> Iterator[str]:
+    """Run another edge process on the stack with these settings (e.g. ``admit_max_inflight=2``)."""
+    port = free_port()
+    env = stack.env()
+    env.update({"CHATBUS_EDGE_PORT": str(port), "CHATBUS_REPLY_PARTITION": str(partition), "CHATBUS_EDGE_ID": f"edge-test-{partition}"})
+    env.update({f"CHATBUS_{k.upper()}": str(v) for k, v in bounds.items()})
+    log = open(stack.paths.logs / f"edge-test-{partition}.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "chatbus.cli", "edge"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "extra edge did not start"
+            time.sleep(0.2)
+        time.sleep(1.0)  # one consumer-lag reading
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()

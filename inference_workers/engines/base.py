@@ -264,9 +264,7 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     the assistant's text, so it holds for any template."""
     marker = "chatbusendofturnprobe"
     try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
     except Exception:  # a template that needs something else: no probe
         return None
     tail = text[text.rfind(marker) + len(marker) :] if marker in text else ""

@@ -71,9 +71,7 @@ class OpenAIEngine(Engine):
             return
         import openai
 
-        self._client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=self.max_retries
-        )
+        self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=self.max_retries)
         logger.info("openai engine ready: %s at %s", self.model, self.base_url)
 
     async def stop(self) -> None:

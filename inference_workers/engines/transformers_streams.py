@@ -67,14 +67,10 @@ def start_manager(engine: TransformersEngine) -> Any:
                 per_request_processors=True,
             )
         else:
-            cb_config = ContinuousBatchingConfig(
-                per_request_processors=True, max_requests_per_batch=engine.max_concurrency
-            )
+            cb_config = ContinuousBatchingConfig(per_request_processors=True, max_requests_per_batch=engine.max_concurrency)
     elif not cb_config.per_request_processors:
         raise ValueError("cb_config.per_request_processors must be True (per-request sampling)")
-    manager = engine._model.init_continuous_batching(
-        generation_config=gen_config, continuous_batching_config=cb_config
-    )
+    manager = engine._model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
     manager.start()
     return manager
 
@@ -90,11 +86,7 @@ def cb_still_scheduled(manager: Any, rid: str) -> bool:
         if processor is None:
             return False
         scheduler = processor.scheduler
-        return (
-            rid in scheduler.active_requests
-            or rid in scheduler.waiting_requests
-            or rid in scheduler._requests_to_cancel
-        )
+        return rid in scheduler.active_requests or rid in scheduler.waiting_requests or rid in scheduler._requests_to_cancel
     except (AttributeError, RuntimeError):  # internals changed, or mutated while we looked
         return True
 

@@ -84,10 +84,7 @@ class VllmEngine(Engine):
             from vllm.sampling_params import RequestOutputKind, SamplingParams
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
-            raise RuntimeError(
-                "engine 'vllm' needs the 'vllm' package, which is not installed "
-                f"(pip install vllm; needs a CUDA GPU): {exc}"
-            ) from exc
+            raise RuntimeError(f"engine 'vllm' needs the 'vllm' package, which is not installed (pip install vllm; needs a CUDA GPU): {exc}") from exc
         args = AsyncEngineArgs(
             model=self.model_path,
             served_model_name=self.model_name,
@@ -127,9 +124,7 @@ class VllmEngine(Engine):
         if engine is None:
             raise RuntimeError("engine not started")
         # Chat template + tokenization + fitting is CPU-bound and grows with the request: off the event loop.
-        ids, max_new = await asyncio.to_thread(
-            base.fit_prompt, req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens
-        )
+        ids, max_new = await asyncio.to_thread(base.fit_prompt, req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens)
         engine = self._engine
         if engine is None:
             raise RuntimeError("engine stopped")

@@ -81,9 +81,7 @@ def test_card_like_digits_failing_luhn_or_issuer_are_kept(digits: str) -> None:
     assert mask_pii(text) == (text, [])
 
 
-@pytest.mark.parametrize(
-    "iban", ["DE89 3704 0044 0532 0130 00", "DE89370400440532013000", "GB82 WEST 1234 5698 7654 32"]
-)
+@pytest.mark.parametrize("iban", ["DE89 3704 0044 0532 0130 00", "DE89370400440532013000", "GB82 WEST 1234 5698 7654 32"])
 def test_iban_with_or_without_spaces_is_masked(iban: str) -> None:
     masked, kinds = mask_pii(f"pay to IBAN {iban} please")
     assert masked == "pay to IBAN [IBAN] please"
@@ -211,7 +209,11 @@ BY_SIMILARITY = [
 
 @pytest.mark.parametrize(("category", "text"), BY_SIMILARITY)
 def test_harmful_paraphrases_are_blocked_by_similarity(
-    screener: Screener, policy: Policy, embed, category: str, text: str  # type: ignore[no-untyped-def]
+    screener: Screener,
+    policy: Policy,
+    embed,
+    category: str,
+    text: str,  # type: ignore[no-untyped-def]
 ) -> None:
     assert pattern_hits(policy, text) == []
     query = embed([text])[0]
@@ -404,7 +406,9 @@ MESSAGE_300 = (
 
 
 def test_latency_is_printed(
-    screener: Screener, embed, capsys: pytest.CaptureFixture[str]  # type: ignore[no-untyped-def]
+    screener: Screener,
+    embed,
+    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
 ) -> None:
     assert 280 <= len(MESSAGE_300) <= 320
     query = embed([MESSAGE_300])[0]

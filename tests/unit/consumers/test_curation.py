@@ -4,23 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from consumers.curation import (
-    Preference,
-    PromptDeduper,
-    TurnState,
-    Vote,
-    build_group,
-    normalise_prompt,
-    record_digest,
-    turn_problem,
-)
-from schemas.feedback import (
-    DpoPair,
-    KtoExample,
-    dpo_record_id,
-    feedback_id,
-    kto_record_id,
-)
+from consumers.curation import Preference, PromptDeduper, TurnState, Vote, build_group, normalise_prompt, record_digest, turn_problem
+from schemas.feedback import DpoPair, KtoExample, dpo_record_id, feedback_id, kto_record_id
 
 PG = "pg-test"
 PROMPT = [{"role": "user", "content": "How do I sort a list in Python?"}]

@@ -20,14 +20,7 @@ from aiokafka import AIOKafkaProducer
 from chatbus.stack import Stack
 from core.config import Settings
 from retrieval_workers.ingest import ingest
-from schemas.events import (
-    CancelTurn,
-    DeadLetter,
-    GroundedTurn,
-    ScreenedTurn,
-    TokenEvent,
-    TurnCompleted,
-)
+from schemas.events import CancelTurn, DeadLetter, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted
 from tests.conftest import end_offsets, eventually, read_topic
 
 pytestmark = pytest.mark.stack
@@ -136,9 +129,7 @@ async def test_client_disconnect_cancels_generation(edge_url: str, settings: Set
         async for line in r.aiter_lines():
             if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
                 break  # got real content: hang up mid-stream
-    cancels = await eventually(
-        lambda: _of_type(read_topic(settings, "chat.control", cid), CancelTurn), what="cancel event on chat.control"
-    )
+    cancels = await eventually(lambda: _of_type(read_topic(settings, "chat.control", cid), CancelTurn), what="cancel event on chat.control")
     assert cancels[0].reason == "client_disconnected"
     done = await eventually(lambda: _of_type(read_topic(settings, "chat.replies", cid), TurnCompleted), what="cancelled completion")
     assert done[0].finish_reason == "cancelled"
@@ -227,7 +218,10 @@ async def test_poison_messages_go_to_dlq_and_workers_keep_serving(edge_url: str,
 
 async def test_recorder_documents_match_the_stream(edge_url: str, mongo: Any) -> None:
     text, chunks = await stream_turn(
-        edge_url, "My email is jane.doe@example.com and my card 4111 1111 1111 1111; what is a tuple?", max_tokens=16, extra_body={"conversation_id": "conv-recorder-test"}
+        edge_url,
+        "My email is jane.doe@example.com and my card 4111 1111 1111 1111; what is a tuple?",
+        max_tokens=16,
+        extra_body={"conversation_id": "conv-recorder-test"},
     )
     cid = chunks[0].id
     turn = await eventually(lambda: mongo.turns.find_one({"_id": cid, "answer": {"$exists": True}, "verdict": {"$exists": True}}), what="turn doc")
@@ -323,9 +317,7 @@ async def test_recorder_is_idempotent_on_replayed_events(settings: Settings, sta
         messages=[ChatMessage(role="user", content="call me at +1 650-253-0000")],
         reply_to=ReplyTo(topic="chat.replies", partition=0),
     )
-    done = TurnCompleted(
-        correlation_id="chatcmpl-replayed", conversation_id="conv-replayed", attempt="a1", seq=1, finish_reason="stop", text="ok", model=MODEL
-    )
+    done = TurnCompleted(correlation_id="chatcmpl-replayed", conversation_id="conv-replayed", attempt="a1", seq=1, finish_reason="stop", text="ok", model=MODEL)
     recorder = Recorder(settings)
     try:
         for event in (request, done):

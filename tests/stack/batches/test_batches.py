@@ -235,7 +235,9 @@ async def test_collector_keeps_a_completion_and_fails_a_keyless_dead_letter(batc
     await batches.store.requests.delete_many({"batch_id": bid})
     await collector.apply(BatchCreated(batch_id=bid, input_file_id="file-x", input_sha256="0" * 64, total=2, valid=2))
     refs = [BatchRef(batch_id=bid, custom_id=f"k-{n}", line=n) for n in (1, 2)]
-    done = TurnCompleted(correlation_id=request_id(bid, 1), conversation_id=request_id(bid, 1), attempt="a", seq=0, finish_reason="stop", text="hi", model=MODEL, batch=refs[0])
+    done = TurnCompleted(
+        correlation_id=request_id(bid, 1), conversation_id=request_id(bid, 1), attempt="a", seq=0, finish_reason="stop", text="hi", model=MODEL, batch=refs[0]
+    )
     await collector.apply(done)
     await collector.apply(done)  # replayed: counted once
     await collector.apply(done.model_copy(update={"finish_reason": "cancelled", "attempt": "b"}))  # a late redelivery

@@ -155,9 +155,7 @@ def long_history(n_messages: int = 256, total_chars: int = 800_000) -> list[dict
     return history
 
 
-async def test_long_history_keeps_the_event_loop_responsive(
-    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_long_history_keeps_the_event_loop_responsive(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     # A renderer slow enough that preparing the prompt on the event loop would stall it for seconds
     # (time.sleep releases the GIL, as the tokenizer does): the ticker shows whether it ran elsewhere.
     real_render = engine._render
@@ -250,9 +248,7 @@ def test_fit_prompt_keeps_system_and_recent_messages() -> None:
     def render(msgs: list[dict[str, str]]) -> list[int]:  # one "token" per character
         return [ord(c) for c in "".join(f"[{m['role']}]{m['content']}" for m in msgs)]
 
-    msgs = [{"role": "system", "content": "S" * 10}] + [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": str(i) * 30} for i in range(10)
-    ]
+    msgs = [{"role": "system", "content": "S" * 10}] + [{"role": "user" if i % 2 == 0 else "assistant", "content": str(i) * 30} for i in range(10)]
     ids, max_new = fit_prompt(msgs, render, max_model_len=200, max_tokens=50)
     assert max_new == 50 and len(ids) <= 150
     text = "".join(map(chr, ids))
@@ -266,9 +262,7 @@ def test_fit_prompt_keeps_system_and_recent_messages() -> None:
     assert len(ids) == len(render(msgs[:2])) and len(ids) + max_new == 200
 
 
-def _fit_one_by_one(
-    messages: list[dict[str, str]], render: Any, max_model_len: int, max_tokens: int
-) -> tuple[list[int], int]:
+def _fit_one_by_one(messages: list[dict[str, str]], render: Any, max_model_len: int, max_tokens: int) -> tuple[list[int], int]:
     """The straightforward (quadratic) reference: drop the oldest non-system message, re-render, repeat."""
     ids = render(messages)
     max_new = max(1, min(max_tokens, max_model_len - min(len(ids), max_model_len // 2)))
@@ -295,8 +289,7 @@ def test_fit_prompt_matches_dropping_one_message_at_a_time() -> None:
     for _ in range(3000):
         lead = [{"role": rng.choice(["system", "developer"]), "content": "S" * rng.randint(0, 60)}]
         msgs = lead[: rng.choice([0, 1, 1])] + [
-            {"role": rng.choice(["user", "assistant"]), "content": "x" * rng.choice([0, 3, 20, 60, 300, 900])}
-            for _ in range(rng.randint(0, 14))
+            {"role": rng.choice(["user", "assistant"]), "content": "x" * rng.choice([0, 3, 20, 60, 300, 900])} for _ in range(rng.randint(0, 14))
         ]
         max_model_len = rng.choice([2, 10, 60, 200, 500, 5000])
         max_tokens = rng.choice([1, 10, 100, 10_000])
@@ -447,9 +440,7 @@ async def test_openai_engine_cancel_closes_the_upstream_stream() -> None:
 def test_make_engine_picks_by_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
     eng = make_engine(Settings(engine="transformers", model=str(tiny_model_dir), state_dir=tmp_path))
     assert isinstance(eng, TransformersEngine) and eng.model_name == "tiny-model"
-    eng = make_engine(
-        Settings(engine="openai", openai_base_url="http://127.0.0.1:1/v1", model="org/up", state_dir=tmp_path)
-    )
+    eng = make_engine(Settings(engine="openai", openai_base_url="http://127.0.0.1:1/v1", model="org/up", state_dir=tmp_path))
     assert isinstance(eng, OpenAIEngine) and eng.model == "org/up" and eng.model_name == "up"
     with pytest.raises(ValueError, match="OPENAI_BASE_URL"):
         make_engine(Settings(engine="openai", openai_base_url="", model="m", state_dir=tmp_path))

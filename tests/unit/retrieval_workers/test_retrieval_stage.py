@@ -11,14 +11,7 @@ from core.embeddings import get_embedder
 from retrieval_workers.chunking import chunk_text
 from retrieval_workers.store import KnowledgeBase
 from retrieval_workers.worker import RetrievalStage
-from schemas.events import (
-    ChatMessage,
-    ChatTurnRequest,
-    KbChunk,
-    ReplyTo,
-    SafetyVerdict,
-    ScreenedTurn,
-)
+from schemas.events import ChatMessage, ChatTurnRequest, KbChunk, ReplyTo, SafetyVerdict, ScreenedTurn
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +32,19 @@ def kb(tmp_path_factory: pytest.TempPathFactory) -> KnowledgeBase:
 
 def screened(question: str, embed: bool = True) -> ScreenedTurn:
     req = ChatTurnRequest(
-        correlation_id="chatcmpl-r", conversation_id="conv-r", model="m", messages=[ChatMessage(role="user", content=question)], reply_to=ReplyTo(topic="chat.replies", partition=0)
+        correlation_id="chatcmpl-r",
+        conversation_id="conv-r",
+        model="m",
+        messages=[ChatMessage(role="user", content=question)],
+        reply_to=ReplyTo(topic="chat.replies", partition=0),
     )
     vec = get_embedder().encode([question])[0].tolist() if embed else None
     return ScreenedTurn(
-        correlation_id="chatcmpl-r", conversation_id="conv-r", request=req, verdict=SafetyVerdict(allowed=True, policy_version="t", latency_ms=0), query_embedding=vec
+        correlation_id="chatcmpl-r",
+        conversation_id="conv-r",
+        request=req,
+        verdict=SafetyVerdict(allowed=True, policy_version="t", latency_ms=0),
+        query_embedding=vec,
     )
 
 

@@ -42,8 +42,15 @@ def _fake_model(tmp: Path, chunks: list[bytes]) -> tuple[PackagedModel, Path]:
         sha = _sha((wheels / part.filename).read_bytes())
         parts.append(WheelPart(part.package, part.version, sha, part.member, part.size))
     model = PackagedModel(
-        name="fake-model", aliases=("fake",), upstream="none/fake", licence="none", parts=tuple(parts),
-        gguf_sha256=_sha(b"".join(chunks)), eos_tokens=("<|im_end|>",), temperature=0.7, top_p=0.8,
+        name="fake-model",
+        aliases=("fake",),
+        upstream="none/fake",
+        licence="none",
+        parts=tuple(parts),
+        gguf_sha256=_sha(b"".join(chunks)),
+        eos_tokens=("<|im_end|>",),
+        temperature=0.7,
+        top_p=0.8,
     )
     return model, wheels
 
@@ -206,8 +213,13 @@ def _turn(passages: list[Passage], history: int = 0) -> GroundedTurn:
     request = ChatTurnRequest(correlation_id="c", conversation_id="v", model="m", messages=messages, reply_to=ReplyTo(topic="chat.replies", partition=0))
     prompt, citations = assemble(messages, passages)
     return GroundedTurn(
-        correlation_id="c", conversation_id="v", request=request, verdict=SafetyVerdict(allowed=True, policy_version="test", latency_ms=0),
-        retrieval=RetrievalResult(status="ok", passages=passages), prompt_messages=prompt, citations=citations,
+        correlation_id="c",
+        conversation_id="v",
+        request=request,
+        verdict=SafetyVerdict(allowed=True, policy_version="test", latency_ms=0),
+        retrieval=RetrievalResult(status="ok", passages=passages),
+        prompt_messages=prompt,
+        citations=citations,
     )
 
 

@@ -27,7 +27,6 @@ SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
 SECRETS = ("api-key-s3cret", "sk-openai-s3cret")
 
 
-
 def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():

@@ -11,9 +11,7 @@ from chatbus.cli import main
 from core.config import ROOT, Settings
 
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
-SETTINGS_ENV = {
-    f.validation_alias if isinstance(f.validation_alias, str) else f"CHATBUS_{name.upper()}" for name, f in Settings.model_fields.items()
-}
+SETTINGS_ENV = {f.validation_alias if isinstance(f.validation_alias, str) else f"CHATBUS_{name.upper()}" for name, f in Settings.model_fields.items()}
 
 
 def resolve(argv: list[str]) -> click.Command:
@@ -49,7 +47,7 @@ def test_every_chatbus_command_exists() -> None:
 
 def test_every_chatbus_environment_name_exists_in_settings() -> None:
     for name, svc in COMPOSE["services"].items():
-        for key in (svc.get("environment") or {}):
+        for key in svc.get("environment") or {}:
             if key.startswith("CHATBUS_") or key == "MILVUS_URI":
                 assert key in SETTINGS_ENV, f"{name}: {key} is not a chatbus setting"
 

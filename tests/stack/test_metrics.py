@@ -75,7 +75,9 @@ async def test_edge_and_workers_export_prometheus_metrics(edge_url: str, stack: 
             assert total(edge, "chatbus:turn_hop_seconds_count", hop=hop) >= 1, hop
         for stage in ("safety", "retrieval", "prefill", "decode"):
             assert total(edge, "chatbus:turn_stage_seconds_count", stage=stage) >= 1, stage
-        assert total(edge, "chatbus:request_success_total", finished_reason="stop") + total(edge, "chatbus:request_success_total", finished_reason="length") >= 1
+        assert (
+            total(edge, "chatbus:request_success_total", finished_reason="stop") + total(edge, "chatbus:request_success_total", finished_reason="length") >= 1
+        )
         lag_groups = {dict(ls)["group"] for (n, ls) in edge if n == "chatbus:consumer_lag"}
         assert {"chatbus-safety", "chatbus-retrieval", "chatbus-inference", "chatbus-recorder"} <= lag_groups
 
@@ -112,8 +114,18 @@ async def test_live_data_has_series_breakdown_and_lag(edge_url: str) -> None:
 
 
 def test_breakdown_of_marks() -> None:
-    marks = {"edge_received": 0.0, "edge_published": 0.001, "safety_start": 0.004, "safety_end": 0.014, "retrieval_start": 0.016,
-             "retrieval_end": 0.020, "inference_dequeued": 0.023, "first_token": 0.040, "last_token": 0.2, "first_relayed": 0.043}
+    marks = {
+        "edge_received": 0.0,
+        "edge_published": 0.001,
+        "safety_start": 0.004,
+        "safety_end": 0.014,
+        "retrieval_start": 0.016,
+        "retrieval_end": 0.020,
+        "inference_dequeued": 0.023,
+        "first_token": 0.040,
+        "last_token": 0.2,
+        "first_relayed": 0.043,
+    }
     parts = breakdown(marks)
     assert parts["hops"]["edge→safety"] == pytest.approx(0.003)
     assert parts["stages"]["prefill"] == pytest.approx(0.017)

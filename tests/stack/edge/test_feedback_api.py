@@ -75,7 +75,14 @@ async def test_feedback_is_validated_published_and_updated(edge_url: str, settin
         r = await http.post(url, json={"type": "preference", "chosen_id": a["id"], "rejected_ids": [other["id"]]})
         assert r.status_code == 400 and "siblings" in r.json()["error"]["message"]
 
-        vote = {"type": "rating", "response_id": b["id"], "rating": "down", "reason": "not_factual", "comment": "wrong; call me at +1 415 555 0100", "user": "tester"}
+        vote = {
+            "type": "rating",
+            "response_id": b["id"],
+            "rating": "down",
+            "reason": "not_factual",
+            "comment": "wrong; call me at +1 415 555 0100",
+            "user": "tester",
+        }
         first = await http.post(url, json=vote)
         assert first.status_code == 200, first.text
         again = await http.post(url, json={**vote, "rating": "up", "reason": None, "comment": None})

@@ -125,7 +125,12 @@ async def test_the_other_packaged_model_ends_its_turn() -> None:
     engine = TransformersEngine(str(ROOT / ".build" / "models" / model.name), device="cpu", max_concurrency=1)
     await engine.start()
     try:
-        deltas = [d async for d in engine.generate(GenerationRequest("smol", [{"role": "user", "content": "Say hello in one short sentence."}], max_tokens=96, temperature=0))]
+        deltas = [
+            d
+            async for d in engine.generate(
+                GenerationRequest("smol", [{"role": "user", "content": "Say hello in one short sentence."}], max_tokens=96, temperature=0)
+            )
+        ]
     finally:
         await engine.stop()
     text = "".join(d.text for d in deltas)

@@ -15,7 +15,13 @@ from tests.conftest import eventually, read_topic
 
 pytestmark = pytest.mark.stack
 
-BODY = {"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": "Write a long answer about Python loops."}], "max_tokens": 300, "temperature": 0, "stream": True}
+BODY = {
+    "model": "chatbus-tiny-random",
+    "messages": [{"role": "user", "content": "Write a long answer about Python loops."}],
+    "max_tokens": 300,
+    "temperature": 0,
+    "stream": True,
+}
 
 
 async def resume(http: httpx.AsyncClient, edge_url: str, cid: str, last_id: str) -> tuple[str, str | None, list[str]]:

@@ -5,11 +5,7 @@ session's real stack, each with its own bounds and reply partition."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
@@ -17,40 +13,17 @@ import orjson
 import pytest
 
 from chatbus.stack import Stack
-from core.config import ROOT, Settings
-from edge.admission import Load, decide
-from tests.conftest import end_offsets, free_port
+from core.config import Settings
+from tests.conftest import end_offsets, extra_edge
 from topics.registry import CHAT_REQUESTS
 
-LONG = {"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": "Tell me about Python lists."}], "max_tokens": 400, "temperature": 0, "stream": True}
-
-
-@contextmanager
-def extra_edge(stack: Stack, partition: int, **bounds: object) -> Iterator[str]:
-    """Run another edge process on the stack with these settings (e.g. ``admit_max_inflight=2``)."""
-    port = free_port()
-    env = stack.env()
-    env.update({"CHATBUS_EDGE_PORT": str(port), "CHATBUS_REPLY_PARTITION": str(partition), "CHATBUS_EDGE_ID": f"edge-test-{partition}"})
-    env.update({f"CHATBUS_{k.upper()}": str(v) for k, v in bounds.items()})
-    log = open(stack.paths.logs / f"edge-test-{partition}.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "chatbus.cli", "edge"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "extra edge did not start"
-            time.sleep(0.2)
-        time.sleep(1.0)  # one consumer-lag reading
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+LONG = {
+    "model": "chatbus-tiny-random",
+    "messages": [{"role": "user", "content": "Tell me about Python lists."}],
+    "max_tokens": 400,
+    "temperature": 0,
+    "stream": True,
+}
 
 
 async def stream(http: httpx.AsyncClient, url: str, body: dict) -> tuple[int, dict[str, str], list[dict]]:
@@ -117,24 +90,3 @@ async def test_brownout_caps_max_tokens_instead_of_refusing(stack: Stack) -> Non
             # past brownout_limit x the bound, refusal after all
             many = await asyncio.gather(*(stream(http, url, LONG) for _ in range(8)))
             assert 429 in [m[0] for m in many] and all(m[0] in (200, 429) for m in many)
-
-
-def test_decide_bounds_lanes_and_brownout() -> None:
-    s = Settings(admit_max_inflight=10, admit_max_lag=20, batch_shed_at=0.5, max_batch_backlog=100)
-    idle = Load(inflight=0, lag=0, batch_backlog=0, drain_per_s=2.0)
-    assert decide(idle, s).admit and decide(idle, s, "batch", lines=50).admit
-    assert not decide(idle, s, "batch", lines=101).admit  # the batch lane's own bound
-    half = Load(inflight=5, lag=0, batch_backlog=0, drain_per_s=2.0)
-    assert decide(half, s).admit and not decide(half, s, "batch").admit  # batch is shed first
-    full = Load(inflight=10, lag=3, batch_backlog=0, drain_per_s=2.0)
-    d = decide(full, s)
-    assert not d.admit and d.reason == "inflight" and d.retry_after_s == 1  # (10 - 10 + 1) / 2 per s, rounded up
-    lagging = Load(inflight=1, lag=40, batch_backlog=0, drain_per_s=0.0)
-    d = decide(lagging, s)
-    assert d.reason == "lag" and d.retry_after_s == 42  # 21 over the bound at the 0.5/s floor
-    assert decide(Load(0, 10_000, 0, 0.0), s).retry_after_s == 60  # capped
-    brown = s.model_copy(update={"brownout_max_tokens": 64, "brownout_limit": 2.0})
-    d = decide(full, brown, max_tokens=512)
-    assert d.admit and d.max_tokens == 64
-    assert decide(full, brown, max_tokens=16).max_tokens == 16  # never raises a request's own limit
-    assert not decide(Load(20, 0, 0, 1.0), brown).admit  # past brownout_limit x the bound

@@ -32,11 +32,30 @@ def group(n: int, at: float) -> list[DpoPair | KtoExample]:
     ids = (f"chatcmpl-export-{n}-a", f"chatcmpl-export-{n}-b")
     texts = (f"Use reversed(xs) or xs[::-1] ({n}).", "You cannot.")
     turns: dict[str, TurnState] = {
-        cid: {"correlation_id": cid, "conversation_id": conv, "prompt_group": pg, "prompt": prompt, "allowed": True, "flags": [], "text": t, "finish_reason": "stop", "model": "m"}
+        cid: {
+            "correlation_id": cid,
+            "conversation_id": conv,
+            "prompt_group": pg,
+            "prompt": prompt,
+            "allowed": True,
+            "flags": [],
+            "text": t,
+            "finish_reason": "stop",
+            "model": "m",
+        }
         for cid, t in zip(ids, texts, strict=True)
     }
     votes: dict[str, Vote] = {
-        cid: {"feedback_id": feedback_id("rating", "u", cid), "response_id": cid, "conversation_id": conv, "prompt_group": pg, "rating": r, "user": "u", "model": "m", "created_at": at}
+        cid: {
+            "feedback_id": feedback_id("rating", "u", cid),
+            "response_id": cid,
+            "conversation_id": conv,
+            "prompt_group": pg,
+            "rating": r,
+            "user": "u",
+            "model": "m",
+            "created_at": at,
+        }
         for cid, r in zip(ids, ("up", "down"), strict=True)
     }
     preference: Preference | None = None
@@ -87,9 +106,7 @@ async def test_jsonl_export_loads_with_datasets_in_trl_columns(settings: Setting
     assert is_conversational(kto[0])
 
 
-def test_parquet_export_from_the_command_line_and_one_trl_training_step(
-    stack: Stack, persisted: list[Any], tmp_path: Path, tiny_model_dir: Path
-) -> None:
+def test_parquet_export_from_the_command_line_and_one_trl_training_step(stack: Stack, persisted: list[Any], tmp_path: Path, tiny_model_dir: Path) -> None:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer

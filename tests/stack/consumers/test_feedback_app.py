@@ -1,6 +1,6 @@
 """The feedback app (consumers.feedback_app) on the real stack: real turns through the edge, votes on
-``chat.feedback`` (through the edge's ``POST /v1/feedback``, or published directly), curated records on ``dpo.pairs`` / ``kto.examples`` and in MongoDB, retractions,
-recovery of table state from the changelog after a restart, dead letters."""
+``chat.feedback`` (through the edge's ``POST /v1/feedback``, or published directly), curated records on
+``dpo.pairs`` / ``kto.examples`` and in MongoDB, retractions, recovery of table state from the changelog after a restart, dead letters."""
 
 from __future__ import annotations
 
@@ -20,13 +20,7 @@ import pytest
 from chatbus.stack import Stack
 from core.config import ROOT, Settings
 from schemas.events import DeadLetter, ScreenedTurn
-from schemas.feedback import (
-    FeedbackEvent,
-    dpo_record_id,
-    feedback_id,
-    kto_record_id,
-    prompt_group,
-)
+from schemas.feedback import FeedbackEvent, dpo_record_id, feedback_id, kto_record_id, prompt_group
 from tests.conftest import eventually, read_topic
 from topics.clients import make_producer
 from topics.ops import read_records

@@ -15,9 +15,7 @@ pytestmark = pytest.mark.stack
 
 
 def chatbus(stack: Stack, *args: str, timeout: float = 120) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "chatbus.cli", *args], env=stack.env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run([sys.executable, "-m", "chatbus.cli", *args], env=stack.env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

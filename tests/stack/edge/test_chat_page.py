@@ -227,8 +227,12 @@ async def test_thumbs_down_with_reason_and_comment_then_change_the_vote(edge_url
         assert response.status == 200, await response.text()
         body = body_of(response)
         assert body == {
-            "type": "rating", "response_id": turn["id"], "rating": "down", "reason": "ignored_instructions",
-            "comment": "It ignored the question.", "user": body["user"],
+            "type": "rating",
+            "response_id": turn["id"],
+            "rating": "down",
+            "reason": "ignored_instructions",
+            "comment": "It ignored the question.",
+            "user": body["user"],
         }
         await expect(page.locator(".answer .fb-form")).to_be_hidden()
         await expect(page.locator(".answer .fb-status")).to_have_text("Thanks — feedback saved")
@@ -249,7 +253,9 @@ PARSE = """(html) => {
   return { tags: els.map(e => e.localName), attrs: els.flatMap(e => [...e.attributes].map(a => a.name)),
            hrefs: els.map(e => e.getAttribute('href')).filter(h => h !== null) };
 }"""
-INJECTION = '**bold** <img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script> [link](javascript:window.__pwned=3) ![pic](http://example.invalid/x.png)'
+INJECTION = (
+    '**bold** <img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script> [link](javascript:window.__pwned=3) ![pic](http://example.invalid/x.png)'
+)
 
 
 async def test_markdown_is_rendered_and_html_never_executed(edge_url: str) -> None:
@@ -343,7 +349,9 @@ async def test_a_401_asks_for_the_api_key_and_every_call_then_sends_it(edge_url:
             auth = request.headers.get("authorization")
             seen.append(auth)
             if auth != "Bearer sk-test":
-                await route.fulfill(status=401, json={"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}})
+                await route.fulfill(
+                    status=401, json={"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}}
+                )
             else:
                 await route.continue_()
 
@@ -364,7 +372,9 @@ async def test_a_401_asks_for_the_api_key_and_every_call_then_sends_it(edge_url:
 
 async def test_dashboard_draws_its_plots(edge_url: str) -> None:
     async with httpx.AsyncClient(timeout=60) as http:  # at least one turn in the window
-        r = await http.post(f"{edge_url}/v1/chat/completions", json={"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        r = await http.post(
+            f"{edge_url}/v1/chat/completions", json={"model": "chatbus-tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        )
         assert r.status_code == 200
     async with chat_page() as (page, errors):
         await page.goto(f"{edge_url}/dashboard?hours=1")
@@ -384,8 +394,14 @@ def sse_body(pieces: list[str], finish: str | None, citations: list[dict[str, An
     cid = "chatcmpl-scripted"
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
-        return {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": "chatbus-tiny-random",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+        return {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "chatbus-tiny-random",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            **extra,
+        }
 
     events = [f"id: {cid}:0:0:0\ndata: {json.dumps(chunk({'role': 'assistant', 'content': ''}))}\n"]
     delivered = 0
