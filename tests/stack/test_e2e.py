@@ -122,7 +122,9 @@ async def test_grounded_turn_cites_ingested_source(edge_url: str, settings: Sett
 
 
 async def test_client_disconnect_cancels_generation(edge_url: str, settings: Settings) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 1500, "stream": True}
+    # greedy: the tiny model's greedy answer to this prompt runs all 1500 tokens (a sampled one can hit its
+    # end-of-turn token by chance and finish before the disconnect's grace period is over)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 1500, "temperature": 0, "stream": True}
     cid = None
     async with httpx.AsyncClient(timeout=60) as http, http.stream("POST", f"{edge_url}/v1/chat/completions", json=body) as r:
         cid = r.headers["x-correlation-id"]
