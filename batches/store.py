@@ -169,7 +169,7 @@ class BatchStore:
             doc = await self.batches.find_one({"_id": batch_id}, {"status": 1})
             if doc is None or doc.get("status") == status or doc.get("status") not in only_from:
                 return True
-        return True
+        return False  # undone every time: the caller sees the batch as not moved
 
     async def record_invalid(self, batch_id: str, invalid: list[BatchLineError]) -> None:
         for e in invalid:

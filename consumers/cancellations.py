@@ -16,78 +16,86 @@ from aiokafka import AIOKafkaConsumer
 
 from core.background import BackgroundService
 from core.config import Settings
-from schemas.events import BatchCancelled, CancelTurn, ChatTurnRequest, DecodeError, decode
+from schemas.events import AnyEvent, BatchCancelled, CancelTurn, ChatTurnRequest, DecodeError, decode
 from topics.clients import make_consumer, partitions_of, records_forever
 from topics.registry import BATCH_JOBS, CHAT_CONTROL, topic
 
 log = logging.getLogger(__name__)
 
 
-class CancelledBatches(BackgroundService):
-    """The set of cancelled batch ids, kept current by a background task (``start``/``stop``)."""
+class _TopicTail(BackgroundService):
+    """Every partition of one topic without a consumer group, from its beginning or its end; each record
+    that decodes goes to :meth:`handle`, one that does not to :meth:`undecodable`."""
 
-    task_name = "batch-cancels"
-
-    def __init__(self, settings: Settings, on_cancel: Callable[[str], None] | None = None) -> None:
+    def __init__(self, settings: Settings, name: str, *, from_beginning: bool) -> None:
         super().__init__()
         self.settings = settings
-        self.ids: set[str] = set()
-        self.on_cancel = on_cancel
+        self.topic = topic(name, settings.topic_prefix)
+        self.from_beginning = from_beginning
         self._consumer: AIOKafkaConsumer | None = None
 
-    def __contains__(self, request: object) -> bool:
-        return isinstance(request, ChatTurnRequest) and request.batch is not None and request.batch.batch_id in self.ids
-
     async def on_start(self) -> None:
-        self._consumer = make_consumer(self.settings, group_id=None, auto_offset_reset="earliest")
-        await self._consumer.start()
-        self._consumer.assign(await partitions_of(self._consumer, topic(BATCH_JOBS, self.settings.topic_prefix)))
-        await self._consumer.seek_to_beginning()
+        reset = "earliest" if self.from_beginning else "latest"
+        self._consumer = consumer = make_consumer(self.settings, group_id=None, auto_offset_reset=reset)
+        await consumer.start()
+        consumer.assign(await partitions_of(consumer, self.topic))
+        await (consumer.seek_to_beginning() if self.from_beginning else consumer.seek_to_end())
 
     async def on_stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
 
     async def loop(self) -> None:
-        assert self._consumer is not None
-        async for record in records_forever(self._consumer, "batch-cancels"):
+        assert self._consumer is not None, "started"
+        async for record in records_forever(self._consumer, self.task_name):
             try:
                 event = decode(record.value)
-            except DecodeError:
-                continue  # the batch store dead-letters it; here it only cannot be a cancel
-            if isinstance(event, BatchCancelled) and event.batch_id not in self.ids:
-                log.info("batch %s cancelled", event.batch_id)
-                self.ids.add(event.batch_id)
-                if self.on_cancel is not None:
-                    self.on_cancel(event.batch_id)
+            except DecodeError as exc:
+                self.undecodable(record.offset, exc)
+                continue
+            self.handle(event)
+
+    def handle(self, event: AnyEvent) -> None:
+        raise NotImplementedError
+
+    def undecodable(self, offset: int, exc: DecodeError) -> None:
+        """A record that does not decode (its stage dead-letters it; a tail only skips it)."""
 
 
-class ControlTail(BackgroundService):
+class CancelledBatches(_TopicTail):
+    """The set of cancelled batch ids, kept current by a background task (``start``/``stop``)."""
+
+    task_name = "batch-cancels"
+
+    def __init__(self, settings: Settings, on_cancel: Callable[[str], None] | None = None) -> None:
+        super().__init__(settings, BATCH_JOBS, from_beginning=True)
+        self.ids: set[str] = set()
+        self.on_cancel = on_cancel
+
+    def __contains__(self, request: object) -> bool:
+        return isinstance(request, ChatTurnRequest) and request.batch is not None and request.batch.batch_id in self.ids
+
+    def handle(self, event: AnyEvent) -> None:
+        if isinstance(event, BatchCancelled) and event.batch_id not in self.ids:
+            log.info("batch %s cancelled", event.batch_id)
+            self.ids.add(event.batch_id)
+            if self.on_cancel is not None:
+                self.on_cancel(event.batch_id)
+
+
+class ControlTail(_TopicTail):
     """Every :class:`~schemas.events.CancelTurn` on ``chat.control`` from now on, handed to ``on_cancel``
     (correlation id, reason). No consumer group: each worker reads all partitions, from the end."""
 
     task_name = "control"
 
     def __init__(self, settings: Settings, on_cancel: Callable[[str, str], object]) -> None:
-        super().__init__()
-        self.settings = settings
+        super().__init__(settings, CHAT_CONTROL, from_beginning=False)
         self.on_cancel = on_cancel
-        self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None, auto_offset_reset="latest")
 
-    async def on_start(self) -> None:
-        await self.consumer.start()
-        self.consumer.assign(await partitions_of(self.consumer, topic(CHAT_CONTROL, self.settings.topic_prefix)))
-        await self.consumer.seek_to_end()
+    def handle(self, event: AnyEvent) -> None:
+        if isinstance(event, CancelTurn):
+            self.on_cancel(event.correlation_id, event.reason)
 
-    async def on_stop(self) -> None:
-        await self.consumer.stop()
-
-    async def loop(self) -> None:
-        async for record in records_forever(self.consumer, "control"):
-            try:
-                event = decode(record.value)
-            except DecodeError as exc:
-                log.warning("ignoring undecodable control message at %d: %s", record.offset, exc)
-                continue
-            if isinstance(event, CancelTurn):
-                self.on_cancel(event.correlation_id, event.reason)
+    def undecodable(self, offset: int, exc: DecodeError) -> None:
+        log.warning("ignoring undecodable control message at %d: %s", offset, exc)

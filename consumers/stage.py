@@ -24,14 +24,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 
 from consumers.gate import DownstreamGate
-from consumers.runtime import Companion, ConsumerRuntime, install_stop_signals, run_forever
+from consumers.runtime import Companion, ConsumerRuntime
 from core import metrics
 from core.config import Settings
 from producers.bus import Outgoing, produce_all
 from schemas.events import AnyEvent, DecodeError
 from topics.registry import topic
-
-__all__ = ["Companion", "Handler", "RetryLater", "StageWorker", "install_stop_signals", "run_forever"]
 
 log = logging.getLogger(__name__)
 

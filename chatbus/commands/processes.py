@@ -22,7 +22,7 @@ def worker(kind: str) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    from consumers.stage import run_forever
+    from consumers.runtime import run_forever
     from core import metrics
 
     metrics.serve(settings.metrics_port, settings.metrics_host, f"{kind} worker")

@@ -21,8 +21,8 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from chatbus.commands.stack import default_corpus
-from chatbus.models import DEFAULT_MODEL, is_provisioned, packaged
 from chatbus.stack import Stack
+from core.catalogue import DEFAULT_MODEL, is_provisioned, packaged
 from core.config import ROOT, Settings
 from retrieval_workers.ingest import ingest
 from tests.conftest import eventually, running_stack, stack_settings
