@@ -36,13 +36,17 @@ $(BUILD)/tiny-model/config.json: $(VENV)/.installed chatbus/tiny_model.py
 models: $(VENV)/.installed
 	$(PY) -m chatbus.cli models provision
 
-# The default knowledge base: Python 3.11 docs from Debian (best effort; README.md is the fallback corpus).
-docs-corpus:
-	@test -d /usr/share/doc/python3.11/html/tutorial || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null) \
-	      || echo "warning: python3.11-doc not installed; the default corpus falls back to README.md"; \
-	  else echo "note: install Debian's python3.11-doc for the default corpus"; fi; }
+# The default knowledge base: the Python 3.11 documentation from Debian's python3.11-doc package, unpacked
+# under .build/python-docs (no install; `apt-get update` first only when the package is unknown and we are root).
+DOCS_DEB_DIR := $(BUILD)/python-docs
+docs-corpus: $(DOCS_DEB_DIR)/.done
+$(DOCS_DEB_DIR)/.done:
+	rm -rf $(DOCS_DEB_DIR) && mkdir -p $(DOCS_DEB_DIR)
+	cd $(DOCS_DEB_DIR) && { apt-get download -q python3.11-doc 2>/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download -q python3.11-doc; }; }
+	dpkg-deb -x $(DOCS_DEB_DIR)/python3.11-doc_*.deb $(DOCS_DEB_DIR) && rm -f $(DOCS_DEB_DIR)/python3.11-doc_*.deb
+	test -d $(DOCS_DEB_DIR)/usr/share/doc/python3.11/html/library
+	touch $@
 
 # Headless Chromium for the browser tests: Debian's chromium package, driven by Playwright for Python
 # (which never downloads a browser of its own here: tests launch /usr/bin/chromium).

@@ -1,6 +1,6 @@
 """The ``chatbus`` command line (click).
 
-Users: ``chat``, ``ingest``. Operators: ``stack up|down|run|status``, ``topics``, ``lag``, ``dlq``.
+Users: ``chat``, ``ingest``, ``kb``. Operators: ``stack up|down|run|status``, ``topics``, ``lag``, ``dlq``.
 Batch jobs: ``batch submit|status|list|wait|results|cancel|rebuild``.
 Analysts: ``feedback tail``, ``dpo export``.
 Processes: ``edge``, ``worker safety|retrieval|inference|recorder|batches|feedback`` (what the stack and compose.yaml
@@ -16,6 +16,7 @@ import click
 
 from chatbus.commands.analysts import dpo, feedback
 from chatbus.commands.batch import batch
+from chatbus.commands.kb import kb
 from chatbus.commands.models import make_tiny_model, models
 from chatbus.commands.processes import edge, worker
 from chatbus.commands.stack import stack
@@ -27,7 +28,7 @@ def main() -> None:
     """chatbus: event-driven LLM chat over Kafka."""
 
 
-for _command in (worker, edge, stack, chat, ingest, topics, lag, dlq, make_tiny_model, models, feedback, dpo, batch):
+for _command in (worker, edge, stack, chat, ingest, kb, topics, lag, dlq, make_tiny_model, models, feedback, dpo, batch):
     main.add_command(_command)
 
 __all__ = ["main"]

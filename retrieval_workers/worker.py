@@ -3,11 +3,15 @@
 Two consumer groups in one process (milvus-lite may be opened by one process only):
 
 * ``chatbus-retrieval`` on ``chat.screened`` (and the batch lane ``batch.screened`` → ``batch.grounded``
-  when no interactive turn waits; lines of a cancelled batch finish at once as ``cancelled``): top-k search with the query embedding the safety stage
-  computed (embedding again only if it is missing), prompt assembly with numbered citations, then
-  ``chat.grounded``. If the search fails or exceeds ``CHATBUS_RETRIEVAL_BUDGET_MS``, the turn goes on
+  when no interactive turn waits; lines of a cancelled batch finish at once as ``cancelled``): the query
+  (the last user message, or a follow-up joined with the previous one: :mod:`retrieval_workers.query`),
+  hybrid top-k search (:mod:`retrieval_workers.store`) with the query embedding the safety stage computed
+  (embedding again only for a rewritten query or when it is missing), the optional reranker, prompt
+  assembly with numbered, titled citations, then ``chat.grounded``. If the search fails or exceeds ``CHATBUS_RETRIEVAL_BUDGET_MS``, the turn goes on
   with ``retrieval.status="skipped"`` and the reason instead of stalling.
-* ``chatbus-retrieval-ingest`` on ``kb.ingest``: upserts embedded chunks (idempotent by content hash).
+* ``chatbus-retrieval-ingest`` on ``kb.ingest``: upserts embedded chunks (idempotent by content hash);
+  after a document's last part deletes its older version's chunks and publishes the document on the
+  compacted ``kb.sources``; deletes a document on request.
 
 Both are at-least-once (:mod:`consumers.stage`).
 """
@@ -15,6 +19,7 @@ Both are at-least-once (:mod:`consumers.stage`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -31,9 +36,10 @@ from core.embeddings import TextEmbedder, get_embedder
 from core.grounding import assemble
 from producers.bus import Outgoing
 from producers.replies import whole_reply
+from retrieval_workers.query import load_reranker, standalone_query
 from retrieval_workers.store import KnowledgeBase
-from schemas.events import AnyEvent, GroundedTurn, KbIngest, RetrievalResult, ScreenedTurn, last_user_text
-from topics.registry import BATCH_GROUNDED, CHAT_GROUNDED, CHAT_SCREENED, INFERENCE, RETRIEVAL, RETRIEVAL_INGEST, lane, topic
+from schemas.events import AnyEvent, GroundedTurn, KbIngest, KbSource, RetrievalResult, ScreenedTurn, last_user_text
+from topics.registry import BATCH_GROUNDED, CHAT_GROUNDED, CHAT_SCREENED, INFERENCE, KB_SOURCES, RETRIEVAL, RETRIEVAL_INGEST, lane, topic
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +64,30 @@ class RetrievalStage:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         budget = self.settings.retrieval_budget_ms / 1000
+        s = self.settings
         try:
-            vector = turn.query_embedding
+            query, rewritten = standalone_query(turn.request.messages) if s.query_rewrite else (last_user_text(turn.request.messages), False)
+            vector = None if rewritten else turn.query_embedding
             if vector is None:
-                query = last_user_text(turn.request.messages)
                 vector = (await asyncio.wait_for(asyncio.to_thread(self.embedder.encode, [query]), budget))[0].tolist()
             remaining = budget - (time.perf_counter() - t0)
             if remaining <= 0:  # the embedding used the whole budget: no search at all
                 raise TimeoutError
-            search = loop.run_in_executor(self.milvus, self.kb.search, vector, self.settings.retrieval_top_k, self.settings.retrieval_min_score)
+            reranker = load_reranker(s.reranker) if s.reranker else None
+            search = loop.run_in_executor(
+                self.milvus,
+                functools.partial(
+                    self.kb.search,
+                    vector,
+                    s.retrieval_top_k,
+                    s.retrieval_min_score,
+                    query=query,
+                    mode=s.retrieval_mode,
+                    per_page=s.retrieval_per_page,
+                    candidates=s.reranker_candidates if reranker else s.retrieval_candidates,
+                    reranker=reranker,
+                ),
+            )
             passages = await asyncio.wait_for(search, remaining)
         except TimeoutError:
             metrics.RETRIEVAL_SKIPPED.labels("timeout").inc()
@@ -77,7 +98,7 @@ class RetrievalStage:
             return RetrievalResult(status="skipped", reason=f"error: {type(exc).__name__}: {exc}"[:500], latency_ms=_ms(t0))
         metrics.RETRIEVAL_SECONDS.observe(time.perf_counter() - t0)
         metrics.RETRIEVAL_HITS.observe(len(passages))
-        return RetrievalResult(status="ok", passages=passages, latency_ms=_ms(t0))
+        return RetrievalResult(status="ok", passages=passages, latency_ms=_ms(t0), query=query if rewritten else "")
 
     async def handle_turn(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         if not isinstance(event, ScreenedTurn):
@@ -104,11 +125,27 @@ class RetrievalStage:
     async def handle_ingest(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         if not isinstance(event, KbIngest):
             raise TypeError(f"unexpected {event.event_type} on {record.topic}")
-        n = await asyncio.get_running_loop().run_in_executor(self.milvus, self.kb.upsert, event.chunks)
+        loop = asyncio.get_running_loop()
+        sources = topic(KB_SOURCES, self.settings.topic_prefix)
+        if event.op == "delete":
+            if not event.source:
+                raise ValueError("kb.ingest delete without a source")
+            await loop.run_in_executor(self.milvus, self.kb.delete_source, event.source)
+            log.info("deleted %s from the knowledge base", event.source)
+            self.unflushed_since = self.unflushed_since or time.monotonic()
+            return [Outgoing(sources, None, key=event.source.encode())]
+        n = await loop.run_in_executor(self.milvus, self.kb.upsert, event.chunks)
         self.unflushed_since = self.unflushed_since or time.monotonic()
         self.last_upsert = time.monotonic()
-        log.info("upserted %d chunks", n)
-        return []
+        log.info("upserted %d chunks%s", n, f" of {event.source} ({event.part + 1}/{event.parts})" if event.source else "")
+        if not event.source or event.part != event.parts - 1:
+            return []
+        # the document's last part: drop an older version's chunks, then say what the knowledge base holds
+        await loop.run_in_executor(self.milvus, self.kb.delete_source, event.source, event.doc_hash)
+        chunks = await loop.run_in_executor(self.milvus, self.kb.count, event.source)
+        url = event.chunks[0].url.split("#", 1)[0] if event.chunks else ""
+        entry = KbSource(source=event.source, doc_hash=event.doc_hash, title=event.title, chunks=chunks, url=url)
+        return [Outgoing(sources, entry.to_bytes(), key=event.source.encode())]
 
     async def seal_when_idle(self, stop: asyncio.Event, idle_s: float = 2.0) -> None:
         """Flush upserted chunks once ingestion pauses for ``idle_s`` (or after 30 s of steady ingest), so

@@ -101,7 +101,10 @@ class Passage(_Model):
     text: str
     source: str
     position: int  # chunk index within its source
-    score: float  # cosine similarity, -1..1
+    score: float  # the ranking score: cosine similarity (-1..1) for dense search, BM25 for lexical, RRF (sum of 1/(60+rank)) for hybrid
+    title: str = ""  # "page title › heading or API entry"
+    url: str = ""  # where a person can read it (https://docs.python.org/3.11/<page>#<anchor>, a base URL given at ingest, else the path)
+    anchor: str = ""
 
 
 class RetrievalResult(_Model):
@@ -109,6 +112,7 @@ class RetrievalResult(_Model):
     reason: str = ""
     passages: list[Passage] = Field(default_factory=list)
     latency_ms: float = 0.0
+    query: str = ""  # the standalone query searched, when the last user message was a follow-up rewritten with context
 
 
 class Usage(_Model):
@@ -125,6 +129,9 @@ class Citation(_Model):
     source: str
     position: int
     score: float
+    title: str = ""
+    url: str = ""
+    snippet: str = ""  # the passage's first ~240 characters
 
 
 class _Envelope(_Model):
@@ -229,18 +236,46 @@ class CancelTurn(_Event):
 
 
 class KbChunk(_Model):
-    chunk_id: str  # sha256 of source + text, hex: re-ingesting is idempotent
-    text: str
+    chunk_id: str  # sha256 of source + position + text, hex: re-ingesting is idempotent
+    text: str  # the body (what prompts and snippets show)
     source: str
     position: int
     embedding: list[float]
+    title: str = ""
+    heading_path: list[str] = Field(default_factory=list)  # page title first; with the body, what is embedded and indexed
+    anchor: str = ""
+    url: str = ""
+    doc_hash: str = ""
 
 
 class KbIngest(_Envelope):
-    """``kb.ingest``: chunks (already embedded by the ingest client) for the Milvus owner to upsert."""
+    """``kb.ingest``: one part of a document (chunks already embedded by the ingest client) for the Milvus owner.
+
+    ``op="upsert"``: upsert ``chunks``; after the last part (``part == parts - 1``) the worker deletes the
+    source's chunks of any other ``doc_hash`` (an older version) and publishes a :class:`KbSource` on
+    ``kb.sources``. ``op="delete"``: delete every chunk of ``source`` (and tombstone it on ``kb.sources``).
+    Messages without ``source`` (the first format) are plain upserts."""
 
     event_type: Literal["kb.ingest"] = "kb.ingest"
-    chunks: list[KbChunk]
+    chunks: list[KbChunk] = Field(default_factory=list)
+    op: Literal["upsert", "delete"] = "upsert"
+    source: str | None = None
+    doc_hash: str = ""
+    title: str = ""
+    part: int = Field(default=0, ge=0)
+    parts: int = Field(default=1, ge=1)
+
+
+class KbSource(_Envelope):
+    """``kb.sources`` (compacted, key = source): what the knowledge base holds of one document; a null value
+    means the document was deleted. The ingest client reads it to skip unchanged files."""
+
+    event_type: Literal["kb.source"] = "kb.source"
+    source: str
+    doc_hash: str
+    title: str = ""
+    chunks: int = 0
+    url: str = ""
 
 
 class BatchLineError(_Model):
@@ -298,7 +333,7 @@ class DeadLetter(_Envelope):
 
 
 AnyEvent = Annotated[
-    ChatTurnRequest | ScreenedTurn | GroundedTurn | TokenEvent | TurnCompleted | CancelTurn | KbIngest | DeadLetter | BatchCreated | BatchCancelled,
+    ChatTurnRequest | ScreenedTurn | GroundedTurn | TokenEvent | TurnCompleted | CancelTurn | KbIngest | KbSource | DeadLetter | BatchCreated | BatchCancelled,
     Field(discriminator="event_type"),
 ]
 _adapter: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
@@ -361,6 +396,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
     "chat.turn.completed": TurnCompleted,
     "chat.turn.cancel": CancelTurn,
     "kb.ingest": KbIngest,
+    "kb.source": KbSource,
     "dead_letter": DeadLetter,
     "batch.created": BatchCreated,
     "batch.cancelled": BatchCancelled,

@@ -36,6 +36,7 @@ CHAT_REPLIES = "chat.replies"
 CHAT_CONTROL = "chat.control"
 CHAT_DLQ = "chat.dlq"
 KB_INGEST = "kb.ingest"
+KB_SOURCES = "kb.sources"
 BATCH_REQUESTS = "batch.requests"
 BATCH_SCREENED = "batch.screened"
 BATCH_GROUNDED = "batch.grounded"
@@ -64,6 +65,8 @@ REGISTRY: tuple[TopicSpec, ...] = (
     TopicSpec(CHAT_CONTROL, 3, "conversation_id", "cancel events, read by every inference worker (no consumer group)", HOUR_MS),
     TopicSpec(CHAT_DLQ, 1, "source key", "dead letters: undecodable or unprocessable messages with the reason", 14 * DAY_MS),
     TopicSpec(KB_INGEST, 1, "source path", "embedded chunks for the retrieval worker (the Milvus owner) to upsert", 7 * DAY_MS),
+    # the catalogue of indexed documents (compacted, kept forever): the ingest client skips unchanged files
+    TopicSpec(KB_SOURCES, 1, "source path", "what the knowledge base holds per document (hash, title, chunks); null = deleted", -1, compacted=True),
     TopicSpec(BATCH_REQUESTS, 6, "conversation_id", "batch lines as chat turns (source=batch), reply_to batch.results", 7 * DAY_MS),
     TopicSpec(BATCH_SCREENED, 6, "conversation_id", "the batch lane of chat.screened", 7 * DAY_MS),
     TopicSpec(BATCH_GROUNDED, 6, "conversation_id", "the batch lane of chat.grounded (taken only when interactive turns leave room)", 7 * DAY_MS),

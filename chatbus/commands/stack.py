@@ -83,23 +83,38 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def default_corpus() -> list[Path]:
-    """The default knowledge base: the Python 3.11 tutorial from Debian's python3.11-doc, else the docs here."""
-    tutorial = Path("/usr/share/doc/python3.11/html/tutorial")
-    if tutorial.is_dir():
-        return [tutorial]
+DOCS_BASE_URL = "https://docs.python.org/3.11/"
+# the parts of the Python documentation that answer programmers' questions (no generated indexes, search
+# pages, changelogs, C API or "what's new")
+DOCS_PARTS = ("library", "reference", "tutorial", "howto", "faq", "using", "glossary.html")
+
+
+def docs_root(settings: Settings | None = None) -> Path | None:
+    """Debian's python3.11-doc HTML: the copy `make setup` unpacks under .build, else the installed package."""
     from core.config import ROOT
 
-    return [ROOT / "README.md"]
+    build = (settings.build_dir if settings else ROOT / ".build") / "python-docs" / "usr/share/doc/python3.11/html"
+    for root in (build, Path("/usr/share/doc/python3.11/html")):
+        if (root / "library").is_dir():
+            return root
+    return None
+
+
+def default_corpus(settings: Settings | None = None) -> list[Path]:
+    """The default knowledge base: the Python 3.11 documentation (:data:`DOCS_PARTS`), else the README here."""
+    from core.config import ROOT
+
+    root = docs_root(settings)
+    if root is None:
+        return [ROOT / "README.md"]
+    return [root / part for part in DOCS_PARTS if (root / part).exists()]
 
 
 def _ingest_default(settings: Settings) -> None:
+    """Ingest the default corpus; documents already indexed and unchanged are skipped (nothing embedded)."""
     from retrieval_workers.ingest import ingest as do_ingest
 
-    marker = settings.state_dir / "default-corpus-ingested"
-    if marker.exists():
-        return
-    paths = default_corpus()
-    n = asyncio.run(do_ingest(paths, settings, wait=True))
-    marker.write_text(f"{n} chunks from {', '.join(map(str, paths))}\n")
-    click.echo(f"ingested {n} chunks from {', '.join(map(str, paths))}")
+    paths = default_corpus(settings)
+    root = docs_root(settings)
+    report = asyncio.run(do_ingest(paths, settings, wait=True, base_url=DOCS_BASE_URL if root else "", url_root=root))
+    click.echo(f"default knowledge base ({paths[0].parent}): {report.summary()}")

@@ -45,20 +45,21 @@ def chat(question: str, url: str | None, max_tokens: int | None, conversation: s
         if chunk.usage:
             click.echo(f"[usage: {chunk.usage.prompt_tokens} prompt + {chunk.usage.completion_tokens} completion tokens]")
     for c in citations:
-        click.echo(f"[{c['index']}] {c['source']}#{c['position']} (score {c['score']:.2f})")
+        click.echo(f"[{c['index']}] {c.get('title') or c['source']} — {c.get('url') or c['source']} (score {c['score']:.2f})")
 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--wait/--no-wait", default=True, help="Return once the chunks are searchable.")
-def ingest(paths: tuple[Path, ...], wait: bool) -> None:
-    """Chunk, embed and publish text/Markdown/HTML files to the knowledge base."""
+@click.option("--base-url", default="", help="Citations link to BASE_URL + the file's path under the directory given (+ #anchor); default: the file path.")
+def ingest(paths: tuple[Path, ...], wait: bool, base_url: str) -> None:
+    """Chunk, embed and publish text/Markdown/HTML files to the knowledge base (unchanged files are skipped)."""
     from retrieval_workers.ingest import ingest as do_ingest
 
     settings = get_settings()
     setup_logging(settings.log_level)
-    n = asyncio.run(do_ingest(list(paths), settings, wait=wait))
-    click.echo(f"{n} chunks {'indexed' if wait else 'published'}")
+    report = asyncio.run(do_ingest([p.resolve() for p in paths], settings, wait=wait, base_url=base_url))
+    click.echo(report.summary())
 
 
 # --- operators ------------------------------------------------------------------------------------------------

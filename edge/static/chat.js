@@ -376,6 +376,16 @@
     box.hidden = !turn.error;
   }
 
+  function safeHref(url) {
+    if (typeof url !== "string" || !url) return null;
+    try {
+      const u = new URL(url);
+      return u.protocol === "http:" || u.protocol === "https:" ? u.href : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
   function paintCitations(turn) {
     if (!turn.view) return;
     const ol = turn.view.answer.querySelector(".citations");
@@ -388,14 +398,33 @@
       li.id = `cite-${turn.id}-${n}`;
       const src = document.createElement("span");
       src.className = "cite-source";
-      src.textContent = String(c.source ?? "");
+      const label = String(c.title || c.source || "");
+      const href = safeHref(c.url);
+      if (href) {
+        // a title people can follow (docs.python.org/3.11/<page>#<anchor>); only http(s) links, text via textContent
+        const a = document.createElement("a");
+        a.className = "cite-link";
+        a.href = href;
+        a.target = "_blank";
+        a.rel = "noopener noreferrer";
+        a.textContent = label;
+        src.append(a);
+      } else {
+        src.textContent = label;
+      }
       const meta = document.createElement("span");
       meta.className = "cite-meta";
       const bits = [];
-      if (c.position !== undefined && c.position !== null) bits.push(`§${c.position}`);
-      if (typeof c.score === "number") bits.push(`score ${c.score.toFixed(2)}`);
+      if (!c.title && c.position !== undefined && c.position !== null) bits.push(`§${c.position}`);
+      if (typeof c.score === "number") bits.push(`score ${c.score.toFixed(3)}`);
       meta.textContent = bits.join(" · ");
       li.append(src, meta);
+      if (c.snippet) {
+        const snip = document.createElement("div");
+        snip.className = "cite-snippet";
+        snip.textContent = String(c.snippet);
+        li.append(snip);
+      }
       ol.append(li);
     }
     ol.hidden = !cites.length;

@@ -110,7 +110,7 @@ async def test_grounded_turn_cites_ingested_source(edge_url: str, settings: Sett
         "# The Quokka consensus protocol\n\nQuokka is a consensus protocol in which every replica votes with "
         "marsupial tokens. A Quokka round commits once two thirds of the marsupial tokens agree.\n"
     )
-    assert await ingest([doc], settings, wait=True, progress=False, timeout_s=60) >= 1
+    assert (await ingest([doc], settings, wait=True, progress=False, timeout_s=60)).chunks >= 1
     resp = await client(edge_url).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "How does the Quokka consensus protocol commit a round?"}], max_tokens=8
     )

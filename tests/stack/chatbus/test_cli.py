@@ -24,7 +24,7 @@ def test_ingest_then_chat_streams_an_answer_with_its_citation(stack: Stack, tmp_
     doc = tmp_path / "wombat-cache.md"
     doc.write_text("# Wombat cache\n\nThe wombat cache evicts cubic entries first, because wombats stack cubes.\n")
     out = chatbus(stack, "ingest", str(doc))
-    assert out.strip().endswith("chunks indexed")
+    assert "1 ingested (1 chunks" in out, out
     out = chatbus(stack, "chat", "Which entries does the wombat cache evict first?", "--max-tokens", "8")
     assert "[finish_reason: " in out and "[usage: " in out
     assert str(doc) in out  # the citation line
