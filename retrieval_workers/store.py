@@ -19,6 +19,7 @@ passages (nothing in the knowledge base is about it).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -107,10 +108,10 @@ class KnowledgeBase:
 
     def delete_source(self, source: str, keep_hash: str | None = None) -> None:
         """Delete every chunk of ``source`` (or, with ``keep_hash``, those of any other version)."""
-        if keep_hash is None:
-            self.client.delete(self.collection, filter="source == {s}", filter_params={"s": source})
-        else:
-            self.client.delete(self.collection, filter="source == {s} and doc_hash != {h}", filter_params={"s": source, "h": keep_hash})
+        where = f"source == {_literal(source)}"
+        if keep_hash is not None:
+            where += f" and doc_hash != {_literal(keep_hash)}"
+        self.client.delete(self.collection, filter=where)
 
     def flush(self) -> None:
         """Seal what was upserted into segments (milvus-lite indexes sealed segments only; rows still in its
@@ -173,11 +174,17 @@ class KnowledgeBase:
         if source is None:
             res = self.client.query(self.collection, filter="", output_fields=["count(*)"])
         else:
-            res = self.client.query(self.collection, filter="source == {s}", filter_params={"s": source}, output_fields=["count(*)"])
+            res = self.client.query(self.collection, filter=f"source == {_literal(source)}", output_fields=["count(*)"])
         return int(res[0]["count(*)"]) if res else 0
 
     def close(self) -> None:
         self.client.close()
+
+
+def _literal(value: str) -> str:
+    """A string literal for a Milvus boolean expression (double-quoted, backslash escapes; milvus-lite does not
+    take ``filter_params`` templates)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _passage(hit: dict[str, Any]) -> Passage:

@@ -293,6 +293,40 @@ async def test_markdown_is_rendered_and_html_never_executed(edge_url: str) -> No
         assert not errors, errors
 
 
+async def test_citations_show_titles_as_links_to_the_documentation(edge_url: str) -> None:
+    """A titled citation is a link (http(s) only, new tab, no opener); a javascript: URL is shown as text."""
+    cites = [
+        {
+            "index": 1,
+            "source": "/docs/library/textwrap.html",
+            "position": 3,
+            "score": 0.0331,
+            "title": "textwrap — Text wrapping and filling › textwrap.wrap",
+            "url": "https://docs.python.org/3.11/library/textwrap.html#textwrap.wrap",
+            "snippet": "textwrap.wrap(text, width=70, **kwargs) Wraps the single paragraph in text…",
+        },
+        {"index": 2, "source": "notes.md", "position": 0, "score": 0.02, "title": "Notes <b>bold</b>", "url": "javascript:window.__pwned=5", "snippet": "s"},
+    ]
+    async with chat_page() as (page, errors):
+        await open_chat(page, f"{edge_url}/")
+        await page.route("**/v1/chat/completions", lambda route: fulfil_sse(route, sse_body(["Use textwrap.wrap [1]."], finish="stop", citations=cites)))
+        await ask(page, "How do I wrap text?")
+        await wait_idle(page)
+        answer = page.locator(".answer")
+        await expect(answer.locator(".citations li")).to_have_count(2)
+        link = answer.locator(".citations li").nth(0).locator("a.cite-link")
+        assert await link.text_content() == cites[0]["title"]
+        assert await link.get_attribute("href") == cites[0]["url"]
+        assert await link.get_attribute("rel") == "noopener noreferrer" and await link.get_attribute("target") == "_blank"
+        assert "Wraps the single paragraph" in (await answer.locator(".citations li").nth(0).locator(".cite-snippet").text_content() or "")
+        second = answer.locator(".citations li").nth(1)
+        assert await second.locator("a").count() == 0 and await second.locator("b").count() == 0
+        assert await second.locator(".cite-source").text_content() == "Notes <b>bold</b>"
+        assert await page.evaluate("window.__pwned") is None
+        await page.screenshot(path=str(artifact("chat-citations.png")))
+        assert not errors, errors
+
+
 async def test_refusals_and_errors_are_shown(edge_url: str) -> None:
     async with chat_page() as (page, errors):
         await open_chat(page, f"{edge_url}/")
