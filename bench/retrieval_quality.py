@@ -22,7 +22,8 @@ What it does
 * **Metrics** (page level): a hit at rank r is the first of the returned chunks whose page is one of the
   question's pages; recall@k = share of questions with a hit at r ≤ k; MRR = mean of 1/r over the top 10
   (0 without a hit). Modes: ``dense``, ``bm25``, ``hybrid`` (RRF, no page limit) and ``hybrid+page``
-  (at most ``--per-page`` chunks per page). Follow-ups: the hybrid+page mode with the raw last message and
+  (at most ``--per-page`` chunks per page), ``auto+page`` (the default: hybrid for identifiers and short
+queries, else dense; :mod:`retrieval_workers.store`). Follow-ups: the auto+page mode with the raw last message and
   with :func:`retrieval_workers.query.standalone_query`.
 * **Latency**: the search call per mode (ms p50/p99 over every query), at the full size.
 
@@ -58,7 +59,7 @@ from schemas.events import ChatMessage, KbChunk  # noqa: E402
 QUESTIONS = ROOT / "bench" / "data" / "retrieval_questions.jsonl"
 RESULTS = ROOT / "bench" / "results"
 CACHE = Path.home() / ".cache" / "chatbus-bench"
-MODES = {"dense": ("dense", 0), "bm25": ("bm25", 0), "hybrid": ("hybrid", 0), "hybrid+page": ("hybrid", None)}
+MODES = {"dense": ("dense", 0), "bm25": ("bm25", 0), "hybrid": ("hybrid", 0), "hybrid+page": ("hybrid", None), "auto+page": ("auto", None)}
 
 
 def page_of(source: str) -> str:
@@ -190,7 +191,7 @@ def main() -> None:
                 messages = [ChatMessage(role=m["role"], content=m["content"]) for m in q["history"]] + [ChatMessage(role="user", content=q["question"])]
                 text = standalone_query(messages)[0] if rewrite else q["question"]
                 v = query_embedder.encode([text])[0].tolist()
-                ps = kb.search(v, 10, -1.0, query=text, mode="hybrid", per_page=args.per_page, candidates=settings.retrieval_candidates)
+                ps = kb.search(v, 10, -1.0, query=text, mode="auto", per_page=args.per_page, candidates=settings.retrieval_candidates)
                 ranks.append(rank_of(ps, set(q["pages"])))
             out[label] = summarise(ranks)
         results["splits"][split] = out

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     embedding_backend: str = "auto"  # auto | onnx | torch (core.embeddings: int8 ONNX ~3x faster per query)
     retrieval_top_k: int = 4
     retrieval_min_score: float = 0.25  # a query whose best dense cosine is lower gets no passages
-    retrieval_mode: Literal["dense", "bm25", "hybrid"] = "hybrid"  # retrieval_workers.store: BM25 + dense fused by RRF
+    retrieval_mode: Literal["auto", "dense", "bm25", "hybrid"] = "auto"  # retrieval_workers.store: hybrid (BM25 + dense, RRF) for names, else dense
     retrieval_per_page: int = 2  # at most this many chunks of one page in the top-k (0: no limit)
     retrieval_candidates: int = 40  # hits per retriever before fusion, the page limit and the reranker
     # a cross-encoder (any Hugging Face id or local path, sentence-transformers' CrossEncoder) reranking the

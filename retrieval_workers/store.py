@@ -10,9 +10,14 @@ ignores stemming filters, so terms are prepared here, identically for chunks and
 ``sparse`` by Milvus's built-in BM25 function; ``text`` (the body), ``title``, ``url``, ``anchor``,
 ``source``, ``position``, ``doc_hash`` (which version of the document the chunk belongs to).
 
-Search modes (:meth:`KnowledgeBase.search`): ``dense`` (cosine), ``bm25`` (Milvus full-text search) and
+Search modes (:meth:`KnowledgeBase.search`): ``dense`` (cosine), ``bm25`` (Milvus full-text search),
 ``hybrid`` — both in one Milvus ``hybrid_search`` fused by reciprocal-rank fusion, score
-``Σ 1/(k + rank)`` with k = 60 (Cormack, Clarke & Büttcher, SIGIR 2009). Then at most ``per_page`` chunks per
+``Σ 1/(k + rank)`` with k = 60 (Cormack, Clarke & Büttcher, SIGIR 2009) — and ``auto`` (the default):
+hybrid where BM25 helps, dense where it does not. A query with identifier-like tokens (:func:`identifiers`)
+is searched hybrid with BM25 over those tokens only (exact rare names are what dense vectors miss); a query
+of at most three words hybrid with all its words; a natural-language question dense only (on the dev split
+of ``bench/data/retrieval_questions.jsonl`` fusing BM25 into such questions lowered MRR, and milvus-lite's
+BM25 costs ~60 ms for a 9-term query against ~18 ms for dense). Then at most ``per_page`` chunks per
 source, so the top-k spans several pages. A query whose best dense cosine is under ``min_score`` gets no
 passages (nothing in the knowledge base is about it).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -38,8 +44,17 @@ MAX_SOURCE = 1024
 MAX_TITLE = 512
 MAX_URL = 2048
 RRF_K = 60
-SearchMode = Literal["dense", "bm25", "hybrid"]
-MODES: tuple[SearchMode, ...] = ("dense", "bm25", "hybrid")
+SearchMode = Literal["auto", "dense", "bm25", "hybrid"]
+MODES: tuple[SearchMode, ...] = ("auto", "dense", "bm25", "hybrid")
+# identifier-like tokens: `code`, dotted names, snake_case, calls, CamelCase, --options, dunders
+_IDENTIFIER = re.compile(
+    r"`[^`]+`|\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|\b\w+_\w+|\b\w+\(\)|\b[a-z]+[A-Z]\w*|\b[A-Z][a-z0-9]+[A-Z]\w*|(?<!\w)--?[a-z][\w-]+|\b[A-Z]{3,}\w*"
+)
+
+
+def identifiers(query: str) -> list[str]:
+    """The identifier-like tokens of ``query`` (``os.path.join``, ``dirs_exist_ok``, ``--user``, ``PYTHONPATH``)."""
+    return [m.group(0).strip("`") for m in _IDENTIFIER.finditer(query)]
 _OUTPUT = ["text", "source", "position", "title", "url", "anchor"]
 # Reranks (query, [passage texts]) -> one score per passage, higher is better.
 Reranker = Callable[[str, list[str]], list[float]]
@@ -126,7 +141,7 @@ class KnowledgeBase:
         min_score: float = -1.0,
         *,
         query: str = "",
-        mode: SearchMode = "hybrid",
+        mode: SearchMode = "auto",
         per_page: int = 0,
         candidates: int = 40,
         reranker: Reranker | None = None,
@@ -140,6 +155,12 @@ class KnowledgeBase:
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r}; expected one of {', '.join(MODES)}")
         terms = lexical_text(query) if query else ""
+        if mode == "auto":
+            names = identifiers(query)
+            if names:
+                mode, terms = "hybrid", lexical_text(" ".join(names))
+            else:
+                mode = "hybrid" if 0 < len(query.split()) <= 3 else "dense"
         if not terms and mode != "dense":
             mode = "dense"
         limit = max(candidates, top_k)
