@@ -4,7 +4,6 @@ No stack needed (milvus-lite in this process)::
 
     .venv/bin/python bench/retrieval_quality.py                 # both splits, every mode
     .venv/bin/python bench/retrieval_quality.py --split dev     # what tuning may look at
-    .venv/bin/python bench/retrieval_quality.py --max-tokens 128  # embed documents truncated to 128 tokens
 
 What it does
 ------------
@@ -80,7 +79,7 @@ def build(settings: Settings, max_tokens: int, rebuild: bool) -> tuple[Knowledge
     chunks = collect_chunks(paths, settings, base_url=DOCS_BASE_URL, url_root=docs_root(settings))
     parse_s = time.perf_counter() - t0
     embedder = get_embedder(settings.embedding_model, settings.embedding_backend, bulk=True)
-    if max_tokens and hasattr(embedder, "model"):
+    if max_tokens and hasattr(embedder, "model"):  # not yet checked to take effect with sentence-transformers 6
         embedder.model.max_seq_length = max_tokens
     kb = KnowledgeBase(str(folder / "kb.db"))
     t0 = time.perf_counter()

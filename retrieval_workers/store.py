@@ -55,6 +55,8 @@ _IDENTIFIER = re.compile(
 def identifiers(query: str) -> list[str]:
     """The identifier-like tokens of ``query`` (``os.path.join``, ``dirs_exist_ok``, ``--user``, ``PYTHONPATH``)."""
     return [m.group(0).strip("`") for m in _IDENTIFIER.finditer(query)]
+
+
 _OUTPUT = ["text", "source", "position", "title", "url", "anchor"]
 # Reranks (query, [passage texts]) -> one score per passage, higher is better.
 Reranker = Callable[[str, list[str]], list[float]]

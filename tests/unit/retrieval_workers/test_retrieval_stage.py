@@ -73,3 +73,33 @@ async def test_store_failure_skips_with_the_reason(tmp_path: Path) -> None:
     result = await stage.retrieve(screened("anything"))
     assert result.status == "skipped" and result.reason.startswith("error:")
     broken.close()
+
+
+def test_hybrid_search_finds_a_rare_identifier_that_dense_search_ranks_below_a_similar_name(tmp_path: Path) -> None:
+    """Real documentation pages on a real milvus-lite file: BM25 matches the exact API name, RRF puts it first."""
+    from chatbus.commands.stack import DOCS_BASE_URL, docs_root
+    from retrieval_workers.ingest import collect_chunks
+
+    root = docs_root()
+    if root is None:
+        pytest.fail("the Python documentation is not unpacked: run `make setup` (make docs-corpus)")
+    pages = [root / "library" / f"{p}.html" for p in ("functools", "bisect", "heapq")]
+    chunks = collect_chunks(pages, Settings(), base_url=DOCS_BASE_URL, url_root=root)
+    vectors = get_embedder(bulk=True).encode([c.indexed_text for c in chunks])
+    store = KnowledgeBase(str(tmp_path / "kb.db"), "docs")
+    store.upsert(
+        [
+            KbChunk(chunk_id=c.chunk_id, text=c.text, source=c.source, position=c.position, embedding=v.tolist(), title=c.title, anchor=c.anchor, url=c.url)
+            for c, v in zip(chunks, vectors, strict=True)
+        ]
+    )
+    store.flush()
+    query = "singledispatchmethod"
+    vector = get_embedder().encode([query])[0].tolist()
+    dense = store.search(vector, 4, query=query, mode="dense")
+    hybrid = store.search(vector, 4, query=query, mode="auto", per_page=2)
+    assert hybrid[0].anchor == "functools.singledispatchmethod", [p.anchor for p in hybrid]
+    assert hybrid[0].url == f"{DOCS_BASE_URL}library/functools.html#functools.singledispatchmethod"
+    assert hybrid[0].title == "functools — Higher-order functions and operations on callable objects › functools.singledispatchmethod"
+    assert dense[0].anchor != "functools.singledispatchmethod", "dense alone ranks a similar name first"
+    assert len(hybrid) <= 4 and max(sum(1 for p in hybrid if p.source == s) for s in {p.source for p in hybrid}) <= 2
