@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from report import figure, summarise, table, write
 
+from chatbus.commands.stack import docs_root
 from core.config import Settings
 from core.embeddings import get_embedder
 from retrieval_workers.chunking import Chunk
@@ -82,7 +83,7 @@ from retrieval_workers.ingest import collect_chunks
 from retrieval_workers.store import KnowledgeBase
 from schemas.events import KbChunk
 
-TUTORIAL = Path("/usr/share/doc/python3.11/html/tutorial")
+TUTORIAL = (docs_root() or Path("/usr/share/doc/python3.11/html")) / "tutorial"
 CACHE = Path.home() / ".cache" / "chatbus-bench"
 TOP_K = 10
 TARGET_P99_MS = 50.0
