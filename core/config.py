@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     chunk_overlap: int = 120
 
     # --- safety --------------------------------------------------------------------------------------
+    # the trained input classifier (safety_workers.classifier): "" = the packaged artefact, a path, or "none"
+    safety_classifier: str = ""
     safety_policy: Path | None = None  # YAML; default: safety_workers/policy.yaml
     safety_similarity_threshold: float = 0.48  # with the policy allow_margin; see safety_workers/policy.yaml
 

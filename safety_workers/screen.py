@@ -17,6 +17,12 @@ Decision, per message (PII masking is separate: :mod:`core.pii`):
    lets the threshold sit low enough to catch paraphrases without blocking the topic.
 3. **Flags.** A triggered ``flag`` category (e.g. ``prompt_injection``) is reported in ``flags`` and
    does not block, unless its score reaches its ``block_above``.
+4. **Trained classifier** (when the screener has one, :mod:`safety_workers.classifier`): its ``harm`` head
+   at or above its calibrated threshold blocks (category: the block category the message is most similar
+   to, if that similarity is at least :data:`CATEGORY_FLOOR`, else ``harmful_request``); its ``injection``
+   head blocks as ``prompt_injection``. Every head's probability is reported in ``scores``; messages of
+   fewer than :data:`CLASSIFIER_MIN_WORDS` words are never blocked by it ("hi" scored as an injection:
+   in-the-wild jailbreaks open with "Hello ChatGPT").
 
 When several categories block, the highest score decides (pattern hits, 1.0, beat similarity). Reasons
 name the category and the kind of signal, never the pattern text, so a blocked user learns nothing
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from safety_workers.classifier import InputClassifier
 from safety_workers.policy import Category, Policy
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,8 @@ __all__ = ["DEFAULT_SIMILARITY_THRESHOLD", "ScreenResult", "Screener", "normalis
 
 # Measured on all-MiniLM-L6-v2 with the packaged exemplars: see tests/test_safety_rules.py.
 DEFAULT_SIMILARITY_THRESHOLD = 0.48
+CLASSIFIER_MIN_WORDS = 4  # shorter messages are scored but never blocked by the classifier
+CATEGORY_FLOOR = 0.45  # a classifier block names the nearest block category only when it is at least this similar
 
 _ALLOW = "_allow"  # key of the allow exemplars' similarity; not a valid category name
 
@@ -79,6 +88,7 @@ class ScreenResult:
     score: float = 0.0
     flags: list[str] = field(default_factory=list)
     reason: str = ""
+    scores: dict[str, float] = field(default_factory=dict)  # the classifier heads' probabilities
 
 
 @dataclass
@@ -109,10 +119,13 @@ class Screener:
     Raises ``ValueError`` if the embedder returns the wrong number of rows.
     """
 
-    def __init__(self, policy: Policy, embed: Embed, default_threshold: float = DEFAULT_SIMILARITY_THRESHOLD) -> None:
+    def __init__(
+        self, policy: Policy, embed: Embed, default_threshold: float = DEFAULT_SIMILARITY_THRESHOLD, classifier: InputClassifier | None = None
+    ) -> None:
         if not 0.0 < default_threshold <= 1.0:
             raise ValueError(f"default_threshold must be in (0, 1], got {default_threshold}")
         self.policy = policy
+        self.classifier = classifier
         self._embed = embed
         self.default_threshold = default_threshold
         names: list[str] = []
@@ -188,6 +201,10 @@ class Screener:
         for sig in signals.values():
             sig.pattern_score = _pattern_score(sig.category, norm)
 
+        head_scores: dict[str, float] = {}
+        if self.classifier is not None and norm and query_embedding is not None:  # reported even when a pattern decides
+            head_scores = self.classifier.scores(query_embedding)
+        decides = len(norm.split()) >= CLASSIFIER_MIN_WORDS  # a greeting or a one-word reply carries no request to judge
         pattern_blocks = [s for s in signals.values() if s.category.action == "block" and s.pattern_score > 0.0]
         if pattern_blocks:
             sig = pattern_blocks[0]
@@ -197,11 +214,14 @@ class Screener:
                 score=1.0,
                 flags=_flags(signals.values()),
                 reason=f"matched a deny rule of category {sig.category.name!r}",
+                scores=head_scores,
             )
 
-        if self._matrices and norm:
-            if query_embedding is None:
-                query_embedding = self.embed_query(text)
+        if (self._matrices or self.classifier is not None) and norm and query_embedding is None:
+            query_embedding = self.embed_query(text)
+        if self.classifier is not None and norm and query_embedding is not None and not head_scores:
+            head_scores = self.classifier.scores(query_embedding)
+        if self._matrices and norm and query_embedding is not None:
             sims = self.similarities(query_embedding)
             allow = sims.pop(_ALLOW, 0.0)
             for name, sim in sims.items():
@@ -223,12 +243,35 @@ class Screener:
                 score=round(score, 4),
                 flags=_flags(s for s in signals.values() if s is not sig),
                 reason=_block_reason(sig),
+                scores=head_scores,
             )
+        if self.classifier is not None and head_scores and decides:
+            thresholds = self.classifier.thresholds
+            if head_scores.get("injection", 0.0) >= thresholds.get("injection", 2.0):
+                return ScreenResult(
+                    allowed=False,
+                    category="prompt_injection",
+                    score=head_scores["injection"],
+                    flags=_flags(signals.values()),
+                    reason=f"injection classifier {head_scores['injection']:.2f} >= {thresholds['injection']:.2f}",
+                    scores=head_scores,
+                )
+            if head_scores.get("harm", 0.0) >= thresholds.get("harm", 2.0):
+                near = [s for s in signals.values() if s.category.action == "block" and s.similarity >= CATEGORY_FLOOR]
+                category = max(near, key=lambda s: s.similarity).category.name if near else "harmful_request"
+                return ScreenResult(
+                    allowed=False,
+                    category=category,
+                    score=head_scores["harm"],
+                    flags=_flags(signals.values()),
+                    reason=f"harm classifier {head_scores['harm']:.2f} >= {thresholds['harm']:.2f}",
+                    scores=head_scores,
+                )
 
         flags = _flags(signals.values())
         strongest = max((max(s.pattern_score, s.similarity) for s in signals.values()), default=0.0)
         reason = f"flagged: {', '.join(flags)}" if flags else ""
-        return ScreenResult(allowed=True, category="none", score=round(strongest, 4), flags=flags, reason=reason)
+        return ScreenResult(allowed=True, category="none", score=round(strongest, 4), flags=flags, reason=reason, scores=head_scores)
 
     def refusal_text(self, category: str) -> str:
         """A short, polite refusal for a turn blocked in ``category`` (the policy's text, else a generic one)."""

@@ -5,8 +5,12 @@ Consumer group ``chatbus-safety`` on ``chat.requests`` and, when no interactive 
 :mod:`consumers.stage`). Lines of a cancelled batch are finished at once as ``cancelled``.
 
 For each turn: PII in every message is masked (:mod:`core.pii`); the last user message is
-embedded once (all-MiniLM-L6-v2) and screened against the policy's deny patterns, per-category
-exemplar similarity and prompt-injection heuristics (:mod:`safety_workers.screen`). An allowed turn
+embedded (all-MiniLM-L6-v2) and screened against the policy's deny patterns, per-category
+exemplar similarity, prompt-injection heuristics and the trained classifier (:mod:`safety_workers.screen`,
+:mod:`safety_workers.classifier`). Screened with it, in the same embedding call: its de-obfuscated form
+when it differs (:mod:`safety_workers.deobfuscate`: homoglyphs, base64, leetspeak, spacing) and, when the
+conversation has earlier user turns, the last :data:`RECENT_TURNS` user messages joined (a request split
+across messages); the strictest verdict wins. An allowed turn
 goes on to ``chat.screened`` with its masked messages, its verdict and the query embedding (so retrieval
 need not embed again). A blocked turn never reaches generation: a refusal and a completion with
 ``finish_reason="content_filter"`` go straight to the turn's ``reply_to``.
@@ -30,12 +34,16 @@ from core.embeddings import TextEmbedder, get_embedder
 from core.pii import mask_pii
 from producers.bus import Outgoing
 from producers.replies import whole_reply
+from safety_workers.classifier import load_classifier
+from safety_workers.deobfuscate import variants
 from safety_workers.policy import load_policy
-from safety_workers.screen import Screener
+from safety_workers.screen import Screener, ScreenResult
 from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
 from topics.registry import BATCH_SCREENED, CHAT_REQUESTS, CHAT_SCREENED, RETRIEVAL, SAFETY, lane, topic
 
 log = logging.getLogger(__name__)
+
+RECENT_TURNS = 3
 
 
 class SafetyStage:
@@ -43,7 +51,8 @@ class SafetyStage:
         self.settings = settings
         self.policy = load_policy(settings.safety_policy)
         self.embedder = embedder or get_embedder(settings.embedding_model, settings.embedding_backend)
-        self.screener = Screener(self.policy, self.embedder.encode, default_threshold=settings.safety_similarity_threshold)
+        self.classifier = None if settings.safety_classifier == "none" else load_classifier(settings.safety_classifier or None)
+        self.screener = Screener(self.policy, self.embedder.encode, default_threshold=settings.safety_similarity_threshold, classifier=self.classifier)
         self.cancelled = CancelledBatches(settings)
 
     def screen(self, request: ChatTurnRequest) -> tuple[ChatTurnRequest, SafetyVerdict, list[float]]:
@@ -55,10 +64,23 @@ class SafetyStage:
             kinds.update(found)
             masked.append(ChatMessage(role=m.role, content=text))
         query = last_user_text(masked)
+        texts = [query, *variants(query)]
+        users = [m.content for m in masked if m.role == "user"]
+        if len(users) > 1:
+            texts.append("\n".join(users[-RECENT_TURNS:]))
         t_embed = time.perf_counter()
-        embedding = self.embedder.encode([query])[0]
+        vectors = self.embedder.encode(texts)
         metrics.EMBEDDING_SECONDS.observe(time.perf_counter() - t_embed)
+        embedding = vectors[0]
         result = self.screener.screen(query, embedding)
+        for text, vector in zip(texts[1:], vectors[1:], strict=True):
+            if not result.allowed:
+                break
+            other = self.screener.screen(text, vector)
+            if not other.allowed:
+                result = ScreenResult(
+                    False, other.category, other.score, sorted({*result.flags, *other.flags}), other.reason + " (in a decoded or multi-turn form)", other.scores
+                )
         verdict = SafetyVerdict(
             allowed=result.allowed,
             category=result.category,
@@ -68,6 +90,8 @@ class SafetyStage:
             pii=sorted(kinds),
             flags=list(result.flags),
             reason=result.reason,
+            scores=result.scores,
+            classifier_version=self.classifier.version if self.classifier else "",
         )
         return request.model_copy(update={"messages": masked}), verdict, embedding.tolist()
 

@@ -94,6 +94,8 @@ class SafetyVerdict(_Model):
     pii: list[str] = Field(default_factory=list)  # kinds masked, e.g. ["email", "iban"]
     flags: list[str] = Field(default_factory=list)  # non-blocking findings, e.g. ["prompt_injection"]
     reason: str = ""
+    scores: dict[str, float] = Field(default_factory=dict)  # the trained classifier's heads (harm, injection), probabilities 0..1
+    classifier_version: str = ""
 
 
 class Passage(_Model):

