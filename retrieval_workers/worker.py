@@ -73,7 +73,7 @@ class RetrievalStage:
             remaining = budget - (time.perf_counter() - t0)
             if remaining <= 0:  # the embedding used the whole budget: no search at all
                 raise TimeoutError
-            reranker = load_reranker(s.reranker) if s.reranker else None
+            reranker = await loop.run_in_executor(self.milvus, load_reranker, s.reranker) if s.reranker else None  # loaded once, off the loop
             search = loop.run_in_executor(
                 self.milvus,
                 functools.partial(
