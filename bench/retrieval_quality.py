@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -212,7 +211,6 @@ def main() -> None:
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("misses (dev):", {k: v.get("misses") for k, v in results["splits"].get("dev", {}).items() if "misses" in v})
-    _ = statistics
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def _clean(text: str) -> str:
     return re.sub(r" *\n *", "\n", text).strip()
 
 
-def _decode(raw: bytes, path: Path) -> str:
+def _decode(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -145,7 +145,7 @@ def read_document(
         raise Unchanged(str(path))
     if b"\x00" in raw[:8192]:
         raise SkipFile("binary file (NUL bytes)")
-    text = _decode(raw, path)
+    text = _decode(raw)
     rel = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.name
     if suffix in {".html", ".htm"}:
         title, blocks = html_blocks(text)

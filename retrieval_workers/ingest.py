@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +124,6 @@ async def ingest(
     timeout_s: float = 1800,
     base_url: str = "",
     url_root: Path | None = None,
-    on_report: Callable[[IngestReport], None] | None = None,
 ) -> IngestReport:
     """Publish every new or changed document of ``paths``; returns what was done. Raises ``TimeoutError`` if
     ``wait`` expires, ``FileNotFoundError`` for a missing path."""
@@ -169,8 +167,6 @@ async def ingest(
     if wait and publisher.last:
         await wait_indexed(settings, publisher.last, timeout_s)
     report.seconds = time.perf_counter() - t0
-    if on_report is not None:
-        on_report(report)
     return report
 
 

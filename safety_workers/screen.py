@@ -201,9 +201,7 @@ class Screener:
         for sig in signals.values():
             sig.pattern_score = _pattern_score(sig.category, norm)
 
-        head_scores: dict[str, float] = {}
-        if self.classifier is not None and norm and query_embedding is not None:  # reported even when a pattern decides
-            head_scores = self.classifier.scores(query_embedding)
+        head_scores = self._classify(norm, query_embedding)  # reported even when a pattern decides
         decides = len(norm.split()) >= CLASSIFIER_MIN_WORDS  # a greeting or a one-word reply carries no request to judge
         pattern_blocks = [s for s in signals.values() if s.category.action == "block" and s.pattern_score > 0.0]
         if pattern_blocks:
@@ -219,8 +217,8 @@ class Screener:
 
         if (self._matrices or self.classifier is not None) and norm and query_embedding is None:
             query_embedding = self.embed_query(text)
-        if self.classifier is not None and norm and query_embedding is not None and not head_scores:
-            head_scores = self.classifier.scores(query_embedding)
+        if not head_scores:
+            head_scores = self._classify(norm, query_embedding)
         if self._matrices and norm and query_embedding is not None:
             sims = self.similarities(query_embedding)
             allow = sims.pop(_ALLOW, 0.0)
@@ -272,6 +270,12 @@ class Screener:
         strongest = max((max(s.pattern_score, s.similarity) for s in signals.values()), default=0.0)
         reason = f"flagged: {', '.join(flags)}" if flags else ""
         return ScreenResult(allowed=True, category="none", score=round(strongest, 4), flags=flags, reason=reason, scores=head_scores)
+
+    def _classify(self, norm: str, query_embedding: np.ndarray | None) -> dict[str, float]:
+        """The classifier heads' probabilities, or nothing without a classifier, text or embedding."""
+        if self.classifier is None or not norm or query_embedding is None:
+            return {}
+        return self.classifier.scores(query_embedding)
 
     def refusal_text(self, category: str) -> str:
         """A short, polite refusal for a turn blocked in ``category`` (the policy's text, else a generic one)."""
