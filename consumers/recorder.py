@@ -83,6 +83,10 @@ def turn_updates(event: AnyEvent) -> TurnDoc | None:
             ),
             stages=event.stages,
         )
+        if event.retraction is not None:
+            retraction = event.retraction.model_dump()
+            retraction["withdrawn_text"] = mask_pii(event.retraction.withdrawn_text)[0]
+            fields["answer"]["retraction"] = retraction
         if event.verdict is not None:
             fields["verdict"] = event.verdict.model_dump()
         return fields

@@ -120,10 +120,15 @@ class Settings(BaseSettings):
     chunk_overlap: int = 120
 
     # --- safety --------------------------------------------------------------------------------------
-    # the trained input classifier (safety_workers.classifier): "" = the packaged artefact, a path, or "none"
+    # the trained input classifier (core.safety.classifier): "" = the packaged artefact, a path, or "none"
     safety_classifier: str = ""
-    safety_policy: Path | None = None  # YAML; default: safety_workers/policy.yaml
-    safety_similarity_threshold: float = 0.48  # with the policy allow_margin; see safety_workers/policy.yaml
+    safety_policy: Path | None = None  # YAML; default: core/safety/policy.yaml
+    safety_similarity_threshold: float = 0.48  # with the policy allow_margin; see core/safety/policy.yaml
+    # the inference worker's streaming output rail (core.safety.output): screen every N tokens (sooner at a
+    # sentence end); release at most `window` tokens before a screen covers them (0: nothing unscreened)
+    output_rail: bool = True
+    output_rail_every_tokens: int = Field(default=16, ge=1)
+    output_rail_window_tokens: int = Field(default=0, ge=0)
 
     @property
     def resolved_model(self) -> str:

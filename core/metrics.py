@@ -58,6 +58,8 @@ DEAD_LETTERS = Counter("chatbus:dead_letters_total", "Records sent to the dead-l
 
 # --- safety, retrieval -----------------------------------------------------------------------------------
 SAFETY_VERDICTS = Counter("chatbus:safety_verdicts_total", "Safety verdicts by action (allow/block) and category.", ["action", "category"])
+OUTPUT_RETRACTIONS = Counter("chatbus:output_retractions_total", "Answers the streaming output rail retracted, by category.", ["category"])
+OUTPUT_PII = Counter("chatbus:output_pii_masked_total", "Kinds of PII the output rail masked in answers (one per kind per turn).")
 EMBEDDING_SECONDS = Histogram("chatbus:embedding_seconds", "Query embedding time (computed once, in the safety stage).", buckets=LATENCY_BUCKETS)
 RETRIEVAL_SECONDS = Histogram("chatbus:retrieval_latency_seconds", "Vector search time per turn.", buckets=LATENCY_BUCKETS)
 RETRIEVAL_HITS = Histogram("chatbus:retrieval_hits", "Passages retrieved per turn (after the score threshold).", buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16))

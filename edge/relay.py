@@ -120,6 +120,8 @@ class TurnStream:
                     text += self.splice(ev)
                 else:
                     self.done = ev
+                    if ev.retraction is not None:  # its text is the safety message: closing_events sends it
+                        break
                     if len(ev.text) > self.delivered:  # anything a lost token event did not carry
                         text += ev.text[self.delivered :]
                         self.delivered = len(ev.text)

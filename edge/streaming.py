@@ -46,10 +46,15 @@ def closing_events(
     ``id`` if given) and the usage chunk when asked for — or one error chunk if generation failed."""
     if done.finish_reason == "error":
         return [data(error_body(APIError(500, "generation failed", type="internal_error")))]
+    out: list[Event] = []
+    if done.retraction is not None:
+        # the output rail withdrew the text streamed so far: the safety message follows it (a client that
+        # reads ``chatbus_retraction`` on the finish chunk shows the message instead of the text)
+        out.append(data(chunks.content(("\n\n" if done.retraction.withdrawn_chars else "") + done.text)))
     finish = data({**chunks.finish(done), **(finish_extra or {})})
     if event_id is not None:
         finish["id"] = event_id
-    return [finish, data(chunks.usage(done.usage))] if include_usage else [finish]
+    return [*out, finish, data(chunks.usage(done.usage))] if include_usage else [*out, finish]
 
 
 async def turn_events(

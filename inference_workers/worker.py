@@ -22,6 +22,13 @@ Rebalances: turns keep running while the group rebalances; only turns whose part
 another member are stopped (uncommitted, so the new owner redoes them). Records refetched after a
 partition comes back are recognised by offset and not run twice.
 
+Output rail (``CHATBUS_OUTPUT_RAIL``, on by default; :mod:`core.safety.output`): the answer is screened
+while it streams — at each sentence end or every ``output_rail_every_tokens`` tokens, in a thread while
+generation goes on — and text reaches the reply topic only once a screen has allowed it (plus at most
+``output_rail_window_tokens`` unscreened tokens), PII-masked. On a violation generation is aborted and
+the attempt's completion is a retraction (``finish_reason="content_filter"``, ``retraction`` set, the
+safety message as its text); the withdrawn answer travels only PII-masked, for review.
+
 Cancellation: every worker reads all of ``chat.control`` (no consumer group, from the end); a cancel
 for a running turn aborts it in the engine and completes it with ``finish_reason="cancelled"``; a
 cancel for a turn not yet dequeued is remembered for ten minutes.
@@ -43,11 +50,12 @@ from consumers.cancellations import CancelledBatches, ControlTail
 from consumers.runtime import ConsumerRuntime, OffsetTracker
 from core import metrics
 from core.config import Settings
+from core.safety.output import SAFETY_MESSAGE, OutputRail, OutputScreen, OutputVerdict
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
 from producers.bus import Outgoing, produce_all
 from producers.replies import completion, to_reply, token_event
-from schemas.events import DecodeError, FinishReason, GroundedTurn, TurnCompleted, Usage, new_id
+from schemas.events import DecodeError, FinishReason, GroundedTurn, Retraction, TurnCompleted, Usage, new_id
 from topics.registry import CHAT_GROUNDED, INFERENCE, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
@@ -88,9 +96,23 @@ class _Revoker(ConsumerRebalanceListener):
             await self.worker.drop_partitions(lost)
 
 
+def build_output_screen(settings: Settings) -> OutputScreen:
+    """The output rail's screen: the safety policy and classifier of ``settings``, over the query embedder."""
+    from core.embeddings import get_embedder
+    from core.safety.classifier import load_classifier
+    from core.safety.policy import load_policy
+    from core.safety.screen import Screener
+
+    embedder = get_embedder(settings.embedding_model, settings.embedding_backend)
+    classifier = None if settings.safety_classifier == "none" else load_classifier(settings.safety_classifier or None)
+    screener = Screener(load_policy(settings.safety_policy), embedder.encode, settings.safety_similarity_threshold, classifier)
+    return OutputScreen(screener)
+
+
 class InferenceWorker(ConsumerRuntime):
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None, output_screen: OutputScreen | None = None) -> None:
         self.engine = engine or make_engine(settings)
+        self.output_screen = output_screen
         self.cancelled_batches = CancelledBatches(settings, on_cancel=self.cancel_batch)
         self.control = ControlTail(settings, on_cancel=self.cancel)
         super().__init__(
@@ -114,6 +136,9 @@ class InferenceWorker(ConsumerRuntime):
     # --- lifecycle -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self._stop = stop = stop or asyncio.Event()
+        if self.output_screen is None and self.settings.output_rail:
+            self.output_screen = await asyncio.to_thread(build_output_screen, self.settings)
+            log.info("inference: output rail on (every %d tokens, window %d)", self.settings.output_rail_every_tokens, self.settings.output_rail_window_tokens)
         await super().run(stop)
         if self.fatal is not None:
             raise RuntimeError("inference worker stopped: a completion could not be delivered") from self.fatal
@@ -238,6 +263,10 @@ class InferenceWorker(ConsumerRuntime):
 
         extra: list[Outgoing] = []
         citations = list(turn.citations)
+        screen = self.output_screen
+        rail = OutputRail(self.settings.output_rail_every_tokens, self.settings.output_rail_window_tokens) if screen is not None else None
+        screening = _Screening(screen) if screen is not None else None
+        violation: OutputVerdict | None = None
         try:
             try:
                 if cid in self.cancelled or request in self.cancelled_batches:
@@ -258,18 +287,38 @@ class InferenceWorker(ConsumerRuntime):
                     )
                     last_flush = time.monotonic()
                     flushed_tokens = 0
-                    async for delta in self.engine.generate(gen):
-                        if "first_token" not in stages and (delta.text or delta.finish_reason):
-                            stages["first_token"] = time.time()
-                        buffer += delta.text
-                        tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
-                        elapsed_ms = (time.monotonic() - last_flush) * 1000
-                        if seq == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens:
-                            await flush()
-                            last_flush, flushed_tokens = time.monotonic(), tokens
-                        if delta.finish_reason:
-                            finish = ENGINE_FINISH.get(delta.finish_reason, "stop")
-                    await flush()
+                    deltas = self.engine.generate(gen)
+                    try:
+                        async for delta in deltas:
+                            if "first_token" not in stages and (delta.text or delta.finish_reason):
+                                stages["first_token"] = time.time()
+                            tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
+                            if delta.finish_reason:
+                                finish = ENGINE_FINISH.get(delta.finish_reason, "stop")
+                            if rail is None or screening is None:
+                                buffer += delta.text
+                            else:
+                                rail.feed(delta.text, tokens)
+                                violation = await screening.step(rail)
+                                if violation is not None:
+                                    break
+                                buffer += rail.release()
+                            elapsed_ms = (time.monotonic() - last_flush) * 1000
+                            if buffer and (seq == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens):
+                                await flush()
+                                last_flush, flushed_tokens = time.monotonic(), tokens
+                    finally:
+                        aclose = getattr(deltas, "aclose", None)
+                        if aclose is not None:  # a break (a violation) aborts generation now, not at garbage collection
+                            await aclose()
+                    if rail is not None and screening is not None and violation is None:
+                        violation = await screening.finish(rail)
+                        if violation is None:
+                            buffer += rail.release(final=True)
+                    if violation is None:
+                        await flush()
+                    else:
+                        finish, buffer = "content_filter", ""  # what was not sent yet is simply dropped
                     stages["last_token"] = time.time()
             except asyncio.CancelledError:
                 running = self.running.get(cid)
@@ -281,6 +330,24 @@ class InferenceWorker(ConsumerRuntime):
                 log.exception("generation failed for %s", cid)
                 finish, error = "error", f"{type(exc).__name__}: {exc}"[:500]
                 extra.append(self.reject(record, error, cid))
+            finally:
+                if screening is not None:
+                    screening.cancel()
+            retraction: Retraction | None = None
+            if violation is not None and rail is not None and screen is not None:
+                retraction = Retraction(
+                    category=violation.category,
+                    reason=violation.reason,
+                    scores=violation.scores,
+                    policy_version=screen.policy_version,
+                    withdrawn_chars=len(text),
+                    withdrawn_text=rail.withdrawn_text(),
+                    leaked_tokens=rail.leaked_tokens,
+                )
+                log.info("turn %s retracted by the output rail: %s (%d characters withdrawn)", cid, violation.category, len(text))
+                metrics.OUTPUT_RETRACTIONS.labels(violation.category).inc()
+            if rail is not None and rail.pii:
+                metrics.OUTPUT_PII.inc(len(rail.pii))
             running = self.running.get(cid)
             if running is not None:
                 running.finishing = True
@@ -289,7 +356,7 @@ class InferenceWorker(ConsumerRuntime):
                 attempt=attempt,
                 seq=seq,
                 finish_reason=finish,
-                text=text,
+                text=SAFETY_MESSAGE if retraction is not None else text,
                 model=self.engine.model_name,
                 stages=stages,
                 usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens),
@@ -297,6 +364,7 @@ class InferenceWorker(ConsumerRuntime):
                 verdict=turn.verdict,
                 retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
                 error=error,
+                retraction=retraction,
             )
             extra.append(to_reply(request, done.to_bytes()))
             observe_turn(done)
@@ -323,6 +391,53 @@ class InferenceWorker(ConsumerRuntime):
         self.completed_turns += 1
         log.info("turn %s %s: %d tokens", done.correlation_id, done.finish_reason, done.usage.completion_tokens)
         await self._commit(tp, offset)
+
+
+class _Screening:
+    """One turn's screens in flight: at most one at a time, in a thread (:class:`OutputScreen` is sync)."""
+
+    def __init__(self, screen: OutputScreen) -> None:
+        self.screen = screen
+        self.task: asyncio.Future[OutputVerdict] | None = None
+        self.at = (0, 0)
+
+    def _start(self, rail: OutputRail) -> None:
+        end, tokens, text = rail.checkpoint()
+        self.at = (end, tokens)
+        self.task = asyncio.ensure_future(asyncio.to_thread(self.screen.check, text))
+
+    def _settle(self, rail: OutputRail, verdict: OutputVerdict) -> OutputVerdict | None:
+        self.task = None
+        if not verdict.allowed:
+            return verdict
+        rail.passed(*self.at)
+        return None
+
+    async def step(self, rail: OutputRail) -> OutputVerdict | None:
+        """After each piece: collect a finished screen (a violation is returned), start a due one."""
+        if self.task is not None and self.task.done():
+            violation = self._settle(rail, self.task.result())
+            if violation is not None:
+                return violation
+        if self.task is None and rail.due():
+            self._start(rail)
+        return None
+
+    async def finish(self, rail: OutputRail) -> OutputVerdict | None:
+        """Generation ended: wait for the screen in flight, then screen whatever it did not cover."""
+        if self.task is not None:
+            violation = self._settle(rail, await self.task)
+            if violation is not None:
+                return violation
+        if rail.screened < len(rail.raw):
+            self._start(rail)
+            assert self.task is not None
+            return self._settle(rail, await self.task)
+        return None
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 def observe_turn(done: TurnCompleted) -> None:

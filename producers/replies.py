@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from producers.bus import Outgoing
-from schemas.events import ChatTurnRequest, Citation, FinishReason, SafetyVerdict, TokenEvent, TurnCompleted, Usage, new_id
+from schemas.events import ChatTurnRequest, Citation, FinishReason, Retraction, SafetyVerdict, TokenEvent, TurnCompleted, Usage, new_id
 
 
 def to_reply(request: ChatTurnRequest, value: bytes) -> Outgoing:
@@ -80,6 +80,7 @@ def completion(
     verdict: SafetyVerdict | None = None,
     error: str | None = None,
     retrieval_status: str = "",
+    retraction: Retraction | None = None,
 ) -> TurnCompleted:
     """The turn's final event (``chat.turn.completed``): ``seq`` follows the attempt's last token event;
     ``stages`` (wall-clock seconds per stage, :mod:`schemas.timing`) is copied."""
@@ -98,4 +99,5 @@ def completion(
         error=error,
         retrieval_status=retrieval_status,
         batch=request.batch,
+        retraction=retraction,
     )

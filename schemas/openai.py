@@ -144,6 +144,16 @@ def citations_list(cs: list[Citation]) -> list[dict[str, Any]]:
     return [c.model_dump() for c in cs]
 
 
+def retraction_dict(done: TurnCompleted) -> dict[str, Any]:
+    """The marker a retracted turn carries (``chatbus_retraction``, an extra field OpenAI clients ignore):
+    the streamed text is withdrawn (``withdrawn_chars`` characters) and ``message`` replaces it. Never the
+    withdrawn text itself."""
+    r = done.retraction
+    if r is None:
+        return {}
+    return {"chatbus_retraction": {"withdrawn": True, "withdrawn_chars": r.withdrawn_chars, "category": r.category, "message": done.text}}
+
+
 def public_finish_reason(done: TurnCompleted) -> str:
     # "cancelled" is internal (the client asked to stop); OpenAI clients know "stop".
     return "stop" if done.finish_reason == "cancelled" else done.finish_reason
@@ -173,6 +183,7 @@ class ChunkBuilder:
         return self._chunk(
             [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": public_finish_reason(done)}],
             citations=citations_list(done.citations),
+            **retraction_dict(done),
         )
 
     def usage(self, u: Usage) -> dict[str, Any]:
@@ -188,4 +199,5 @@ def completion_body(completion_id: str, model: str, text: str, done: TurnComplet
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": public_finish_reason(done)}],
         "usage": usage_dict(done.usage),
         "citations": citations_list(done.citations),
+        **retraction_dict(done),
     }

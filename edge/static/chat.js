@@ -681,6 +681,12 @@
             ended = true;
           }
         }
+        if (chunk.chatbus_retraction) {
+          // the output rail withdrew the answer shown so far: show the safety message instead
+          turn.text = String(chunk.chatbus_retraction.message || "");
+          turn.retracted = true;
+          paintContent(turn, true);
+        }
         if (Array.isArray(chunk.citations)) turn.citations = chunk.citations;
         if (ev.id) {
           turn.lastId = ev.id; // text and id persisted together: a resume appends exactly the rest

@@ -38,7 +38,7 @@ def test_the_tree_keeps_every_contract() -> None:
         ("schemas/events.py", "import core.config", "Layers"),  # contracts import nothing of ours
         ("producers/bus.py", "import consumers.runtime", "Layers"),  # producers sit below consumers
         ("batches/store.py", "import edge.app", "Layers"),  # the batch domain never imports the edge
-        ("retrieval_workers/store.py", "import safety_workers.policy", "Stages never import each other"),
+        ("retrieval_workers/store.py", "import safety_workers.worker", "Stages never import each other"),
         ("edge/relay.py", "import inference_workers.worker", "The edge never imports a stage"),
         ("consumers/recorder.py", "import chatbus.cli", "Layers"),  # nothing imports the entry points
     ],

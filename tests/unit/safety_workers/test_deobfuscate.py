@@ -1,10 +1,10 @@
-"""De-obfuscation before screening (safety_workers.deobfuscate)."""
+"""De-obfuscation before screening (core.safety.deobfuscate)."""
 
 from __future__ import annotations
 
 import base64
 
-from safety_workers.deobfuscate import decode_base64, fold_homoglyphs, join_spaced, unleet, variants
+from core.safety.deobfuscate import decode_base64, fold_homoglyphs, join_spaced, unleet, variants
 
 
 def test_each_disguise_is_undone() -> None:

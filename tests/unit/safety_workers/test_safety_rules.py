@@ -1,7 +1,7 @@
 """Safety rules: PII masking, the packaged policy's patterns and the embedding screener (real model).
 
 The embedding model (all-MiniLM-L6-v2, ~5 s to load) is loaded once for the module. The benign and
-harmful sentences here are the regression set for ``safety_workers/policy.yaml``: a pattern or exemplar
+harmful sentences here are the regression set for ``core/safety/policy.yaml``: a pattern or exemplar
 change must keep every benign sentence allowed and unflagged, and every harmful one caught.
 
 How the default similarity threshold (0.48, with ``allow_margin`` 0.08 and ``self_harm`` at 0.55) was
@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from core.pii import mask_pii
-from safety_workers.policy import Policy, PolicyError, load_policy
-from safety_workers.screen import DEFAULT_SIMILARITY_THRESHOLD, Screener, normalise
+from core.safety.policy import Policy, PolicyError, load_policy
+from core.safety.screen import DEFAULT_SIMILARITY_THRESHOLD, Screener, normalise
 
 # --------------------------------------------------------------------------------------------------
 # fixtures

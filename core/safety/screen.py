@@ -1,4 +1,4 @@
-"""Screen one chat turn against a :class:`~safety_workers.policy.Policy`: deny patterns, then similarity.
+"""Screen one chat turn against a :class:`~core.safety.policy.Policy`: deny patterns, then similarity.
 
 Decision, per message (PII masking is separate: :mod:`core.pii`):
 
@@ -17,7 +17,7 @@ Decision, per message (PII masking is separate: :mod:`core.pii`):
    lets the threshold sit low enough to catch paraphrases without blocking the topic.
 3. **Flags.** A triggered ``flag`` category (e.g. ``prompt_injection``) is reported in ``flags`` and
    does not block, unless its score reaches its ``block_above``.
-4. **Trained classifier** (when the screener has one, :mod:`safety_workers.classifier`): its ``harm`` head
+4. **Trained classifier** (when the screener has one, :mod:`core.safety.classifier`): its ``harm`` head
    at or above its calibrated threshold blocks (category: the block category the message is most similar
    to, if that similarity is at least :data:`CATEGORY_FLOOR`, else ``harmful_request``); its ``injection``
    head blocks as ``prompt_injection``. Every head's probability is reported in ``scores``; messages of
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from safety_workers.classifier import InputClassifier
-from safety_workers.policy import Category, Policy
+from core.safety.classifier import InputClassifier
+from core.safety.policy import Category, Policy
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ DEFAULT_SIMILARITY_THRESHOLD = 0.48
 CLASSIFIER_MIN_WORDS = 4  # shorter messages are scored but never blocked by the classifier
 CATEGORY_FLOOR = 0.45  # a classifier block names the nearest block category only when it is at least this similar
 
+INPUT_HEADS = ("harm", "injection")  # the classifier's heads for requests (its ``answer`` head is the output rail's)
 _ALLOW = "_allow"  # key of the allow exemplars' similarity; not a valid category name
 
 GENERIC_REFUSAL = "I'm sorry, but I can't help with that request because it may violate our usage policy."
@@ -275,7 +276,7 @@ class Screener:
         """The classifier heads' probabilities, or nothing without a classifier, text or embedding."""
         if self.classifier is None or not norm or query_embedding is None:
             return {}
-        return self.classifier.scores(query_embedding)
+        return self.classifier.scores(query_embedding, INPUT_HEADS)
 
     def refusal_text(self, category: str) -> str:
         """A short, polite refusal for a turn blocked in ``category`` (the policy's text, else a generic one)."""

@@ -1,6 +1,6 @@
 """The safety policy: a versioned YAML file of categories, each with deny patterns and exemplars.
 
-File shape (the packaged default is ``safety_workers/policy.yaml``)::
+File shape (the packaged default is ``core/safety/policy.yaml``)::
 
     version: "2026-11-21.1"          # required, non-empty; copied into every SafetyVerdict
     allow_margin: 0.08               # optional, default 0.08 (see "Semantics")
@@ -22,9 +22,9 @@ File shape (the packaged default is ``safety_workers/policy.yaml``)::
         refusal: "..."               # optional, the text a blocked turn gets back
 
 Patterns are case-insensitive: they are searched in the normalised, lowercased message
-(:func:`safety_workers.screen.normalise`).
+(:func:`core.safety.screen.normalise`).
 
-Semantics (applied by :class:`safety_workers.screen.Screener`): a pattern hit in a ``block`` category
+Semantics (applied by :class:`core.safety.screen.Screener`): a pattern hit in a ``block`` category
 blocks with score 1.0; in a ``flag`` category the hits' weights combine as a noisy-OR
 (``1 - prod(1 - w)``, default weight 0.5) into the category score. Exemplar similarity at or above the
 category's threshold triggers the category's action, unless the message is about as close to one of
@@ -257,13 +257,13 @@ def parse_policy(data: Any, source: str = "<policy>") -> Policy:
 
 
 def load_policy(path: Path | None = None) -> Policy:
-    """Load and validate a policy file; ``None`` loads the packaged ``safety_workers/policy.yaml``.
+    """Load and validate a policy file; ``None`` loads the packaged ``core/safety/policy.yaml``.
 
     Raises :class:`PolicyError` when the file is missing, is not YAML, or is not a valid policy.
     """
     if path is None:
-        source = "safety_workers/policy.yaml"
-        text = resources.files("safety_workers").joinpath("policy.yaml").read_text(encoding="utf-8")
+        source = "core/safety/policy.yaml"
+        text = resources.files("core.safety").joinpath("policy.yaml").read_text(encoding="utf-8")
     else:
         source = str(path)
         try:

