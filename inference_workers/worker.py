@@ -402,9 +402,9 @@ class _Screening:
         self.at = (0, 0)
 
     def _start(self, rail: OutputRail) -> None:
-        end, tokens, text = rail.checkpoint()
+        end, tokens, text, start = rail.checkpoint()
         self.at = (end, tokens)
-        self.task = asyncio.ensure_future(asyncio.to_thread(self.screen.check, text))
+        self.task = asyncio.ensure_future(asyncio.to_thread(self.screen.check, text, start))
 
     def _settle(self, rail: OutputRail, verdict: OutputVerdict) -> OutputVerdict | None:
         self.task = None

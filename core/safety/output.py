@@ -69,20 +69,32 @@ class OutputScreen:
     def policy_version(self) -> str:
         return self.screener.policy.version
 
-    def check(self, text: str) -> OutputVerdict:
-        """The verdict on ``text`` (the whole answer so far; its tail is judged). Never raises on text."""
+    def check(self, text: str, start: int = 0) -> OutputVerdict:
+        """The verdict on ``text`` (the whole answer so far; ``start``: where the text not screened before
+        begins). Two views are judged in one embedding call: the tail window, and the sentences from the
+        one ``start`` falls in to the end — a harmful sentence inside a long benign answer is diluted in
+        the window's embedding but not in its own. Never raises on text."""
         window = text[-self.window_chars :]
         norm = normalise(window)
         for cat in self.screener.policy.categories.values():
             if cat.action == "block" and cat.name not in NOT_OUTPUT and any(p.regex.search(norm) for p in cat.patterns):
                 return OutputVerdict(False, cat.name, f"matched a deny rule of category {cat.name!r}")
-        if self.threshold is None or len(norm.split()) < 4 or self.screener.classifier is None:
+        classifier = self.screener.classifier
+        if self.threshold is None or len(norm.split()) < 4 or classifier is None:
             return OutputVerdict(True)
-        embedding = self.screener.embed_query(window)
-        scores = self.screener.classifier.scores(embedding, ("answer",))
-        if scores["answer"] < self.threshold:
+        views = [window]
+        recent = text[_sentence_start(text, start) :][-self.window_chars :]
+        if len(recent) < len(window) and len(recent.split()) >= 4:
+            views.append(recent)
+        embeddings = self.screener.embed(views)
+        best: tuple[float, int] = (-1.0, 0)
+        for i, e in enumerate(embeddings):
+            best = max(best, (classifier.scores(e, ("answer",))["answer"], i))
+        score, i = best
+        scores = {"answer": round(score, 4)}
+        if score < self.threshold:
             return OutputVerdict(True, scores=scores)
-        return OutputVerdict(False, self._nearest(embedding), f"answer classifier {scores['answer']:.2f} >= {self.threshold:.2f}", scores)
+        return OutputVerdict(False, self._nearest(embeddings[i]), f"answer classifier {score:.2f} >= {self.threshold:.2f}", scores)
 
     def _nearest(self, embedding: np.ndarray) -> str:
         """The block category the text is most similar to (at least :data:`CATEGORY_FLOOR`), else ``harmful_answer``."""
@@ -96,6 +108,14 @@ class OutputScreen:
             and sim >= CATEGORY_FLOOR
         ]
         return max(near)[1] if near else "harmful_answer"
+
+
+def _sentence_start(text: str, pos: int) -> int:
+    """The start of the sentence that character ``pos`` of ``text`` falls in."""
+    last = 0
+    for m in _BOUNDARY.finditer(text, 0, max(0, pos)):
+        last = m.end()
+    return last
 
 
 @dataclass
@@ -143,10 +163,12 @@ class OutputRail:
             return True
         return _BOUNDARY.search(self.raw, self._checked_end) is not None
 
-    def checkpoint(self) -> tuple[int, int, str]:
-        """Start a screen of everything generated so far: ``(raw end, tokens, text to screen)``."""
+    def checkpoint(self) -> tuple[int, int, str, int]:
+        """Start a screen of everything generated so far: ``(raw end, tokens, text to screen, where the
+        text the previous screen did not see begins)``."""
+        start = self._checked_end
         self._checked_end, self.checked_tokens = len(self.raw), self.tokens
-        return len(self.raw), self.tokens, self.raw
+        return len(self.raw), self.tokens, self.raw, start
 
     def passed(self, end: int, tokens: int) -> None:
         """The screen of ``raw[:end]`` (``tokens`` tokens) allowed it."""

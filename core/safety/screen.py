@@ -182,6 +182,10 @@ class Screener:
             out[_ALLOW] = float(np.max(self._allow @ q))
         return out
 
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """The texts' embeddings, shape ``(n, d)``, in one call of the screener's embedder."""
+        return np.asarray(self._embed(texts), dtype=np.float32)
+
     def embed_query(self, text: str) -> np.ndarray:
         """The text's embedding, shape ``(d,)``, via the screener's embedder."""
         vector: np.ndarray = np.asarray(self._embed([text]), dtype=np.float32)[0]

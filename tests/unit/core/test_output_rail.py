@@ -14,7 +14,8 @@ def test_nothing_unscreened_is_released_and_releases_end_at_word_boundaries() ->
     assert not rail.due()
     rail.feed("re. More", 4)
     assert rail.due()
-    end, tokens, text = rail.checkpoint()
+    end, tokens, text, start = rail.checkpoint()
+    assert start == 0
     assert text == "Hello there. More" and tokens == 4
     rail.passed(end, tokens)
     assert rail.release() == "Hello there. "  # "More" may still grow

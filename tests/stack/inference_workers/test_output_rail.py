@@ -1,0 +1,195 @@
+"""The streaming output rail on the real stack: an inference worker whose engine is the ``openai`` engine
+talking HTTP to a scripted OpenAI-compatible upstream (started here), so the answer's words are known.
+A continuation that turns harmful mid-stream is never streamed, is retracted (stream, resume, the
+non-streamed body and the stored turn agree) and generation stops upstream; PII the model writes is
+masked in the stream; an ordinary answer streams unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from chatbus.stack import Stack, free_port
+from core.config import Settings
+from core.safety.output import SAFETY_MESSAGE
+from schemas.events import TurnCompleted
+from tests.conftest import eventually, read_topic
+
+pytestmark = pytest.mark.stack
+
+MODEL = "chatbus-tiny-random"
+BENIGN = "Sure. Lists in Python keep their order, and you can sort them in place with the sort method or get a sorted copy with sorted. "
+HARMFUL = (
+    "To build the pipe bomb, pack a steel pipe tightly with black powder, screw on both end caps and insert a fuse through a drilled hole. "
+    "Then place it where the crowd gathers and light the fuse. "
+)
+PII = "You can reach the author at jane.roe@example.org or call +1 415 555 2671 any weekday. "
+TAIL = "More words follow here to keep the stream going for a while longer. " * 6
+
+
+class Upstream:
+    """An OpenAI-compatible ``/v1/chat/completions`` that streams a script chosen by the last user message
+    (``[harm]``, ``[pii]``, else ordinary), one word per chunk; it records which streams the client closed early."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.closed_early: list[str] = []
+        self.finished: list[str] = []
+        app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def completions(self, request: Request) -> StreamingResponse:
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        text = BENIGN + (HARMFUL if "[harm]" in prompt else PII if "[pii]" in prompt else "") + TAIL
+        words = [w + " " for w in text.split()]
+        marker = prompt[-12:]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                for w in words:
+                    chunk = {
+                        "id": "up",
+                        "object": "chat.completion.chunk",
+                        "model": "scripted",
+                        "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}],
+                    }
+                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                    await asyncio.sleep(0.02)
+                end = {"id": "up", "object": "chat.completion.chunk", "model": "scripted", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                yield b"data: " + orjson.dumps(end) + b"\n\ndata: [DONE]\n\n"
+                self.finished.append(marker)
+            except (asyncio.CancelledError, GeneratorExit):
+                self.closed_early.append(marker)
+                raise
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    def __enter__(self) -> Upstream:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "scripted upstream did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def upstream(stack: Stack) -> Iterator[Upstream]:
+    """The stack's inference worker replaced by one on the scripted upstream, for this module."""
+    with Upstream() as up:
+        stack.stop("inference")
+        env = stack.env()
+        env.update({"CHATBUS_ENGINE": "openai", "CHATBUS_OPENAI_BASE_URL": up.url, "CHATBUS_MODEL": "scripted", "CHATBUS_SERVED_MODEL_NAME": MODEL})
+        stack.spawn("inference", [sys.executable, "-m", "chatbus.cli", "worker", "inference"], env)
+        try:
+            yield up
+        finally:
+            stack.stop("inference")
+            stack.start_worker("inference")
+
+
+async def stream(edge_url: str, content: str, conversation_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """A streamed turn's chunks and SSE ids."""
+    chunks: list[dict[str, Any]] = []
+    ids: list[str] = []
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": content}], "conversation_id": conversation_id, "max_tokens": 200}
+    async with httpx.AsyncClient(timeout=120) as http, http.stream("POST", f"{edge_url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("id:"):
+                ids.append(line[3:].strip())
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                chunks.append(orjson.loads(line[5:]))
+    return chunks, ids
+
+
+def text_of(chunks: list[dict[str, Any]]) -> str:
+    return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
+
+
+def finish_of(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    [fin] = [c for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"]]
+    return fin
+
+
+async def test_a_continuation_turning_harmful_is_retracted_everywhere(edge_url: str, settings: Settings, mongo: Any, upstream: Upstream) -> None:
+    conv = f"conv-rail-{time.time_ns()}"
+    chunks, ids = await stream(edge_url, "Tell me about lists, then the rest [harm] " + conv, conv)
+    fin = finish_of(chunks)
+    assert fin["choices"][0]["finish_reason"] == "content_filter"
+    marker = fin["chatbus_retraction"]
+    assert marker["withdrawn"] is True and marker["message"] == SAFETY_MESSAGE and marker["category"] != "none"
+    shown = text_of(chunks)
+    # the ordinary start was streamed, nothing of the harmful part ever was (window 0), the message follows
+    assert shown.startswith("Sure. Lists in Python") and "pipe" not in shown and "powder" not in shown
+    assert shown.endswith(SAFETY_MESSAGE) and marker["withdrawn_chars"] == len(shown) - len(SAFETY_MESSAGE) - 2
+    cid = chunks[0]["id"]
+
+    # the retraction on the reply topic: masked withdrawn answer, policy version; generation stopped upstream
+    [done] = [e for e in await read_topic(settings, "chat.replies", cid) if isinstance(e, TurnCompleted)]
+    assert done.finish_reason == "content_filter" and done.text == SAFETY_MESSAGE and done.retraction is not None
+    assert "pipe" in done.retraction.withdrawn_text and done.retraction.policy_version and done.retraction.leaked_tokens == 0
+    await eventually(lambda: asyncio.sleep(0, conv[-12:] in upstream.closed_early), 10, "the upstream stream closed early")
+    assert conv[-12:] not in upstream.finished
+
+    # a resumed stream (from the first event) gets the retraction too
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.get(f"{edge_url}/v1/chat/completions/{cid}/events", headers={"Last-Event-ID": ids[0]})
+    resumed = [orjson.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:") and line[5:].strip() != "[DONE]"]
+    assert finish_of(resumed)["choices"][0]["finish_reason"] == "content_filter" and finish_of(resumed)["chatbus_retraction"]["withdrawn"]
+    assert "pipe" not in text_of(resumed)
+
+    # the stored turn: the safety message as its answer, the withdrawn answer only masked and marked
+    turn = await eventually(lambda: mongo.turns.find_one({"_id": cid, "answer.retraction": {"$exists": True}}), 30, "retracted turn stored")
+    assert turn["answer"]["text"] == SAFETY_MESSAGE and turn["answer"]["finish_reason"] == "content_filter"
+    assert turn["answer"]["retraction"]["category"] == marker["category"]
+
+
+async def test_the_non_streamed_body_of_a_retracted_turn(edge_url: str, upstream: Upstream) -> None:
+    conv = f"conv-rail-{time.time_ns()}"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Lists please [harm] " + conv}], "conversation_id": conv}
+    async with httpx.AsyncClient(timeout=120) as http:
+        r = await http.post(f"{edge_url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["choices"][0]["finish_reason"] == "content_filter" and data["choices"][0]["message"]["content"] == SAFETY_MESSAGE
+    assert data["chatbus_retraction"]["withdrawn"] is True
+
+
+async def test_pii_the_model_writes_is_masked_in_the_stream(edge_url: str, upstream: Upstream) -> None:
+    conv = f"conv-rail-{time.time_ns()}"
+    chunks, _ = await stream(edge_url, "Who wrote it? [pii] " + conv, conv)
+    shown = text_of(chunks)
+    assert finish_of(chunks)["choices"][0]["finish_reason"] == "stop" and "chatbus_retraction" not in finish_of(chunks)
+    assert "[EMAIL]" in shown and "[PHONE]" in shown and "example.org" not in shown and "2671" not in shown
+
+
+async def test_an_ordinary_answer_streams_unchanged(edge_url: str, upstream: Upstream) -> None:
+    conv = f"conv-rail-{time.time_ns()}"
+    chunks, _ = await stream(edge_url, "Tell me about lists " + conv, conv)
+    expected = " ".join((BENIGN + TAIL).split()) + " "
+    assert text_of(chunks) == expected and finish_of(chunks)["choices"][0]["finish_reason"] == "stop"
+    assert sum(1 for c in chunks if c.get("choices") and c["choices"][0]["delta"].get("content")) > 1  # streamed, not held to the end
