@@ -193,3 +193,24 @@ async def test_an_ordinary_answer_streams_unchanged(edge_url: str, upstream: Ups
     expected = " ".join((BENIGN + TAIL).split()) + " "
     assert text_of(chunks) == expected and finish_of(chunks)["choices"][0]["finish_reason"] == "stop"
     assert sum(1 for c in chunks if c.get("choices") and c["choices"][0]["delta"].get("content")) > 1  # streamed, not held to the end
+
+
+async def test_the_chat_page_replaces_a_retracted_answer(edge_url: str, upstream: Upstream) -> None:
+    from playwright.async_api import expect
+
+    from tests.stack.edge.test_chat_page import ask, chat_page, open_chat, wait_idle
+
+    async with chat_page() as (page, errors):
+        await open_chat(page, f"{edge_url}/")
+        await ask(page, f"Tell me about lists [harm] {time.time_ns()}")
+        await wait_idle(page)
+        answer = page.locator(".answer").last
+        await expect(answer).to_have_attribute("data-status", "refused")
+        shown = await answer.inner_text()
+        assert "can't continue with that answer" in shown and "Lists in Python" not in shown and "pipe" not in shown
+        await page.reload()  # the stored turn says the same
+        await page.wait_for_selector("body[data-ready]", timeout=20_000)
+        answer = page.locator(".answer").last
+        await expect(answer).to_contain_text("can't continue with that answer")
+        assert "pipe" not in await answer.inner_text()
+        assert not errors, errors
