@@ -2,7 +2,7 @@
 
 Users: ``chat``, ``ingest``, ``kb``. Operators: ``stack up|down|run|status``, ``topics``, ``lag``, ``dlq``.
 Batch jobs: ``batch submit|status|list|wait|results|cancel|rebuild``.
-Analysts: ``feedback tail``, ``dpo export``.
+Analysts: ``feedback tail``, ``dpo export``. Safety reviewers: ``review list|decide``.
 Processes: ``edge``, ``worker safety|retrieval|inference|recorder|batches|feedback`` (what the stack and compose.yaml
 start). Builders: ``make-tiny-model``, ``models list|provision``. Configuration comes from ``CHATBUS_*`` environment variables.
 
@@ -19,6 +19,7 @@ from chatbus.commands.batch import batch
 from chatbus.commands.kb import kb
 from chatbus.commands.models import make_tiny_model, models
 from chatbus.commands.processes import edge, worker
+from chatbus.commands.review import review
 from chatbus.commands.stack import stack
 from chatbus.commands.users import chat, dlq, ingest, lag, topics
 
@@ -28,7 +29,7 @@ def main() -> None:
     """chatbus: event-driven LLM chat over Kafka."""
 
 
-for _command in (worker, edge, stack, chat, ingest, kb, topics, lag, dlq, make_tiny_model, models, feedback, dpo, batch):
+for _command in (worker, edge, stack, chat, ingest, kb, topics, lag, dlq, make_tiny_model, models, feedback, dpo, batch, review):
     main.add_command(_command)
 
 __all__ = ["main"]

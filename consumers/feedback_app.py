@@ -82,7 +82,18 @@ from core import metrics
 from core.config import Settings
 from producers.bus import dead_letter
 from schemas.events import DecodeError, ScreenedTurn, TurnCompleted, decode_object
-from schemas.feedback import CandidateDrop, CandidateRecord, CurationCandidate, DpoPair, FeedbackEvent, KtoExample, decode_feedback, prompt_group
+from schemas.feedback import (
+    RECORD_COLLECTIONS,
+    CandidateDrop,
+    CandidateRecord,
+    CurationCandidate,
+    DpoPair,
+    FeedbackEvent,
+    KtoExample,
+    decode_feedback,
+    prompt_group,
+    record_document,
+)
 from topics.clients import create_missing_topics
 from topics.registry import CHAT_DLQ, CHAT_FEEDBACK, CHAT_REPLIES, CHAT_SCREENED, DAY_MS, DPO_PAIRS, KTO_EXAMPLES, topic
 
@@ -91,7 +102,7 @@ T = TypeVar("T")
 
 APP_NAME = "chatbus-feedback"
 JOIN_PARTITIONS = 6  # chat.screened and chat.feedback have 6; the completions repartition topic too
-OUTPUTS = {"dpo": (DPO_PAIRS, "dpo_pairs"), "kto": (KTO_EXAMPLES, "kto_examples")}
+OUTPUTS = {"dpo": (DPO_PAIRS, RECORD_COLLECTIONS["dpo"]), "kto": (KTO_EXAMPLES, RECORD_COLLECTIONS["kto"])}
 # table -> partitions: the joiner's are co-partitioned with its sources, the curator's with A-candidates
 TABLES = {
     "turns": JOIN_PARTITIONS,
@@ -102,11 +113,6 @@ TABLES = {
     "emitted": 1,
     "group_records": 1,
 }
-
-
-def record_document(record: DpoPair | KtoExample) -> dict[str, Any]:
-    """The MongoDB document of a record (``dpo_pairs`` / ``kto_examples``): its JSON, ``_id`` = record id, ``updated_at``."""
-    return {**record.model_dump(mode="json"), "_id": record.record_id, "updated_at": time.time()}
 
 
 def app_id(settings: Settings) -> str:

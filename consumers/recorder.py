@@ -8,6 +8,8 @@ FerretDB) through PyMongo's ``AsyncMongoClient``. Collections:
 * ``turns`` — ``_id`` = correlation id; masked ``messages``, ``sampling``, ``verdict``, ``retrieval``
   (status, reason, sources), ``answer`` (text, finish_reason, usage, model), ``stages``, ``events``.
 * ``verdicts`` — ``_id`` = correlation id; the safety verdict with its conversation id.
+* ``safety_review``, ``safety_audit`` and the records reviewers' decisions become: ``safety.review``
+  (:mod:`consumers.review`).
 
 The documents' shape and field names are :mod:`schemas.documents` (the edge reads them through it).
 
@@ -21,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
@@ -30,13 +32,27 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from consumers.review import ReviewLog
 from consumers.stage import RetryLater, StageWorker
 from core.config import Settings
 from core.pii import mask_pii
 from producers.bus import Outgoing
 from schemas.documents import CONVERSATIONS, ID, TURNS, VERDICTS, AnswerDoc, Conversation, ConversationDoc, MessageDoc, RetrievalDoc, Turn, TurnDoc
-from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, GroundedTurn, ScreenedTurn, TokenEvent, TurnCompleted, last_user_text
+from schemas.events import (
+    AnyEvent,
+    ChatMessage,
+    ChatTurnRequest,
+    GroundedTurn,
+    ReviewDecision,
+    ReviewItem,
+    ScreenedTurn,
+    TokenEvent,
+    TurnCompleted,
+    last_user_text,
+)
 from topics.registry import RECORDER
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +114,7 @@ class Recorder:
         self.settings = settings
         self.client: AsyncMongoClient[dict[str, Any]] = client or AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=5_000)
         self.db: AsyncDatabase[dict[str, Any]] = self.client[settings.mongo_db]
+        self.review = ReviewLog(self.db, settings.topic_prefix)
 
     async def record(self, event: AnyEvent) -> bool:
         if isinstance(event, TokenEvent):
@@ -106,14 +123,7 @@ class Recorder:
         if fields is None:
             return False
         cid = str(event.correlation_id)  # type: ignore[union-attr]
-        try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(PyMongoError), stop=stop_after_attempt(3), wait=wait_exponential(0.2, max=2), reraise=True
-            ):
-                with attempt:
-                    await self._write(event, cid, fields)
-        except PyMongoError as exc:  # the database is down: keep the event on the bus, retry later
-            raise RetryLater(f"database unavailable: {type(exc).__name__}") from exc
+        await self._retrying(lambda: self._write(event, cid, fields))  # the database down: RetryLater
         return True
 
     async def _write(self, event: AnyEvent, cid: str, fields: TurnDoc) -> None:
@@ -134,8 +144,22 @@ class Recorder:
             await self.db[VERDICTS].update_one({ID: cid}, {"$set": {**fields["verdict"], Turn.CONVERSATION_ID: conv}}, upsert=True)
 
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
+        if isinstance(event, ReviewItem | ReviewDecision):
+            return await self._retrying(lambda: self.review.on_item(event) if isinstance(event, ReviewItem) else self.review.on_decision(event))
         await self.record(event)
         return []
+
+    async def _retrying(self, write: Callable[[], Awaitable[T]]) -> T:
+        """``write()`` with a few quick retries; then :class:`RetryLater` (the event stays on the bus)."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(PyMongoError), stop=stop_after_attempt(3), wait=wait_exponential(0.2, max=2), reraise=True
+            ):
+                with attempt:
+                    return await write()
+        except PyMongoError as exc:
+            raise RetryLater(f"database unavailable: {type(exc).__name__}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     safety_similarity_threshold: float = 0.48  # with the policy allow_margin; see core/safety/policy.yaml
     # the inference worker's streaming output rail (core.safety.output): screen every N tokens (sooner at a
     # sentence end); release at most `window` tokens before a screen covers them (0: nothing unscreened)
+    review_margin: float = 0.1  # a block whose deciding score is within this of its threshold goes to safety.review
     output_rail: bool = True
     output_rail_every_tokens: int = Field(default=16, ge=1)
     output_rail_window_tokens: int = Field(default=0, ge=0)

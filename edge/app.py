@@ -7,6 +7,7 @@
   (resume a stream), ``POST /v1/chat/completions/{id}/cancel`` (Stop);
 * :mod:`edge.conversation_api` — ``GET /v1/conversations[/{id}]`` and ``GET /dashboard.json``;
 * :mod:`edge.feedback` — ``POST /v1/feedback`` (published to ``chat.feedback``);
+* :mod:`edge.review` — the safety review queue: ``GET /v1/review``, ``POST /v1/review/decisions``, ``/review``;
 * :mod:`edge.batch_api` — OpenAI's Files and Batch APIs (:mod:`batches.service`);
 * :mod:`edge.ops` — ``GET /v1/models``, the pages (``/``, ``/dashboard``, ``/live``), ``/live.json``,
   ``/metrics``, ``/healthz``, ``/readyz``.
@@ -32,7 +33,7 @@ from starlette.applications import Starlette
 from batches.service import BatchService
 from batches.store import BatchStore
 from core.config import Settings, get_settings
-from edge import batch_api, chat, conversation_api, feedback, ops
+from edge import batch_api, chat, conversation_api, feedback, ops, review
 from edge.admission import LoadMonitor
 from edge.conversations import ConversationStore
 from edge.errors import EXCEPTION_HANDLERS, internal_error
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.service = ChatService(settings, producer, relay, monitor, LiveStats())
         app.state.batches = BatchService(settings, BatchStore(mongo[settings.mongo_db]), producer)
         app.state.conversations = ConversationStore(mongo[settings.mongo_db])
+        app.state.db = mongo[settings.mongo_db]
         log.info("edge %s ready: reply partition %d, model %s", settings.edge_id, settings.reply_partition, settings.model_name)
         try:
             yield
@@ -73,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await mongo.close()
 
     app = Starlette(
-        routes=[*chat.ROUTES, *conversation_api.ROUTES, *feedback.ROUTES, *ops.MODEL_ROUTES, *batch_api.ROUTES, *ops.ROUTES],
+        routes=[*chat.ROUTES, *conversation_api.ROUTES, *feedback.ROUTES, *review.ROUTES, *ops.MODEL_ROUTES, *batch_api.ROUTES, *ops.ROUTES],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )

@@ -55,8 +55,8 @@ from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
 from producers.bus import Outgoing, produce_all
 from producers.replies import completion, to_reply, token_event
-from schemas.events import DecodeError, FinishReason, GroundedTurn, Retraction, TurnCompleted, Usage, new_id
-from topics.registry import CHAT_GROUNDED, INFERENCE, topic
+from schemas.events import DecodeError, FinishReason, GroundedTurn, Retraction, ReviewItem, TurnCompleted, Usage, new_id
+from topics.registry import CHAT_GROUNDED, INFERENCE, SAFETY_REVIEW, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
 
@@ -265,7 +265,7 @@ class InferenceWorker(ConsumerRuntime):
         citations = list(turn.citations)
         screen = self.output_screen
         rail = OutputRail(self.settings.output_rail_every_tokens, self.settings.output_rail_window_tokens) if screen is not None else None
-        screening = _Screening(screen) if screen is not None else None
+        screening = OutputScreening(screen) if screen is not None else None
         violation: OutputVerdict | None = None
         try:
             try:
@@ -346,6 +346,21 @@ class InferenceWorker(ConsumerRuntime):
                 )
                 log.info("turn %s retracted by the output rail: %s (%d characters withdrawn)", cid, violation.category, len(text))
                 metrics.OUTPUT_RETRACTIONS.labels(violation.category).inc()
+                review = ReviewItem(
+                    correlation_id=cid,
+                    conversation_id=request.conversation_id,
+                    kind="retracted",
+                    category=violation.category,
+                    reason=violation.reason,
+                    score=max(violation.scores.values(), default=1.0),
+                    scores=violation.scores,
+                    policy_version=screen.policy_version,
+                    prompt=request.messages,
+                    response=SAFETY_MESSAGE,
+                    withdrawn=retraction.withdrawn_text,
+                    model=self.engine.model_name,
+                )
+                extra.append(Outgoing(topic(SAFETY_REVIEW, self.settings.topic_prefix), review.to_bytes(), key=review.key))
             if rail is not None and rail.pii:
                 metrics.OUTPUT_PII.inc(len(rail.pii))
             running = self.running.get(cid)
@@ -393,7 +408,7 @@ class InferenceWorker(ConsumerRuntime):
         await self._commit(tp, offset)
 
 
-class _Screening:
+class OutputScreening:
     """One turn's screens in flight: at most one at a time, in a thread (:class:`OutputScreen` is sync)."""
 
     def __init__(self, screen: OutputScreen) -> None:

@@ -38,8 +38,8 @@ from core.safety.policy import load_policy
 from core.safety.screen import Screener, ScreenResult
 from producers.bus import Outgoing
 from producers.replies import whole_reply
-from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, SafetyVerdict, ScreenedTurn, last_user_text
-from topics.registry import BATCH_SCREENED, CHAT_REQUESTS, CHAT_SCREENED, RETRIEVAL, SAFETY, lane, topic
+from schemas.events import AnyEvent, ChatMessage, ChatTurnRequest, ReviewItem, SafetyVerdict, ScreenedTurn, last_user_text
+from topics.registry import BATCH_SCREENED, CHAT_REQUESTS, CHAT_SCREENED, RETRIEVAL, SAFETY, SAFETY_REVIEW, lane, topic
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class SafetyStage:
         self.classifier = None if settings.safety_classifier == "none" else load_classifier(settings.safety_classifier or None)
         self.screener = Screener(self.policy, self.embedder.encode, default_threshold=settings.safety_similarity_threshold, classifier=self.classifier)
         self.cancelled = CancelledBatches(settings)
+        self.review_topic = topic(SAFETY_REVIEW, settings.topic_prefix)
 
     def screen(self, request: ChatTurnRequest) -> tuple[ChatTurnRequest, SafetyVerdict, list[float]]:
         t0 = time.perf_counter()
@@ -79,7 +80,13 @@ class SafetyStage:
             other = self.screener.screen(text, vector)
             if not other.allowed:
                 result = ScreenResult(
-                    False, other.category, other.score, sorted({*result.flags, *other.flags}), other.reason + " (in a decoded or multi-turn form)", other.scores
+                    False,
+                    other.category,
+                    other.score,
+                    sorted({*result.flags, *other.flags}),
+                    other.reason + " (in a decoded or multi-turn form)",
+                    other.scores,
+                    other.margin,
                 )
         verdict = SafetyVerdict(
             allowed=result.allowed,
@@ -92,6 +99,7 @@ class SafetyStage:
             reason=result.reason,
             scores=result.scores,
             classifier_version=self.classifier.version if self.classifier else "",
+            margin=None if result.allowed else result.margin,
         )
         return request.model_copy(update={"messages": masked}), verdict, embedding.tolist()
 
@@ -103,11 +111,17 @@ class SafetyStage:
         event.mark("safety_start")
         masked, verdict, embedding = await asyncio.to_thread(self.screen, event)
         masked.mark("safety_end")
+        review = self.review_item(masked, verdict)
         action = "block" if not verdict.allowed else "flag" if verdict.flags else "allow"
         metrics.SAFETY_VERDICTS.labels(action, verdict.category or "none").inc()
         if not verdict.allowed:
             log.info("turn %s blocked: category=%s score=%.3f", event.correlation_id, verdict.category, verdict.score)
-            return whole_reply(masked, self.screener.refusal_text(verdict.category), "content_filter", event.model, stages=masked.stages, verdict=verdict)
+            refusal = self.screener.refusal_text(verdict.category)
+            out = whole_reply(masked, refusal, "content_filter", event.model, stages=masked.stages, verdict=verdict)
+            if review is not None:
+                review.response = refusal
+                out.append(Outgoing(self.review_topic, review.to_bytes(), key=review.key))
+            return out
         screened = ScreenedTurn(
             correlation_id=event.correlation_id,
             conversation_id=event.conversation_id,
@@ -117,7 +131,33 @@ class SafetyStage:
             query_embedding=embedding,
         )
         out_topic = topic(lane(CHAT_SCREENED, event.source), self.settings.topic_prefix)
-        return [Outgoing(out_topic, screened.to_bytes(), key=screened.key)]
+        out = [Outgoing(out_topic, screened.to_bytes(), key=screened.key)]
+        if review is not None:
+            out.append(Outgoing(self.review_topic, review.to_bytes(), key=review.key))
+        return out
+
+    def review_item(self, masked: ChatTurnRequest, verdict: SafetyVerdict) -> ReviewItem | None:
+        """The turn's :class:`ReviewItem` when a person should look at it: blocked with a margin under
+        ``settings.review_margin`` (a pattern hit is never a close call), or allowed but flagged."""
+        if verdict.allowed and not verdict.flags:
+            return None
+        margin = verdict.margin if verdict.margin is not None else 1.0
+        if not verdict.allowed and margin >= self.settings.review_margin:
+            return None
+        return ReviewItem(
+            correlation_id=masked.correlation_id,
+            conversation_id=masked.conversation_id,
+            kind="blocked" if not verdict.allowed else "flagged",
+            category=verdict.category if not verdict.allowed else ",".join(verdict.flags),
+            reason=verdict.reason,
+            score=verdict.score,
+            margin=margin if not verdict.allowed else 0.0,
+            scores=verdict.scores,
+            flags=verdict.flags,
+            policy_version=verdict.policy_version,
+            prompt=masked.messages,
+            model=masked.model,
+        )
 
 
 def build_worker(settings: Settings) -> StageWorker:

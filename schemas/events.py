@@ -96,6 +96,7 @@ class SafetyVerdict(_Model):
     reason: str = ""
     scores: dict[str, float] = Field(default_factory=dict)  # the trained classifier's heads (harm, injection), probabilities 0..1
     classifier_version: str = ""
+    margin: float | None = None  # a block: its deciding score minus the threshold it crossed (1.0: a pattern hit)
 
 
 class Passage(_Model):
@@ -248,6 +249,45 @@ class TurnCompleted(_Event):
     retraction: Retraction | None = None
 
 
+ReviewKind = Literal["blocked", "flagged", "retracted"]
+ReviewVerdict = Literal["correct_block", "should_have_answered", "harmful_answer"]
+
+
+class ReviewItem(_Event):
+    """``safety.review``: a turn for a person to review — blocked with a low margin, flagged, or retracted by
+    the output rail. Text is PII-masked: ``prompt`` (the turn's messages), ``response`` (what the user was
+    shown: the refusal or safety message; '' for a flagged turn, whose answer the stored turn holds),
+    ``withdrawn`` (a retracted answer, never shown). ``margin``: the deciding score minus its threshold
+    (small: a close call; 1.0 for a pattern hit)."""
+
+    event_type: Literal["safety.review.item"] = "safety.review.item"
+    kind: ReviewKind
+    category: str
+    reason: str = ""
+    score: float = 0.0
+    margin: float = 0.0
+    scores: dict[str, float] = Field(default_factory=dict)
+    flags: list[str] = Field(default_factory=list)
+    policy_version: str = ""
+    prompt: list[ChatMessage] = Field(default_factory=list)
+    response: str = ""
+    withdrawn: str = ""
+    model: str = ""
+
+
+class ReviewDecision(_Event):
+    """``safety.review``: a reviewer's decision on a :class:`ReviewItem` (same key: the conversation id).
+    ``correct_block``: the refusal was right; ``should_have_answered``: an unnecessary refusal (``answer``:
+    optionally, the answer the reviewer would have wanted); ``harmful_answer``: the model's answer was harmful.
+    ``reviewer`` is who decided (a name or key id, never a secret); ``note`` is PII-masked by the writer."""
+
+    event_type: Literal["safety.review.decision"] = "safety.review.decision"
+    decision: ReviewVerdict
+    reviewer: str = Field(min_length=1, max_length=200)
+    note: str = Field(default="", max_length=2000)
+    answer: str | None = Field(default=None, max_length=20000)
+
+
 class CancelTurn(_Event):
     """``chat.control``: stop generating this turn (client gone, Stop pressed, batch cancelled)."""
 
@@ -353,7 +393,19 @@ class DeadLetter(_Envelope):
 
 
 AnyEvent = Annotated[
-    ChatTurnRequest | ScreenedTurn | GroundedTurn | TokenEvent | TurnCompleted | CancelTurn | KbIngest | KbSource | DeadLetter | BatchCreated | BatchCancelled,
+    ChatTurnRequest
+    | ScreenedTurn
+    | GroundedTurn
+    | TokenEvent
+    | TurnCompleted
+    | CancelTurn
+    | KbIngest
+    | KbSource
+    | DeadLetter
+    | BatchCreated
+    | BatchCancelled
+    | ReviewItem
+    | ReviewDecision,
     Field(discriminator="event_type"),
 ]
 _adapter: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
@@ -420,4 +472,6 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
     "dead_letter": DeadLetter,
     "batch.created": BatchCreated,
     "batch.cancelled": BatchCancelled,
+    "safety.review.item": ReviewItem,
+    "safety.review.decision": ReviewDecision,
 }

@@ -23,6 +23,7 @@ messages, so the edge, the feedback app and analysts compute the same value from
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -120,7 +121,7 @@ class Message(_Model):
 class DpoMetadata(_Model):
     """Where a pair came from: enough ids to trace it back to its turns and votes."""
 
-    source: Literal["explicit_preference", "inferred_from_ratings"]
+    source: Literal["explicit_preference", "inferred_from_ratings", "safety_review"]
     conversation_id: str
     prompt_group: str
     chosen_id: str  # correlation ids of the two responses (``chatcmpl-…``)
@@ -228,3 +229,11 @@ class CurationCandidate(_Model):
             return cls.model_validate_json(raw or b"")
         except ValidationError as exc:
             raise DecodeError(f"not a curation candidate: {exc.errors()[:3]}") from None
+
+
+RECORD_COLLECTIONS = {"dpo": "dpo_pairs", "kto": "kto_examples"}  # the MongoDB collections of curated records
+
+
+def record_document(record: DpoPair | KtoExample) -> dict[str, Any]:
+    """The MongoDB document of a record (``dpo_pairs`` / ``kto_examples``): its JSON, ``_id`` = record id, ``updated_at``."""
+    return {**record.model_dump(mode="json"), "_id": record.record_id, "updated_at": time.time()}

@@ -45,6 +45,7 @@ BATCH_JOBS = "batch.jobs"
 CHAT_FEEDBACK = "chat.feedback"
 DPO_PAIRS = "dpo.pairs"
 KTO_EXAMPLES = "kto.examples"
+SAFETY_REVIEW = "safety.review"
 
 # The batch lane: the same stages as interactive chat on topics of its own, so every stage can take
 # interactive turns first (see consumers.stage.StageWorker and the inference worker's admission).
@@ -79,6 +80,7 @@ REGISTRY: tuple[TopicSpec, ...] = (
     TopicSpec(
         KTO_EXAMPLES, 3, "record id", "curated KTO examples, TRL conversational unpaired format; a null value deletes a record", 365 * DAY_MS, compacted=True
     ),
+    TopicSpec(SAFETY_REVIEW, 3, "conversation_id", "turns for human safety review (close blocks, flags, retractions) and reviewers' decisions", 365 * DAY_MS),
 )
 
 
@@ -95,7 +97,7 @@ SAFETY = GroupSpec("chatbus-safety", (CHAT_REQUESTS, BATCH_REQUESTS))
 RETRIEVAL = GroupSpec("chatbus-retrieval", (CHAT_SCREENED, BATCH_SCREENED))
 RETRIEVAL_INGEST = GroupSpec("chatbus-retrieval-ingest", (KB_INGEST,), stage=False)
 INFERENCE = GroupSpec("chatbus-inference", (CHAT_GROUNDED, BATCH_GROUNDED))
-RECORDER = GroupSpec("chatbus-recorder", (CHAT_REQUESTS, CHAT_SCREENED, CHAT_GROUNDED, CHAT_REPLIES))
+RECORDER = GroupSpec("chatbus-recorder", (CHAT_REQUESTS, CHAT_SCREENED, CHAT_GROUNDED, CHAT_REPLIES, SAFETY_REVIEW))
 # the batch store: materialises batch.jobs / batch.results (and batch dead letters)
 BATCHES = GroupSpec("chatbus-batches", (BATCH_JOBS, BATCH_RESULTS, CHAT_DLQ), stage=False)
 GROUPS: tuple[GroupSpec, ...] = (SAFETY, RETRIEVAL, RETRIEVAL_INGEST, INFERENCE, RECORDER, BATCHES)

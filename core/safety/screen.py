@@ -90,6 +90,7 @@ class ScreenResult:
     flags: list[str] = field(default_factory=list)
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)  # the classifier heads' probabilities
+    margin: float = 1.0  # a block: its deciding score minus the threshold it crossed (1.0 for a pattern hit)
 
 
 @dataclass
@@ -247,6 +248,7 @@ class Screener:
                 flags=_flags(s for s in signals.values() if s is not sig),
                 reason=_block_reason(sig),
                 scores=head_scores,
+                margin=round(_margin(sig), 4),
             )
         if self.classifier is not None and head_scores and decides:
             thresholds = self.classifier.thresholds
@@ -258,6 +260,7 @@ class Screener:
                     flags=_flags(signals.values()),
                     reason=f"injection classifier {head_scores['injection']:.2f} >= {thresholds['injection']:.2f}",
                     scores=head_scores,
+                    margin=round(head_scores["injection"] - thresholds["injection"], 4),
                 )
             if head_scores.get("harm", 0.0) >= thresholds.get("harm", 2.0):
                 near = [s for s in signals.values() if s.category.action == "block" and s.similarity >= CATEGORY_FLOOR]
@@ -269,6 +272,7 @@ class Screener:
                     flags=_flags(signals.values()),
                     reason=f"harm classifier {head_scores['harm']:.2f} >= {thresholds['harm']:.2f}",
                     scores=head_scores,
+                    margin=round(head_scores["harm"] - thresholds["harm"], 4),
                 )
 
         flags = _flags(signals.values())
@@ -313,6 +317,16 @@ def _flags(signals: Iterable[_Signal]) -> list[str]:
         if sig.category.action == "flag" and (sig.pattern_score > 0.0 or sig.similar):
             out.add(sig.category.name)
     return sorted(out)
+
+
+def _margin(sig: _Signal) -> float:
+    """How far a blocking signal is past its line: 1.0 for a pattern hit, else the smaller of the similarity's
+    distances to its threshold and to the allow exemplars' similarity plus the margin (or score - block_above)."""
+    if sig.pattern_score >= 1.0 and sig.category.action == "block":
+        return 1.0
+    if sig.category.action == "flag" and sig.category.block_above is not None:
+        return sig.score - sig.category.block_above
+    return min(sig.similarity - sig.threshold, sig.similarity - sig.allow_similarity - sig.margin)
 
 
 def _block_reason(sig: _Signal) -> str:

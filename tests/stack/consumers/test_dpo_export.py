@@ -15,9 +15,8 @@ from jsonschema import Draft202012Validator
 from chatbus.stack import Stack
 from consumers.curation import Preference, TurnState, Vote, build_group
 from consumers.dataset import export, parse_since
-from consumers.feedback_app import record_document
 from core.config import ROOT, Settings
-from schemas.feedback import DpoPair, KtoExample, feedback_id
+from schemas.feedback import DpoPair, KtoExample, feedback_id, record_document
 from schemas.jsonschema import OUT
 
 pytestmark = pytest.mark.stack

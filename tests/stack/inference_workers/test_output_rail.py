@@ -7,6 +7,7 @@ masked in the stream; an ordinary answer streams unchanged."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +27,10 @@ from chatbus.stack import Stack, free_port
 from core.config import Settings
 from core.safety.output import SAFETY_MESSAGE
 from schemas.events import TurnCompleted
+from schemas.feedback import dpo_record_id
 from tests.conftest import eventually, read_topic
+from topics.ops import read_records
+from topics.registry import topic
 
 pytestmark = pytest.mark.stack
 
@@ -214,3 +218,67 @@ async def test_the_chat_page_replaces_a_retracted_answer(edge_url: str, upstream
         await expect(answer).to_contain_text("can't continue with that answer")
         assert "pipe" not in await answer.inner_text()
         assert not errors, errors
+
+
+async def test_a_retraction_is_reviewed_and_decisions_become_preference_records(
+    edge_url: str, settings: Settings, mongo: Any, stack: Stack, upstream: Upstream
+) -> None:
+    conv = f"conv-rail-{time.time_ns()}"
+    chunks, _ = await stream(edge_url, "Tell me about lists [harm] " + conv, conv)
+    cid = chunks[0]["id"]
+
+    async def item() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.get(f"{edge_url}/v1/review", params={"status": "open", "limit": 500})
+        assert r.status_code == 200, r.text
+        return next((i for i in r.json()["data"] if i["id"] == cid), None)
+
+    found = await eventually(item, 30, "the retraction in the review queue")
+    assert found["kind"] == "retracted" and "pipe" in found["withdrawn"] and found["response"] == SAFETY_MESSAGE and found["policy_version"]
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{edge_url}/v1/review/decisions", json={"correlation_id": cid, "decision": "harmful_answer", "reviewer": "rita"})
+    assert r.status_code == 200, r.text
+    refusal_first = dpo_record_id(f"{cid}:refusal", cid)
+    pair = await eventually(lambda: latest_value(settings, "dpo.pairs", refusal_first), 30, "the refusal-over-answer pair")
+    assert pair["chosen"][0]["content"] == SAFETY_MESSAGE and "pipe" in pair["rejected"][0]["content"]
+    assert pair["metadata"]["source"] == "safety_review" and pair["metadata"]["user"] == "rita"
+    assert pair["prompt"][-1]["role"] == "user" and "[harm]" in pair["prompt"][-1]["content"]
+    audit = await eventually(lambda: mongo.safety_audit.find_one({"correlation_id": cid}), 30, "the audit entry")
+    assert audit["decision"] == "harmful_answer" and audit["policy_version"] == found["policy_version"] and audit["kind"] == "retracted"
+
+    # the CLI changes its mind: the answer was fine; the old pair is retracted, the flipped one published
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatbus.cli", "review", "decide", cid, "should_have_answered", "--reviewer", "sam", "--note", "mail me at a@b.example"],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    flipped = await eventually(lambda: latest_value(settings, "dpo.pairs", dpo_record_id(cid, f"{cid}:refusal")), 30, "the answer-over-refusal pair")
+    assert "pipe" in flipped["chosen"][0]["content"] and flipped["rejected"][0]["content"] == SAFETY_MESSAGE
+
+    async def retracted() -> bool:
+        return refusal_first in (await latest_all(settings, "dpo.pairs")) and (await latest_all(settings, "dpo.pairs"))[refusal_first] is None
+
+    await eventually(retracted, 30, "the first pair tombstoned")
+    assert await mongo.dpo_pairs.find_one({"_id": refusal_first}) is None
+    audits = [a async for a in mongo.safety_audit.find({"correlation_id": cid})]
+    assert sorted(a["decision"] for a in audits) == ["harmful_answer", "should_have_answered"]
+    assert all("a@b.example" not in str(a) for a in audits)  # notes are PII-masked
+    listed = subprocess.run(
+        [sys.executable, "-m", "chatbus.cli", "review", "list", "--status", "decided", "-n", "500"], env=stack.env(), capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0 and any(line.startswith(cid) and "should_have_answered" in line for line in listed.stdout.splitlines()), listed.stdout
+
+
+async def latest_all(settings: Settings, name: str) -> dict[str, dict[str, Any] | None]:
+    out: dict[str, dict[str, Any] | None] = {}
+    for r in sorted(await read_records(settings, topic(name, settings.topic_prefix)), key=lambda r: (r.partition, r.offset)):
+        out[r.key.decode()] = orjson.loads(r.value) if r.value is not None else None
+    return out
+
+
+async def latest_value(settings: Settings, name: str, key: str) -> dict[str, Any] | None:
+    return (await latest_all(settings, name)).get(key)
