@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
@@ -28,7 +28,7 @@ from core.pii import mask_pii
 from edge.auth import protected
 from edge.conversations import ConversationStore, TurnInfo
 from edge.errors import APIError
-from edge.http import ORJSONResponse, read_json
+from edge.http import ORJSONResponse, read_json, validate_body
 from edge.turns import ChatService
 from producers.feedback import preference_event, rating_event
 from schemas.errors import InvalidRequest, NotFound
@@ -85,18 +85,7 @@ class FeedbackRequest(BaseModel):
 
 def parse_feedback(payload: object) -> FeedbackRequest:
     """The request, or a 400 naming the first problem."""
-    if not isinstance(payload, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    try:
-        return FeedbackRequest.model_validate(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if not loc and ": " in msg:  # a whole-body check names its field first
-            loc = msg.split(": ", 1)[0].split("/")[0].split(" ")[0]
-            msg = msg.split(": ", 1)[1]
-        raise InvalidRequest(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
+    return validate_body(FeedbackRequest, payload)
 
 
 def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo]) -> FeedbackEvent:

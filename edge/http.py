@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from schemas.errors import InvalidRequest, TooLarge
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_body(model: type[M], payload: object) -> M:
+    """``payload`` (a decoded JSON body) as ``model``, or an :class:`InvalidRequest` (400) naming the first
+    problem and its field (a whole-body check's message names its field first: ``"field: why"``)."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc and ": " in msg:
+            loc = msg.split(": ", 1)[0].split("/")[0].split(" ")[0]
+            msg = msg.split(": ", 1)[1]
+        raise InvalidRequest(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
 
 
 class ORJSONResponse(JSONResponse):

@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo.asynchronous.database import AsyncDatabase
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute, Route
 
 from edge.auth import protected
 from edge.errors import APIError
-from edge.http import ORJSONResponse, read_json
+from edge.http import ORJSONResponse, read_json, validate_body
 from edge.ops import page
 from edge.turns import ChatService
 from producers.review import REVIEW_COLLECTION, publish_decision
@@ -54,14 +54,7 @@ class DecisionRequest(BaseModel):
 
 def parse_decision(payload: object) -> DecisionRequest:
     """The request, or a 400 naming the first problem."""
-    if not isinstance(payload, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    try:
-        return DecisionRequest.model_validate(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise InvalidRequest(f"{loc}: {err['msg']}" if loc else err["msg"], param=loc or None) from None
+    return validate_body(DecisionRequest, payload)
 
 
 def public_item(doc: dict[str, Any]) -> dict[str, Any]:
