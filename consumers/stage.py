@@ -27,7 +27,7 @@ from consumers.gate import DownstreamGate
 from consumers.runtime import Companion, ConsumerRuntime
 from core import metrics
 from core.config import Settings
-from producers.bus import Outgoing, produce_all
+from producers.bus import Outgoing, is_outage, produce_all
 from schemas.events import AnyEvent, DecodeError
 from topics.registry import topic
 
@@ -142,7 +142,7 @@ class StageWorker(ConsumerRuntime):
         try:
             await produce_all(self.producer, outgoing)
         except KafkaError as exc:
-            if exc.retriable:
+            if is_outage(exc):
                 raise RetryLater(f"produce failed: {type(exc).__name__}") from exc
             log.error("%s: output of %s[%d]@%d refused: %s", self.name, record.topic, record.partition, record.offset, exc)
             await produce_all(self.producer, [self.reject(record, f"output refused by the broker: {type(exc).__name__}: {exc}")])

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     admit_max_inflight: int = 64
     admit_max_lag: int = 12  # about max_inflight_turns x inference workers, plus a few waiting
     admit_poll_s: float = 0.5  # how often the edge reads consumer lag
+    # availability: a reading that takes longer than bus_timeout_s fails; with no good reading for
+    # bus_stale_s (or a pipeline stage without a live worker) turns get a 503 at once; a publish not
+    # acknowledged within publish_timeout_s is a 503 too (edge/admission.py)
+    bus_timeout_s: float = 1.0
+    bus_stale_s: float = 1.5
+    publish_timeout_s: float = 1.0
     batch_shed_at: float = 0.5
     max_batch_backlog: int = 100_000
     # Brownout: with a cap > 0, turns arriving past the bounds are admitted with max_tokens capped to it

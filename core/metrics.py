@@ -49,11 +49,13 @@ EDGE_GENERATION_TOKENS = Counter("chatbus:edge_generation_tokens_total", "Comple
 OPEN_STREAMS = Gauge("chatbus:edge_open_turns", "Turns this edge is waiting on (streamed and not).")
 CONSUMER_LAG = Gauge("chatbus:consumer_lag", "Records not yet committed by a consumer group (end offset - committed), per topic.", ["group", "topic"])
 ADMISSION_REJECTED = Counter("chatbus:admission_rejected_total", "Requests answered 429 by admission control.", ["lane", "reason"])
+UNAVAILABLE = Counter("chatbus:unavailable_total", "Requests answered 503 because the broker or a stage's workers were unavailable.", ["lane", "reason"])
 BROWNOUT_CAPPED = Counter("chatbus:brownout_capped_total", "Turns admitted with max_tokens capped by the brownout setting.")
 
 # --- every stage worker -----------------------------------------------------------------------------------
 STAGE_SECONDS = Histogram("chatbus:stage_seconds", "A worker's handler time for one record.", ["stage", "lane"], buckets=LATENCY_BUCKETS)
 STAGE_RECORDS = Counter("chatbus:stage_records_total", "Records a worker handled.", ["stage", "lane"])
+BUS_RETRIES = Counter("chatbus:bus_send_retries_total", "Sends retried because the broker did not acknowledge them (an outage), by worker.", ["worker"])
 DEAD_LETTERS = Counter("chatbus:dead_letters_total", "Records sent to the dead-letter topic, by the stage that refused them.", ["stage"])
 
 # --- safety, retrieval -----------------------------------------------------------------------------------

@@ -22,10 +22,18 @@ the bound divided by the rate this edge sees turns finish (at least 1 s, at most
 600 s for batches), and OpenAI's error JSON (``type: "rate_limit_error"``, which the ``openai``
 client raises as ``RateLimitError``). Nothing is published for a refused request. If lag cannot be
 read (broker trouble), the last reading ages out after 10 s and only the in-flight bound applies.
+
+Availability (:meth:`LoadMonitor.unavailable`), checked before the load: while the broker does not
+answer a reading within ``bus_timeout_s`` (for ``bus_stale_s``), or while a stage of the interactive
+lane (safety, retrieval, inference) has no live member in its consumer group, a turn is refused at once
+with **503** and ``Retry-After`` instead of being published into a pipeline that cannot answer it (the
+client would wait ``turn_timeout_s`` for a 504). Batch submissions get the 503 only for the broker:
+a batch waits in its topics for workers that come later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import math
@@ -56,6 +64,7 @@ log = logging.getLogger(__name__)
 INTERACTIVE = {SAFETY.group_id: CHAT_REQUESTS, RETRIEVAL.group_id: CHAT_SCREENED, INFERENCE.group_id: CHAT_GROUNDED}
 BATCH = {SAFETY.group_id: BATCH_REQUESTS, RETRIEVAL.group_id: BATCH_SCREENED, INFERENCE.group_id: BATCH_GROUNDED}
 LAG_MAX_AGE_S = 10.0
+PIPELINE_GROUPS = (SAFETY.group_id, RETRIEVAL.group_id, INFERENCE.group_id)
 
 
 @dataclass(frozen=True)
@@ -133,18 +142,25 @@ class LoadMonitor(PeriodicService):
         self.read_at = 0.0  # monotonic time of the last good read
         self.admitted_since_read = 0
         self.finished: collections.deque[float] = collections.deque(maxlen=4096)
+        self.members: dict[str, int] = {}  # live members per interactive stage group, at the last good reading
         self._reader = LagReader(settings)
 
     async def on_start(self) -> None:
         await self._reader.start()
+        try:  # one reading before the first request, so the edge does not start "unreachable"
+            await self.tick()
+        except Exception as exc:
+            log.warning("load monitor: first reading failed: %s: %s", type(exc).__name__, exc)
 
     async def on_stop(self) -> None:
         await self._reader.stop()
 
     async def tick(self) -> None:  # a failed read is logged; the reading then ages out (LAG_MAX_AGE_S)
         admitted = self.admitted_since_read
-        lag = await self._reader.read(self.groups)
-        self.lag_by, self.read_at = lag, time.monotonic()
+        async with asyncio.timeout(self.settings.bus_timeout_s):  # a broker that does not answer (SIGSTOP, a partition)
+            lag = await self._reader.read(self.groups)
+            members = await self._reader.members(list(PIPELINE_GROUPS))
+        self.lag_by, self.read_at, self.members = lag, time.monotonic(), members
         self.admitted_since_read -= admitted  # those are in the reading now
         for (group, name), value in lag.items():
             metrics.CONSUMER_LAG.labels(group, name).set(value)
@@ -157,11 +173,42 @@ class LoadMonitor(PeriodicService):
         recent = sum(1 for t in self.finished if now - t < 10.0)
         return Load(inflight=inflight, lag=lag, batch_backlog=backlog, drain_per_s=recent / 10.0)
 
+    def availability(self, lane: str = "interactive") -> tuple[str, str] | None:
+        """Why turns of ``lane`` cannot be taken now — ``(reason, message)``, reason ``broker`` or
+        ``no_worker`` — or None (see the module docstring)."""
+        stale_s = time.monotonic() - self.read_at
+        if stale_s > self.settings.bus_stale_s:
+            return "broker", f"the message bus has not answered for {stale_s:.0f} s"
+        if lane == "interactive":
+            missing = [g.removeprefix("chatbus-") for g in PIPELINE_GROUPS if self.members.get(g, 0) < 1]
+            if missing:
+                return "no_worker", f"no {' or '.join(missing)} worker is running"
+        return None
+
+    def unavailable(self, lane: str = "interactive") -> APIError | None:
+        """The 503 to answer instead of admitting (counted), or None."""
+        why = self.availability(lane)
+        if why is None:
+            return None
+        metrics.UNAVAILABLE.labels(lane, why[0]).inc()
+        return unavailable_error(why[1], 5)
+
     def admitted(self) -> None:
         self.admitted_since_read += 1
 
     def turn_finished(self) -> None:
         self.finished.append(time.monotonic())
+
+
+def unavailable_error(why: str, retry_after_s: int) -> APIError:
+    """A 503 with ``Retry-After`` (RFC 9110 §15.6.4) and OpenAI's error JSON."""
+    return APIError(
+        503,
+        f"chatbus cannot take turns now: {why}. Retry after {retry_after_s} s.",
+        type="service_unavailable",
+        code="service_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def refuse(decision: Decision, lane: str, load: Load, settings: Settings) -> APIError:

@@ -58,6 +58,9 @@ async def file_content(request: Request) -> Response:
 async def create_batch(request: Request) -> Response:
     batches = _batches(request)
     service: ChatService = request.app.state.service
+    down = service.monitor.unavailable("batch")
+    if down is not None:
+        raise down
     load = service.monitor.snapshot(len(service.relay.turns))
     decision = decide(load, batches.settings, "batch")
     if not decision.admit:  # batch work is shed before interactive work

@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from core import metrics
 from core.config import Settings
+from edge.admission import LoadMonitor
 from edge.auth import protected
 from edge.http import ORJSONResponse
 from edge.relay import ReplyRelay
@@ -66,9 +67,12 @@ async def healthz(request: Request) -> Response:
     return ORJSONResponse({"status": "ok"})
 
 
-async def readiness(settings: Settings, relay: ReplyRelay) -> dict[str, Any]:
-    """Broker reachable, relay running, and a live member in every stage's consumer group."""
+async def readiness(settings: Settings, relay: ReplyRelay, monitor: LoadMonitor | None = None) -> dict[str, Any]:
+    """Broker reachable, relay running, a live member in every stage's consumer group, and (with the
+    edge's ``monitor``) admission taking turns (``admitting``: no 503 for the broker or a missing worker)."""
     checks: dict[str, Any] = {"relay": relay.alive}
+    if monitor is not None:
+        checks["admitting"] = monitor.availability("interactive") is None
     admin = make_admin(settings)
     try:
         await asyncio.wait_for(admin.start(), 5)
@@ -89,7 +93,8 @@ async def readiness(settings: Settings, relay: ReplyRelay) -> dict[str, Any]:
 
 
 async def readyz(request: Request) -> Response:
-    checks = await readiness(request.app.state.settings, request.app.state.relay)
+    service: ChatService = request.app.state.service
+    checks = await readiness(request.app.state.settings, request.app.state.relay, service.monitor)
     return ORJSONResponse(checks, status_code=200 if checks["ready"] else 503)
 
 

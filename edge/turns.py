@@ -21,9 +21,8 @@ from aiokafka import AIOKafkaProducer
 from core import metrics
 from core.config import Settings
 from core.pii import mask_pii
-from edge.admission import LoadMonitor, decide, refuse
+from edge.admission import LoadMonitor, decide, refuse, unavailable_error
 from edge.conversations import ConversationStore, TurnInfo
-from edge.errors import APIError
 from edge.live import LiveStats
 from edge.relay import ReplyRelay, TurnStream
 from producers.feedback import FeedbackProducer
@@ -110,6 +109,9 @@ class ChatService:
     def admit(self, turn: ChatTurnRequest) -> dict[str, str]:
         """Admission control (:mod:`edge.admission`): raises a 429, or returns headers for the response
         (``X-Chatbus-Brownout`` when ``max_tokens`` was capped)."""
+        down = self.monitor.unavailable("interactive")
+        if down is not None:
+            raise down
         load = self.monitor.snapshot(len(self.relay.turns))
         decision = decide(load, self.settings, "interactive", turn.sampling.max_tokens)
         if not decision.admit:
@@ -158,12 +160,16 @@ class ChatService:
         while len(self.open_turns) > RECENT_TURNS:  # turns abandoned without an end are forgotten, oldest first
             self.open_turns.popitem(last=False)
         try:
-            await self.bus.send(record)
+            async with asyncio.timeout(self.settings.publish_timeout_s):
+                await self.bus.send(record)
         except Exception as exc:
             self.relay.close(turn.correlation_id)
             self.open_turns.pop(turn.correlation_id, None)
-            log.exception("publishing turn %s failed", turn.correlation_id)
-            raise APIError(503, "the message bus is unavailable, try again", type="service_unavailable") from exc
+            log.warning("publishing turn %s failed: %s", turn.correlation_id, type(exc).__name__)
+            if isinstance(exc, TimeoutError):
+                # the request may still reach the bus once the broker answers: make sure it is not generated
+                self.cancel_soon(TurnRef(turn.correlation_id, turn.conversation_id), "publish_timeout", stream)
+            raise unavailable_error("the message bus did not acknowledge the turn", 5) from exc
         return stream
 
     async def cancel(self, turn: TurnKey, reason: str, stream: TurnStream | None = None) -> None:

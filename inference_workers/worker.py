@@ -8,6 +8,13 @@ turn is a new *attempt*: it regenerates with the same seed (derived from the cor
 client gave none) and its token events carry ``text_offset``, so the edge splices it without repeating
 text already shown.
 
+Broker outages: a broker that does not acknowledge a send is an outage, not the turn's fault. Token
+events go out one at a time through :class:`producers.replies.ReplySender`, which retries from the last
+acknowledged character (the client's stream pauses and resumes, with nothing lost or repeated); the
+completion is retried until acknowledged (:func:`producers.replies.produce_retrying`) and only then is the
+turn committed. Nothing is dead-lettered for an outage; a worker stopped meanwhile leaves the turn
+uncommitted, so it is redone.
+
 Backpressure: at most ``CHATBUS_MAX_INFLIGHT_TURNS`` turns run at once; when full, the worker pauses
 its partitions (heartbeats go on, nothing more is fetched) and resumes when a turn finishes.
 
@@ -53,8 +60,8 @@ from core.config import Settings
 from core.safety.output import SAFETY_MESSAGE, OutputRail, OutputScreen, OutputVerdict
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
-from producers.bus import Outgoing, produce_all
-from producers.replies import completion, to_reply, token_event
+from producers.bus import Outgoing
+from producers.replies import ReplySender, completion, produce_retrying, to_reply
 from schemas.events import DecodeError, FinishReason, GroundedTurn, Retraction, ReviewItem, TurnCompleted, Usage, new_id
 from topics.registry import CHAT_GROUNDED, INFERENCE, SAFETY_REVIEW, topic
 
@@ -208,7 +215,7 @@ class InferenceWorker(ConsumerRuntime):
         try:
             event = self.decode_record(record, GroundedTurn)
         except DecodeError as exc:
-            await produce_all(self.producer, [self.reject(record, str(exc))])
+            await produce_retrying(self.producer, [self.reject(record, str(exc))], on_retry=self._bus_retry)
             await self._commit(tp, record.offset, started=False)
             return
         assert isinstance(event, GroundedTurn)
@@ -235,31 +242,20 @@ class InferenceWorker(ConsumerRuntime):
         cid = turn.correlation_id
         request = turn.request
         attempt = new_id()
-        futures: list[asyncio.Future[object]] = []
-        text, buffer, seq, tokens, prompt_tokens = "", "", 0, 0, 0
+        text, buffer, flushes, tokens, prompt_tokens = "", "", 0, 0, 0
         finish: FinishReason = "stop"
         error: str | None = None
         stages = turn.stages
         streams = request.batch is None  # the batch lane gets the completion only
 
+        replies = ReplySender(self.producer, request, attempt, stages, on_retry=self._bus_retry)
+
         async def flush() -> None:
-            nonlocal text, buffer, seq
-            if buffer and not streams:
-                text, buffer = text + buffer, ""
-            if buffer:
-                ev = token_event(
-                    request,
-                    attempt=attempt,
-                    seq=seq,
-                    delta=buffer,
-                    text_offset=len(text),
-                    completion_tokens=tokens,
-                    stages=stages if seq == 0 else None,
-                )
-                out = to_reply(request, ev.to_bytes())
-                futures.append(await self.producer.send(out.topic, out.value, key=out.key, partition=out.partition))
-                text += buffer
-                buffer, seq = "", seq + 1
+            nonlocal text, buffer, flushes
+            if buffer and streams:
+                replies.push(buffer, tokens)
+                flushes += 1
+            text, buffer = text + buffer, ""
 
         extra: list[Outgoing] = []
         citations = list(turn.citations)
@@ -304,7 +300,7 @@ class InferenceWorker(ConsumerRuntime):
                                     break
                                 buffer += rail.release()
                             elapsed_ms = (time.monotonic() - last_flush) * 1000
-                            if buffer and (seq == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens):
+                            if buffer and (flushes == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens):
                                 await flush()
                                 last_flush, flushed_tokens = time.monotonic(), tokens
                     finally:
@@ -366,10 +362,11 @@ class InferenceWorker(ConsumerRuntime):
             running = self.running.get(cid)
             if running is not None:
                 running.finishing = True
+            await replies.drain()  # the token events first (through an outage too), then the completion
             done = completion(
                 request,
                 attempt=attempt,
-                seq=seq,
+                seq=replies.seq,
                 finish_reason=finish,
                 text=SAFETY_MESSAGE if retraction is not None else text,
                 model=self.engine.model_name,
@@ -384,20 +381,31 @@ class InferenceWorker(ConsumerRuntime):
             extra.append(to_reply(request, done.to_bytes()))
             observe_turn(done)
             # delivering the completion and committing must not be cut short by a late cancel
-            await asyncio.shield(self._complete(done, futures, extra, tp, record.offset))
+            await asyncio.shield(self._complete(done, extra, tp, record.offset))
         finally:
+            await replies.close()
             self.running.pop(cid, None)
             metrics.RUNNING.labels(request.source).dec()
 
-    async def _complete(self, done: TurnCompleted, futures: list[asyncio.Future[object]], extra: list[Outgoing], tp: TopicPartition, offset: int) -> None:
-        """Produce the completion (and any dead letter), await every ack of the turn, then commit."""
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    def _bus_retry(self, exc: BaseException) -> None:
+        log.warning("inference: the broker did not acknowledge a send (%s: %s); retrying", type(exc).__name__, exc)
+        metrics.BUS_RETRIES.labels(self.name).inc()
+
+    async def _complete(self, done: TurnCompleted, extra: list[Outgoing], tp: TopicPartition, offset: int) -> None:
+        """Produce the completion (and any dead letter or review item), retried through a broker outage
+        until acknowledged, then commit. A broker outage is not the turn's fault: nothing is dead-lettered
+        for it, and the turn stays uncommitted until its completion is delivered."""
         try:
-            for o in extra:
-                futures.append(await self.producer.send(o.topic, o.value, key=o.key, partition=o.partition))
-            await asyncio.gather(*futures)
+            await produce_retrying(self.producer, extra, on_retry=self._bus_retry, stopping=self._stopping)
         except KafkaError as exc:
-            # Not committing would stall this partition's commits behind it for good: stop the worker
-            # instead, so the turn is redelivered to a healthy one.
+            if self._stopping():
+                log.warning("turn %s left uncommitted at shutdown (the broker did not acknowledge it): it will be redone", done.correlation_id)
+                return
+            # refused for good (not an outage): not committing would stall this partition's commits behind
+            # it, so stop the worker instead and let the turn be redelivered to a healthy one
             log.error("could not deliver the completion of %s: %s; stopping", done.correlation_id, exc)
             self.fatal = exc
             if self._stop is not None:

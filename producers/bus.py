@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from core import metrics
 from core.config import Settings
@@ -53,3 +54,11 @@ async def produce_all(producer: AIOKafkaProducer, outgoing: Sequence[Outgoing]) 
     futures = [await producer.send(o.topic, o.value, key=o.key, partition=o.partition) for o in outgoing]
     if futures:
         await asyncio.gather(*futures)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a failed send means the broker is unreachable or failing over (retry it later) rather than
+    that it refused the message (dead-letter it). aiokafka marks ``KafkaTimeoutError`` — a batch that
+    expired unacknowledged after ``request_timeout_ms``, what a broker outage looks like — not retriable;
+    here it is an outage like the errors aiokafka does mark retriable."""
+    return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
-from chatbus.stack import Stack, free_port
+from chatbus.stack import ORDER, Stack, free_port
 from core.config import ROOT, Settings
 from schemas.events import decode
 from topics.clients import make_consumer, partitions_of
@@ -52,11 +52,12 @@ def stack_settings(state: Path, **overrides: Any) -> Settings:
 
 
 @contextmanager
-def running_stack(settings: Settings) -> Iterator[Stack]:
-    """Start every service of ``settings``' stack; on a failure print each service's log tail; stop it all."""
+def running_stack(settings: Settings, services: tuple[str, ...] = ORDER, wait: bool = True) -> Iterator[Stack]:
+    """Start ``services`` of ``settings``' stack (all by default; ``wait``: until ``/readyz`` says ready); on a
+    failure print each service's log tail; stop it all."""
     s = Stack(settings)
     try:
-        s.up()
+        s.up(services, wait=wait)
         yield s
     except BaseException:
         for name in ("kafka", "ferretdb", "safety", "retrieval", "inference", "recorder", "batches", "feedback", "edge"):

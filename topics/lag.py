@@ -19,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from core.config import Settings
 from topics.clients import make_admin, make_consumer, partitions_of
+from topics.compat import describe_groups
 
 
 class LagReader:
@@ -65,3 +66,7 @@ class LagReader:
         for (group, tp), (committed, end) in (await self.partitions(groups)).items():
             out[(group, tp.topic)] = out.get((group, tp.topic), 0) + max(0, end - committed)
         return out
+
+    async def members(self, group_ids: list[str]) -> dict[str, int]:
+        """``{group_id: live members}`` (0 for a group that is empty or unknown)."""
+        return {gid: int(g["members"]) for gid, g in (await describe_groups(self._admin, group_ids)).items()}

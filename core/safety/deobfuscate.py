@@ -6,7 +6,10 @@ Cyrillic о), "b o m b" and a base64-encoded instruction meet the same screen as
 
 * **Homoglyphs**: NFKC (full-width and compatibility forms), then Cyrillic and Greek letters that look
   like Latin ones (Unicode's confusables for the basic Latin alphabet, the common subset) → Latin.
-* **Leetspeak**: in words that mix letters with digits or symbols, ``0→o 1→i 3→e 4→a 5→s 7→t 8→b 9→g @→a $→s``.
+* **Leetspeak**: in words that mix letters with digits or symbols, ``0→o 1→i 3→e 4→a 5→s 7→t 8→b 9→g @→a $→s``
+  — except identifiers: hex strings of 6 or more characters (hashes, ids) and tokens of 5 or more
+  characters that are mostly digits (versions, codes), which turned into letters read as gibberish that
+  the classifier can score as harmful.
 * **Spacing**: runs of at least three single characters separated by spaces, dots, dashes or underscores
   (``b.o.m.b``) are joined.
 * **Base64**: tokens of ≥ 16 base64 characters that decode to mostly printable UTF-8 text are decoded.
@@ -40,8 +43,16 @@ def fold_homoglyphs(text: str) -> str:
     return unicodedata.normalize("NFKC", text).translate(_CONFUSABLES)
 
 
+_HEX_ID = re.compile(r"[0-9A-Fa-f]{6,}")
+
+
+def _identifier(token: str) -> bool:
+    digits = sum(c.isdigit() for c in token)
+    return bool(_HEX_ID.fullmatch(token)) or (len(token) >= 5 and digits * 2 > len(token))
+
+
 def unleet(text: str) -> str:
-    return _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
+    return _LEET_WORD.sub(lambda m: m.group(0) if _identifier(m.group(0)) else m.group(0).translate(_LEET), text)
 
 
 def join_spaced(text: str) -> str:

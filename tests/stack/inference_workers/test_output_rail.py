@@ -9,26 +9,21 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.routing import Route
 
-from chatbus.stack import Stack, free_port
+from chatbus.stack import Stack
 from core.config import Settings
 from core.safety.output import SAFETY_MESSAGE
 from schemas.events import TurnCompleted
 from schemas.feedback import dpo_record_id
 from tests.conftest import eventually, read_topic
+from tests.upstream import Upstream, spawn_scripted_inference
 from topics.ops import read_records
 from topics.registry import topic
 
@@ -44,75 +39,24 @@ PII = "You can reach the author at jane.roe@example.org or call +1 415 555 2671 
 TAIL = "More words follow here to keep the stream going for a while longer. " * 6
 
 
-class Upstream:
-    """An OpenAI-compatible ``/v1/chat/completions`` that streams a script chosen by the last user message
-    (``[harm]``, ``[pii]``, else ordinary), one word per chunk; it records which streams the client closed early."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.closed_early: list[str] = []
-        self.finished: list[str] = []
-        app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def completions(self, request: Request) -> StreamingResponse:
-        body = await request.json()
-        prompt = body["messages"][-1]["content"]
-        text = BENIGN + (HARMFUL if "[harm]" in prompt else PII if "[pii]" in prompt else "") + TAIL
-        words = [w + " " for w in text.split()]
-        marker = prompt[-12:]
-
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                for w in words:
-                    chunk = {
-                        "id": "up",
-                        "object": "chat.completion.chunk",
-                        "model": "scripted",
-                        "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}],
-                    }
-                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                    await asyncio.sleep(0.02)
-                end = {"id": "up", "object": "chat.completion.chunk", "model": "scripted", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-                yield b"data: " + orjson.dumps(end) + b"\n\ndata: [DONE]\n\n"
-                self.finished.append(marker)
-            except (asyncio.CancelledError, GeneratorExit):
-                self.closed_early.append(marker)
-                raise
-
-        return StreamingResponse(chunks(), media_type="text/event-stream")
-
-    def __enter__(self) -> Upstream:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "scripted upstream did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+def script(prompt: str) -> str:
+    """``[harm]`` turns harmful mid-stream, ``[pii]`` writes PII, anything else is ordinary."""
+    return BENIGN + (HARMFUL if "[harm]" in prompt else PII if "[pii]" in prompt else "") + TAIL
 
 
 @pytest.fixture(scope="module")
 def upstream(stack: Stack) -> Iterator[Upstream]:
     """The stack's inference worker replaced by one on the scripted upstream, for this module."""
-    with Upstream() as up:
+    with Upstream(script) as up:
         stack.stop("inference")
-        env = stack.env()
-        env.update({"CHATBUS_ENGINE": "openai", "CHATBUS_OPENAI_BASE_URL": up.url, "CHATBUS_MODEL": "scripted", "CHATBUS_SERVED_MODEL_NAME": MODEL})
-        stack.spawn("inference", [sys.executable, "-m", "chatbus.cli", "worker", "inference"], env)
+        spawn_scripted_inference(stack, up, MODEL)
+        stack.wait_ready()  # the edge answers 503 until the inference group has a live member again
         try:
             yield up
         finally:
             stack.stop("inference")
             stack.start_worker("inference")
+            stack.wait_ready()
 
 
 async def stream(edge_url: str, content: str, conversation_id: str) -> tuple[list[dict[str, Any]], list[str]]:

@@ -20,3 +20,10 @@ def test_ordinary_text_has_no_variant_and_binary_base64_is_left_alone() -> None:
     blob = base64.b64encode(bytes(range(256))).decode()
     assert decode_base64(blob) == blob
     assert variants("h3ll0 w0rld") == ["hello world"]
+
+
+def test_identifiers_are_not_read_as_leetspeak() -> None:
+    # hashes, ids and version-like codes stay as they are: turned into letters they read as gibberish
+    assert variants("why does commit 49d2480c339e break the build?") == []
+    assert variants("order 2024a7731 has not shipped") == []
+    assert unleet("expl0s1v3s in 49d2480c339e") == "explosives in 49d2480c339e"
