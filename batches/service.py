@@ -116,6 +116,9 @@ class BatchService:
         metadata = metadata or {}
         if len(metadata) > 16 or any(not isinstance(v, str) or len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
             raise InvalidRequest("metadata: at most 16 string pairs, keys ≤ 64 and values ≤ 512 characters", param="metadata")
+        if any(not k or k.startswith("$") or "." in k or "\0" in k for k in metadata):
+            # stored as a document: MongoDB gives "$" and "." in field names a meaning of their own
+            raise InvalidRequest("metadata: keys must be non-empty and may not start with '$' or contain '.'", param="metadata")
         data = await self.read(input_file_id)
         sha = hashlib.sha256(data).hexdigest()
         key_sha = hashlib.sha256(batch_key.encode()).hexdigest() if batch_key else None

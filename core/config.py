@@ -40,11 +40,16 @@ class Settings(BaseSettings):
     edge_id: str = "edge-0"
     reply_partition: int = 0
     api_keys: SecretStr | None = None  # comma-separated bearer keys; unset = no auth (local use)
+    # PII: phone regions for numbers written without +country (core.pii); the key of user pseudonyms
+    pii_phone_regions: str = "US,GB"
+    pseudonym_key: SecretStr | None = None
+    cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser (none by default)
     turn_timeout_s: float = 120.0
     sse_ping_s: float = 15.0
     # a streamed turn whose client disconnects is cancelled only if no client resumes it (Last-Event-ID)
     # within this many seconds; 0 cancels at once
     resume_grace_s: float = 5.0
+    max_resumes: int = 256  # resumed streams open at once on one edge (each holds a Kafka consumer); past it 429
     max_request_messages: int = 256
     max_request_bytes: int = 256 * 1024  # keeps every event of a turn well under Kafka's 1 MB default
 
@@ -169,6 +174,12 @@ class Settings(BaseSettings):
     @property
     def resolved_milvus_uri(self) -> str:
         return self.milvus_uri or str(self.state_dir / "milvus" / "chatbus.db")
+
+    def pseudonym_key_bytes(self) -> bytes | None:
+        return self.pseudonym_key.get_secret_value().encode() if self.pseudonym_key is not None else None
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def api_key_list(self) -> list[str]:
         if self.api_keys is None:

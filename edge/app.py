@@ -12,7 +12,8 @@
 * :mod:`edge.ops` — ``GET /v1/models``, the pages (``/``, ``/dashboard``, ``/live``), ``/live.json``,
   ``/metrics``, ``/healthz``, ``/readyz``.
 
-Cross-cutting: API keys (:mod:`edge.auth`, a middleware on every ``/v1/*`` route and ``/dashboard.json``),
+Cross-cutting: CORS (only ``CHATBUS_CORS_ORIGINS`` may call from another origin; JSON bodies must be
+``application/json``, else 415), API keys (:mod:`edge.auth`, a middleware on every ``/v1/*`` route and ``/dashboard.json``),
 errors as OpenAI's error JSON (:mod:`edge.errors`), admission control (:mod:`edge.admission`: past its
 bounds a turn or a batch submission gets a 429 with ``Retry-After``, before anything is published), and
 each answer's latency split (:mod:`schemas.timing`): ``timing`` on the last chunk or in the body, and
@@ -29,6 +30,10 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 from batches.service import BatchService
 from batches.store import BatchStore
@@ -37,6 +42,7 @@ from edge import batch_api, chat, conversation_api, feedback, ops, review
 from edge.admission import LoadMonitor
 from edge.conversations import ConversationStore
 from edge.errors import EXCEPTION_HANDLERS, internal_error
+from edge.http import ORJSONResponse
 from edge.live import LiveStats
 from edge.ops import STAGE_GROUPS, STATIC
 from edge.relay import ReplyRelay
@@ -48,6 +54,19 @@ __all__ = ["STAGE_GROUPS", "STATIC", "ChatService", "create_app", "internal_erro
 log = logging.getLogger(__name__)
 
 
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware whose refused preflight (400) says why in OpenAI's error JSON, not plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        message = bytes(response.body).decode("utf-8", "replace")
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "cors_refused"}}
+        return ORJSONResponse(body, status_code=response.status_code, headers=headers)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
 
@@ -56,7 +75,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         producer = make_producer(settings)
         relay = ReplyRelay(settings)
         monitor = LoadMonitor(settings)
-        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri, serverSelectionTimeoutMS=5000)
+        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            settings.mongo_uri, serverSelectionTimeoutMS=1500
+        )  # a database that is down answers 503 in ~1.5 s (edge.errors), not after pymongo's default 30 s
         await producer.start()
         await relay.start()
         await monitor.start()
@@ -69,6 +90,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            await app.state.service.finder.stop()
             await monitor.stop()
             await relay.stop()
             await producer.stop()
@@ -78,6 +100,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[*chat.ROUTES, *conversation_api.ROUTES, *feedback.ROUTES, *review.ROUTES, *ops.MODEL_ROUTES, *batch_api.ROUTES, *ops.ROUTES],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
+        # CORS: no other origin may call the API from a browser unless CHATBUS_CORS_ORIGINS names it (the
+        # edge's own pages are same-origin); JSON bodies must be application/json, which needs a preflight
+        middleware=[Middleware(JSONCORSMiddleware, allow_origins=settings.cors_origin_list(), allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)],
     )
     app.state.settings = settings
     app.state.api_keys = settings.api_key_list()

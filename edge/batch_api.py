@@ -17,7 +17,7 @@ from batches.errors import FileTooLarge, InvalidRequest
 from batches.service import BatchService
 from edge.admission import decide, refuse
 from edge.auth import protected
-from edge.http import ORJSONResponse, limit_param, read_json
+from edge.http import ORJSONResponse, ascii_int, limit_param, read_json
 from edge.turns import ChatService
 
 
@@ -29,8 +29,8 @@ def _batches(request: Request) -> BatchService:
 async def create_file(request: Request) -> Response:
     batches = _batches(request)
     limit = batches.settings.max_batch_file_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit + 65536:
+    declared = ascii_int(request.headers.get("content-length"))
+    if declared is not None and declared > limit + 65536:
         raise FileTooLarge(limit)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("expected multipart/form-data with fields `file` and `purpose`")

@@ -26,13 +26,15 @@ from edge.http import ORJSONResponse, read_json
 from edge.relay import TurnStream, TurnTimeout, parse_event_id
 from edge.streaming import live_events, on_client_close, resumed_events
 from edge.turns import ChatService, timing_ms
-from schemas.errors import InvalidRequest
+from schemas.errors import InvalidRequest, NotFound
 from schemas.events import ChatTurnRequest
 from schemas.openai import check_supported, completion_body, parse_request
 from schemas.timing import server_timing
 from topics.registry import CHAT_REPLIES, spec
 
 CHAT_REPLIES_PARTITIONS = spec(CHAT_REPLIES).partitions
+MAX_DELIVERED = 1 << 40  # characters already received: far beyond any answer, well inside int64
+CLOCK_SKEW_MS = 60_000
 
 
 async def complete(service: ChatService, turn: ChatTurnRequest, stream: TurnStream, request: Request) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
@@ -95,7 +97,10 @@ async def chat_completions(request: Request) -> Response:
 
 async def resume_chat_completion(request: Request) -> Response:
     """``GET /v1/chat/completions/{id}/events`` with ``Last-Event-ID`` (or ``?last_event_id=``): the rest
-    of a streamed turn after the last SSE event the client received — on any edge, the tokens are on Kafka."""
+    of a streamed turn after the last SSE event the client received — on any edge, the tokens are on Kafka.
+
+    400 for an id this server did not give (its time before 1970 or in the future included), 404 at once
+    for a turn that does not exist (:mod:`edge.resume`), 429 past ``max_resumes`` open resumed streams."""
     service: ChatService = request.app.state.service
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if not last:
@@ -104,8 +109,20 @@ async def resume_chat_completion(request: Request) -> Response:
         cid, partition, since_ms, delivered = parse_event_id(last)
     except ValueError:
         raise InvalidRequest("Last-Event-ID: not an event id of this server", param="Last-Event-ID") from None
-    if cid != request.path_params["completion_id"] or not 0 <= partition < CHAT_REPLIES_PARTITIONS or delivered < 0:
+    if cid != request.path_params["completion_id"] or not 0 <= partition < CHAT_REPLIES_PARTITIONS or not 0 <= delivered <= MAX_DELIVERED:
         raise InvalidRequest("Last-Event-ID: does not belong to this completion", param="Last-Event-ID")
+    if not 0 <= since_ms <= time.time() * 1000 + CLOCK_SKEW_MS:
+        raise InvalidRequest("Last-Event-ID: its time is not one this server gave", param="Last-Event-ID")
+    if service.resuming >= service.settings.max_resumes:
+        raise APIError(
+            429,
+            f"too many resumed streams on this edge ({service.resuming}); retry after 1 s",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
+    if not await service.known(cid, since_ms):  # before the stream opens: a 404, not a stream held open
+        raise NotFound(f"No chat completion found with id '{cid}'.", type="NotFoundError", param="completion_id")
     include_usage = request.query_params.get("include_usage") in ("1", "true")
     return EventSourceResponse(
         resumed_events(service, cid, partition, since_ms, delivered, include_usage),

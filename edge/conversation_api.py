@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from core.pii import pseudonym
 from edge.auth import protected
 from edge.conversations import ConversationStore
 from edge.http import ORJSONResponse, limit_param
@@ -14,9 +15,11 @@ from schemas.errors import InvalidRequest, NotFound
 
 
 async def list_conversations(request: Request) -> Response:
-    """``GET /v1/conversations?user=U&limit=N``: newest first (``limit`` 1–200, default 50)."""
+    """``GET /v1/conversations?user=U&limit=N``: newest first (``limit`` 1–200, default 50); ``user`` is the
+    id the client sends with its turns (stored only as its pseudonym, :func:`core.pii.pseudonym`)."""
     conversations: ConversationStore = request.app.state.conversations
-    data = await conversations.list(request.query_params.get("user") or None, limit_param(request, 50, 200))
+    user = pseudonym(request.query_params.get("user") or None, request.app.state.settings.pseudonym_key_bytes())
+    data = await conversations.list(user, limit_param(request, 50, 200))
     return ORJSONResponse({"object": "list", "data": data})
 
 

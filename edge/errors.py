@@ -3,9 +3,14 @@
 
 * Domain errors (:mod:`schemas.errors`, raised by request validation, the batch service, the routes):
   :class:`~schemas.errors.InvalidRequest` 400, :class:`~schemas.errors.NotFound` 404,
-  :class:`~schemas.errors.Conflict` 409, :class:`~schemas.errors.TooLarge` 413.
+  :class:`~schemas.errors.Conflict` 409, :class:`~schemas.errors.TooLarge` 413,
+  :class:`~schemas.errors.UnsupportedMediaType` 415.
 * :class:`APIError`: what only HTTP has — 401 (API key), 429 (admission, with ``Retry-After``), 499 (the
   client left), 500, 503 (the bus is down), 504 (no reply in time).
+* Starlette's own :class:`~starlette.exceptions.HTTPException` (no such route 404, wrong method 405, a
+  malformed multipart body 400): the same JSON, ``Invalid URL (METHOD /path)`` as OpenAI words it.
+* The database unreachable (a :class:`pymongo.errors.ConnectionFailure`, server selection timing out):
+  503 with ``Retry-After``.
 * Anything else: a 500 with a sanitised message (the details stay in the log).
 
 :data:`EXCEPTION_HANDLERS` registers all three with Starlette; :func:`error_body` gives the same JSON for
@@ -17,15 +22,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pymongo.errors import ConnectionFailure
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from edge.http import ORJSONResponse
-from schemas.errors import Conflict, InvalidRequest, NotFound, RequestError, TooLarge
+from schemas.errors import Conflict, InvalidRequest, NotFound, RequestError, TooLarge, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
-HTTP_STATUS: dict[type[RequestError], int] = {InvalidRequest: 400, NotFound: 404, Conflict: 409, TooLarge: 413}
+HTTP_STATUS: dict[type[RequestError], int] = {InvalidRequest: 400, NotFound: 404, Conflict: 409, TooLarge: 413, UnsupportedMediaType: 415}
 
 
 class APIError(Exception):
@@ -78,10 +85,37 @@ async def api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's routing and parsing errors as OpenAI's error JSON (OpenAI answers an unknown route
+    with ``Invalid URL (POST /v1/…)``); the response's own headers (``Allow`` on a 405) are kept."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (404, 405):
+        message = (
+            f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else f"Method {request.method} not allowed on {request.url.path}"
+        )
+    else:
+        message = str(exc.detail)
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    return ORJSONResponse(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+
+async def database_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return error_response(
+        APIError(503, "the database is unavailable, try again", type="service_unavailable", code="service_unavailable", headers={"Retry-After": "5"})
+    )
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """Anything unexpected: an OpenAI-style 500 with a sanitised message (details stay in the log)."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(APIError(500, "internal server error", type="internal_error"))
 
 
-EXCEPTION_HANDLERS: dict[Any, Any] = {APIError: api_error, RequestError: api_error, Exception: internal_error}
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    APIError: api_error,
+    RequestError: api_error,
+    HTTPException: http_exception,
+    ConnectionFailure: database_unavailable,  # AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
+    Exception: internal_error,
+}

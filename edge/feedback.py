@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from core.pii import mask_pii
+from core.pii import mask_pii, pseudonym
 from edge.auth import protected
 from edge.conversations import ConversationStore, TurnInfo
 from edge.errors import APIError
@@ -88,14 +88,15 @@ def parse_feedback(payload: object) -> FeedbackRequest:
     return validate_body(FeedbackRequest, payload)
 
 
-def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo]) -> FeedbackEvent:
+def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo], key: bytes | None = None) -> FeedbackEvent:
     """The event for a validated request whose responses were all found (``turns`` by id); 400 if a
-    preference names responses that are not siblings."""
+    preference names responses that are not siblings. ``user`` becomes its pseudonym under ``key``
+    (:func:`core.pii.pseudonym`)."""
     first = turns[req.response_ids[0]]
     if req.type == "rating":
         assert req.response_id is not None
         return rating_event(
-            user=req.user,
+            user=pseudonym(req.user, key),
             response_id=req.response_id,
             conversation_id=first.conversation_id,
             prompt_group=first.prompt_group,
@@ -107,7 +108,7 @@ def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo]) -> Feedback
     if any(turns[r].prompt_group != first.prompt_group for r in req.rejected_ids):
         raise InvalidRequest("rejected_ids: not siblings of chosen_id (same conversation and prompt)", param="rejected_ids")
     return preference_event(
-        user=req.user,
+        user=pseudonym(req.user, key),
         chosen_id=req.chosen_id,
         rejected_ids=req.rejected_ids,
         conversation_id=first.conversation_id,
@@ -127,7 +128,7 @@ async def create_feedback(request: Request) -> Response:
         if info is None:
             raise NotFound(f"No completed response found with id '{rid}'.", type="NotFoundError", param="response_id", code="response_not_found")
         turns[rid] = info
-    event = feedback_event(req, turns)
+    event = feedback_event(req, turns, request.app.state.settings.pseudonym_key_bytes())
     try:
         await service.feedback.publish(event)
     except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import orjson
@@ -9,9 +10,16 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from schemas.errors import InvalidRequest, TooLarge
+from schemas.errors import InvalidRequest, TooLarge, UnsupportedMediaType
 
 M = TypeVar("M", bound=BaseModel)
+DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts "²", which int() refuses
+JSON_TYPES = ("application/json",)
+
+
+def ascii_int(raw: str | None) -> int | None:
+    """``raw`` as a non-negative integer if it is 1 to 18 ASCII digits, else None."""
+    return int(raw) if raw is not None and DIGITS.fullmatch(raw) else None
 
 
 def validate_body(model: type[M], payload: object) -> M:
@@ -38,8 +46,8 @@ class ORJSONResponse(JSONResponse):
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes with a 413 (also when no Content-Length is sent)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = ascii_int(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         raise TooLarge(f"request body larger than {limit} bytes", code="request_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -50,8 +58,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def require_json(request: Request) -> None:
+    """415 unless the body is declared ``application/json``: a cross-site page can send ``text/plain``
+    without a CORS preflight, never ``application/json`` (the Fetch standard's CORS-safelisted types)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {media or 'missing'}")
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON (413 past ``limit`` bytes, 400 if it is not JSON)."""
+    """The request body as JSON (415 unless declared ``application/json``, 413 past ``limit`` bytes,
+    400 if it is not JSON)."""
+    require_json(request)
     try:
         return orjson.loads(await read_body(request, limit))
     except orjson.JSONDecodeError:
@@ -60,7 +78,7 @@ async def read_json(request: Request, limit: int) -> Any:
 
 def limit_param(request: Request, default: int, most: int) -> int:
     """``?limit=N`` (1 to ``most``, default ``default``); 400 otherwise."""
-    raw = request.query_params.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    value = ascii_int(request.query_params.get("limit", str(default)))
+    if value is None or not 1 <= value <= most:
         raise InvalidRequest(f"limit: an integer from 1 to {most}", param="limit")
-    return int(raw)
+    return value

@@ -1,7 +1,8 @@
 """Pages and operator surfaces: ``GET /`` (chat page), ``/dashboard``, ``/live`` and ``/static`` (open),
 ``GET /live.json`` (:mod:`edge.live`), ``GET /metrics`` (Prometheus, :mod:`core.metrics`), ``GET /healthz``
-(process alive), ``GET /readyz`` (broker reachable, reply relay running, and every stage's consumer group
-has a live member), and ``GET /v1/models`` (needs the API key)."""
+(process alive), ``GET /readyz`` (broker reachable, reply relay running, every stage's consumer group
+has a live member, admission taking turns; the database reported), and ``GET /v1/models`` (needs the
+API key)."""
 
 from __future__ import annotations
 
@@ -67,12 +68,24 @@ async def healthz(request: Request) -> Response:
     return ORJSONResponse({"status": "ok"})
 
 
-async def readiness(settings: Settings, relay: ReplyRelay, monitor: LoadMonitor | None = None) -> dict[str, Any]:
+async def readiness(settings: Settings, relay: ReplyRelay, monitor: LoadMonitor | None = None, db: Any = None) -> dict[str, Any]:
     """Broker reachable, relay running, a live member in every stage's consumer group, and (with the
-    edge's ``monitor``) admission taking turns (``admitting``: no 503 for the broker or a missing worker)."""
+    edge's ``monitor``) admission taking turns (``admitting``: no 503 for the broker or a missing worker).
+
+    With ``db`` (the edge's database) ``database`` says whether it answers a ping within 2 s. It is
+    reported, not required: chat goes on without the database (the recorder catches up from Kafka), only
+    conversations, batches, files and review answer 503 meanwhile — ``degraded`` lists it."""
     checks: dict[str, Any] = {"relay": relay.alive}
     if monitor is not None:
         checks["admitting"] = monitor.availability("interactive") is None
+    degraded: list[str] = []
+    if db is not None:
+        try:
+            await asyncio.wait_for(db.command("ping"), 2)
+            database = True
+        except Exception:
+            database = False
+            degraded.append("database")
     admin = make_admin(settings)
     try:
         await asyncio.wait_for(admin.start(), 5)
@@ -89,12 +102,15 @@ async def readiness(settings: Settings, relay: ReplyRelay, monitor: LoadMonitor 
     for group_id in STAGE_GROUPS:
         checks.setdefault(group_id, False)
     checks["ready"] = all(v is True for k, v in checks.items() if k not in ("error", "ready"))
+    if db is not None:
+        checks["database"] = database
+        checks["degraded"] = degraded
     return checks
 
 
 async def readyz(request: Request) -> Response:
     service: ChatService = request.app.state.service
-    checks = await readiness(request.app.state.settings, request.app.state.relay, service.monitor)
+    checks = await readiness(request.app.state.settings, request.app.state.relay, service.monitor, request.app.state.db)
     return ORJSONResponse(checks, status_code=200 if checks["ready"] else 503)
 
 

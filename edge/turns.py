@@ -20,11 +20,12 @@ from aiokafka import AIOKafkaProducer
 
 from core import metrics
 from core.config import Settings
-from core.pii import mask_pii
+from core.pii import mask_messages, mask_pii, pseudonym
 from edge.admission import LoadMonitor, decide, refuse, unavailable_error
 from edge.conversations import ConversationStore, TurnInfo
 from edge.live import LiveStats
 from edge.relay import ReplyRelay, TurnStream
+from edge.resume import TurnFinder
 from producers.feedback import FeedbackProducer
 from producers.turns import TurnProducer, edge_reply_to
 from schemas.errors import NotFound
@@ -90,18 +91,22 @@ class ChatService:
         # correlation id -> conversation id of turns this edge published and not yet saw end (for Stop)
         self.open_turns: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.recent: collections.OrderedDict[str, Finished] = collections.OrderedDict()
+        self.finder = TurnFinder(settings)
+        self.resuming = 0  # resumed streams open on this edge
 
     def build_turn(self, req: ChatCompletionRequest, received_at: float) -> ChatTurnRequest:
         if req.model != self.settings.model_name:
             raise NotFound(f"The model `{req.model}` does not exist.", type="NotFoundError", param="model", code="model_not_found")
+        messages, pii = mask_messages(req.chat_messages())  # no topic holds a raw prompt (core.pii)
         turn = ChatTurnRequest(
             correlation_id=f"chatcmpl-{uuid.uuid4().hex}",
             conversation_id=req.conversation_id or f"conv-{uuid.uuid4().hex}",
             model=req.model,
-            messages=req.chat_messages(),
+            messages=messages,
             sampling=req.sampling(self.settings.default_max_tokens),
             reply_to=self.reply_to,
-            user=req.user,
+            user=pseudonym(req.user, self.settings.pseudonym_key_bytes()),
+            pii=pii,
         )
         turn.mark("edge_received", received_at)
         return turn
@@ -229,6 +234,17 @@ class ChatService:
                 return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
         await self.cancel(TurnRef(cid, conversation), "stopped_by_user", self.relay.turns.get(cid))
         return {"id": cid, "object": "chat.completion.cancel", "cancelled": True}
+
+    async def known(self, cid: str, since_ms: int) -> bool:
+        """Whether ``cid`` is a turn that exists: one this edge published or relayed, else one on
+        ``chat.requests`` after ``since_ms`` (:class:`edge.resume.TurnFinder`). 503 if the bus does not answer."""
+        if cid in self.open_turns or cid in self.recent or cid in self.relay.turns or cid in self.pending_cancels:
+            return True
+        try:
+            return await self.finder.published(cid, since_ms)
+        except Exception as exc:
+            log.warning("could not look up turn %s: %s", cid, type(exc).__name__)
+            raise unavailable_error("the message bus did not answer", 5) from exc
 
     async def turn_info(self, cid: str, conversations: ConversationStore) -> TurnInfo | None:
         """A completed turn: one this edge finished, else one the recorder stored."""

@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from core.config import Settings
+from core.pii import mask_messages, pseudonym
 from schemas.events import BatchCancelled, BatchCreated, BatchRef, ChatTurnRequest, ReplyTo
 from schemas.openai import ChatCompletionRequest
 from topics.registry import BATCH_JOBS, BATCH_REQUESTS, BATCH_RESULTS, topic
@@ -35,14 +36,16 @@ class BatchProducer:
 
     def line_turn(self, correlation_id: str, batch_id: str, custom_id: str, line: int, request: ChatCompletionRequest) -> ChatTurnRequest:
         """The chat turn of one valid input line (stamped ``batch_submitted``)."""
+        messages, pii = mask_messages(request.chat_messages())  # batch.requests holds no raw prompt either
         turn = ChatTurnRequest(
             correlation_id=correlation_id,
             conversation_id=correlation_id,
             model=request.model,
-            messages=request.chat_messages(),
+            messages=messages,
+            pii=pii,
             sampling=request.sampling(self.settings.default_max_tokens),
             reply_to=self.reply_to,
-            user=request.user,
+            user=pseudonym(request.user, self.settings.pseudonym_key_bytes()),
             source="batch",
             batch=BatchRef(batch_id=batch_id, custom_id=custom_id, line=line),
         )

@@ -59,7 +59,7 @@ class SafetyStage:
     def screen(self, request: ChatTurnRequest) -> tuple[ChatTurnRequest, SafetyVerdict, list[float]]:
         t0 = time.perf_counter()
         masked: list[ChatMessage] = []
-        kinds: set[str] = set()
+        kinds: set[str] = set(request.pii)  # masked at the edge already; masked again here for older producers
         for m in request.messages:
             text, found = mask_pii(m.content)
             kinds.update(found)

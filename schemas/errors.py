@@ -5,7 +5,8 @@ CLI and the batch error file use the message and code as they are.
 * :class:`InvalidRequest` — a bad parameter or body (HTTP 400 at the edge);
 * :class:`NotFound` — an unknown model, file, batch… (404);
 * :class:`Conflict` — a request that contradicts an earlier one, e.g. a reused batch key (409);
-* :class:`TooLarge` — a body, line or file past its limit (413).
+* :class:`TooLarge` — a body, line or file past its limit (413);
+* :class:`UnsupportedMediaType` — a body not of the type the route reads, e.g. JSON sent as ``text/plain`` (415).
 """
 
 from __future__ import annotations
@@ -37,3 +38,7 @@ class Conflict(RequestError):
 
 class TooLarge(RequestError):
     """A body, line or file larger than its limit."""
+
+
+class UnsupportedMediaType(RequestError):
+    """A body whose declared media type the route does not read."""

@@ -164,16 +164,17 @@ class _Event(_Envelope):
 
 
 class ChatTurnRequest(_Event):
-    """``chat.requests``: a chat turn as the edge (or a batch job) received it."""
+    """``chat.requests``: a chat turn as the edge (or a batch job) received it, PII already masked."""
 
     event_type: Literal["chat.turn.request"] = "chat.turn.request"
     model: str
     messages: list[ChatMessage]
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     reply_to: ReplyTo
-    user: str | None = None
+    user: str | None = None  # a pseudonym (core.pii.pseudonym), never the id the client sent
     source: Literal["interactive", "batch"] = "interactive"
     batch: BatchRef | None = None  # set on the batch lane (``batch.*`` topics)
+    pii: list[str] = Field(default_factory=list)  # kinds of PII masked in ``messages`` before publishing
 
 
 class ScreenedTurn(_Event):

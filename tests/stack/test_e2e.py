@@ -8,6 +8,7 @@ redelivery), not the words.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +301,14 @@ async def test_database_outage_loses_no_record(edge_url: str, stack: Stack, mong
     try:
         text, chunks = await stream_turn(edge_url, "Recorded while the database is down?", max_tokens=6)
         assert text  # chat itself does not depend on the database
+        async with httpx.AsyncClient(base_url=edge_url, timeout=30) as http:
+            for path in ("/v1/conversations", "/v1/batches"):  # what needs the database: a fast 503, not a 500
+                started = time.monotonic()
+                r = await http.get(path)
+                assert r.status_code == 503 and r.headers["Retry-After"].isdigit(), (path, r.status_code, r.text)
+                assert r.json()["error"]["type"] == "service_unavailable" and time.monotonic() - started < 4
+            ready = (await http.get("/readyz")).json()
+            assert ready["database"] is False and ready["degraded"] == ["database"]
     finally:
         await asyncio.to_thread(stack.start_ferretdb)
     cid = chunks[0].id

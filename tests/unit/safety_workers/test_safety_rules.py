@@ -92,10 +92,13 @@ def test_iban_with_bad_check_digits_is_not_an_iban() -> None:
     assert "iban" not in mask_pii("IBAN DE00 3704 0044 0532 0130 00")[1]
 
 
-def test_ssn_is_masked_and_impossible_ssns_are_kept() -> None:
+def test_ssns_are_masked_by_format_even_those_stdnum_refuses() -> None:
     assert mask_pii("SSN 123-45-6789.") == ("SSN [NATIONAL_ID].", ["national_id"])
-    for never_issued in ("000-12-3456", "666-12-3456", "912-34-5678", "078-05-1120"):
-        assert mask_pii(f"id {never_issued}")[1] == []
+    # "known public" (078-05-1120 was printed on wallet inserts and used by thousands) or never issued:
+    # still somebody's number, or a made-up one written to look like it: masked either way
+    for refused_by_stdnum in ("000-12-3456", "666-12-3456", "912-34-5678", "078-05-1120", "219-09-9999"):
+        assert mask_pii(f"id {refused_by_stdnum}") == ("id [NATIONAL_ID]", ["national_id"])
+    assert mask_pii("my ssn is 078 05 1120") == ("my ssn is [NATIONAL_ID]", ["national_id"])
 
 
 def test_other_national_ids_are_masked() -> None:
@@ -111,6 +114,14 @@ def test_phone_numbers_domestic_and_international() -> None:
     assert masked == "call [PHONE], [PHONE] or [PHONE]"
     assert kinds == ["phone"]
     assert mask_pii("Ruf an: 030 901820", region="DE") == ("Ruf an: [PHONE]", ["phone"])
+
+
+def test_national_format_uk_numbers_are_masked_with_the_default_regions() -> None:
+    # the default regions are US,GB (CHATBUS_PII_PHONE_REGIONS): a UK number without +44 is found too
+    for number in ("020 7946 0958", "07700 900123", "0161 496 0000"):
+        assert mask_pii(f"ring me on {number} tonight") == ("ring me on [PHONE] tonight", ["phone"]), number
+    assert mask_pii("ring me on 07700 900123", region="US")[1] == []  # not a US number
+    assert mask_pii("Ruf an: 030 901820", region="US,DE") == ("Ruf an: [PHONE]", ["phone"])
 
 
 def test_card_is_not_taken_for_a_phone_and_kinds_are_sorted() -> None:
@@ -434,3 +445,16 @@ def test_latency_is_printed(
             f"p50 {pct(rules, 50):.3f} ms p99 {pct(rules, 99):.3f} ms; "
             f"embedding inside screen: p50 {pct(with_embed, 50):.1f} ms p99 {pct(with_embed, 99):.1f} ms"
         )
+
+
+def test_messages_are_masked_and_user_ids_become_stable_pseudonyms() -> None:
+    from core.pii import mask_messages, pseudonym
+    from schemas.events import ChatMessage
+
+    msgs = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="mail jane@example.org, SSN 078-05-1120")]
+    masked, kinds = mask_messages(msgs)
+    assert [m.content for m in masked] == ["be brief", "mail [EMAIL], SSN [NATIONAL_ID]"] and kinds == ["email", "national_id"]
+    a, b = pseudonym("jane@example.org", b"k1"), pseudonym("jane@example.org", b"k2")
+    assert a is not None and a.startswith("u-") and len(a) == 26 and "jane" not in a
+    assert a == pseudonym("jane@example.org", b"k1") != b  # stable under one key, unlinkable across keys
+    assert pseudonym(a, b"k1") == a and pseudonym(None, b"k1") is None
