@@ -74,6 +74,23 @@ class Stack(Supervisor):
     def start_edge(self) -> int:
         return self.spawn("edge", [sys.executable, "-m", "chatbus.cli", "edge"])
 
+    def start_keeper(self) -> int:
+        """The keeper (:mod:`chatbus.keeper`) as a service of its own: restarts crashed services."""
+        return self.spawn("keeper", [sys.executable, "-m", "chatbus.cli", "stack", "keep"])
+
+    def start(self, name: str) -> None:
+        """Start one service of :data:`ORDER` by name (the keeper restarts services with it)."""
+        if name == "kafka":
+            self.start_kafka()
+        elif name == "ferretdb":
+            self.start_ferretdb()
+        elif name == "edge":
+            self.start_edge()
+        elif name in WORKERS:
+            self.start_worker(name)
+        else:
+            raise StackError(f"unknown service {name!r}")
+
     @property
     def edge_url(self) -> str:
         return f"http://{self.settings.edge_host}:{self.settings.edge_port}"
@@ -132,13 +149,15 @@ class Stack(Supervisor):
 
     def down(self) -> list[str]:
         stopped = []
+        if self.stop("keeper"):  # first, so nothing is restarted while the rest stops
+            stopped.append("keeper")
         for name in reversed(ORDER):
             if self.stop(name):
                 stopped.append(name)
         return stopped
 
     def status(self) -> dict[str, int | None]:
-        return {name: self.running(name) for name in ORDER}
+        return {name: self.running(name) for name in (*ORDER, "keeper")}
 
 
 __all__ = [

@@ -4,19 +4,22 @@
 batch), so a worker that starts after a cancel still knows the batch is cancelled. Stages finish a
 cancelled batch's remaining lines at once with ``finish_reason="cancelled"`` instead of working on them.
 
-:class:`ControlTail` — turn cancels (``chat.control``), read by every inference worker from the end.
+:class:`ControlTail` — turn cancels and edge heartbeats (``chat.control``), read by every inference worker
+from ``CANCEL_MEMORY_S`` ago: a worker started after a cancel (none was running, or it restarted) still
+knows it, and it knows which edges were alive and when they last beat (:class:`EdgeLiveness`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 
 from core.background import BackgroundService
 from core.config import Settings
-from schemas.events import AnyEvent, BatchCancelled, CancelTurn, ChatTurnRequest, DecodeError, decode
+from schemas.events import AnyEvent, BatchCancelled, CancelTurn, ChatTurnRequest, DecodeError, EdgeHeartbeat, decode
 from topics.clients import make_consumer, partitions_of, records_forever
 from topics.registry import BATCH_JOBS, CHAT_CONTROL, topic
 
@@ -27,19 +30,32 @@ class _TopicTail(BackgroundService):
     """Every partition of one topic without a consumer group, from its beginning or its end; each record
     that decodes goes to :meth:`handle`, one that does not to :meth:`undecodable`."""
 
-    def __init__(self, settings: Settings, name: str, *, from_beginning: bool) -> None:
+    def __init__(self, settings: Settings, name: str, *, from_beginning: bool, since_s: float | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.topic = topic(name, settings.topic_prefix)
         self.from_beginning = from_beginning
+        self.since_s = since_s  # start this many seconds back (records by timestamp) instead of at the end
         self._consumer: AIOKafkaConsumer | None = None
 
     async def on_start(self) -> None:
         reset = "earliest" if self.from_beginning else "latest"
         self._consumer = consumer = make_consumer(self.settings, group_id=None, auto_offset_reset=reset)
         await consumer.start()
-        consumer.assign(await partitions_of(consumer, self.topic))
-        await (consumer.seek_to_beginning() if self.from_beginning else consumer.seek_to_end())
+        tps = await partitions_of(consumer, self.topic)
+        consumer.assign(tps)
+        if self.from_beginning:
+            await consumer.seek_to_beginning()
+        elif self.since_s is None:
+            await consumer.seek_to_end()
+        else:
+            since_ms = int((time.time() - self.since_s) * 1000)
+            found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+            for tp in tps:
+                if found.get(tp) is not None:
+                    consumer.seek(tp, found[tp].offset)
+                else:
+                    await consumer.seek_to_end(tp)
 
     async def on_stop(self) -> None:
         if self._consumer is not None:
@@ -83,19 +99,53 @@ class CancelledBatches(_TopicTail):
                 self.on_cancel(event.batch_id)
 
 
+CANCEL_MEMORY_S = 600.0
+
+
+class EdgeLiveness:
+    """When each edge (by reply partition) and each watched turn last showed a heartbeat (wall-clock seconds,
+    the heartbeat's own ``created_at``, so beats replayed from the past count as old)."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, float] = {}
+        self.watched: dict[str, float] = {}
+
+    def beat(self, event: EdgeHeartbeat) -> None:
+        at = event.created_at
+        self.partitions[event.reply_partition] = max(at, self.partitions.get(event.reply_partition, 0.0))
+        for cid in event.watching:
+            self.watched[cid] = max(at, self.watched.get(cid, 0.0))
+        if len(self.watched) > 100_000:  # forget turns not watched for ten minutes
+            cutoff = at - CANCEL_MEMORY_S
+            self.watched = {c: t for c, t in self.watched.items() if t >= cutoff}
+
+    def gone(self, reply_partition: int, correlation_id: str, timeout_s: float, now: float | None = None) -> bool:
+        """True if the turn's edge has beaten before but not within ``timeout_s``, and no edge watches the
+        turn within it. An edge never seen beating is not gone (a client of the bus without heartbeats)."""
+        now = time.time() if now is None else now
+        last = self.partitions.get(reply_partition)
+        if last is None or now - last <= timeout_s:
+            return False
+        return now - self.watched.get(correlation_id, 0.0) > timeout_s
+
+
 class ControlTail(_TopicTail):
-    """Every :class:`~schemas.events.CancelTurn` on ``chat.control`` from now on, handed to ``on_cancel``
-    (correlation id, reason). No consumer group: each worker reads all partitions, from the end."""
+    """Every :class:`~schemas.events.CancelTurn` on ``chat.control`` since ``CANCEL_MEMORY_S`` ago, handed
+    to ``on_cancel`` (correlation id, reason), and every :class:`~schemas.events.EdgeHeartbeat` into
+    ``edges``. No consumer group: each worker reads all partitions."""
 
     task_name = "control"
 
     def __init__(self, settings: Settings, on_cancel: Callable[[str, str], object]) -> None:
-        super().__init__(settings, CHAT_CONTROL, from_beginning=False)
+        super().__init__(settings, CHAT_CONTROL, from_beginning=False, since_s=CANCEL_MEMORY_S)
         self.on_cancel = on_cancel
+        self.edges = EdgeLiveness()
 
     def handle(self, event: AnyEvent) -> None:
         if isinstance(event, CancelTurn):
             self.on_cancel(event.correlation_id, event.reason)
+        elif isinstance(event, EdgeHeartbeat):
+            self.edges.beat(event)
 
     def undecodable(self, offset: int, exc: DecodeError) -> None:
         log.warning("ignoring undecodable control message at %d: %s", offset, exc)

@@ -13,6 +13,10 @@ FerretDB) through PyMongo's ``AsyncMongoClient``. Collections:
 
 The documents' shape and field names are :mod:`schemas.documents` (the edge reads them through it).
 
+Writes are batched: each fetched batch of a partition (up to 256 records) becomes one ordered
+``bulk_write`` per collection (turns, conversations, verdicts) instead of three round trips per event —
+the recorder keeps up with the interactive lane at several turns a second (``bench/recorder.py``).
+
 A database outage never loses a record: after a few quick retries the event is left uncommitted and
 retried with back-off (:class:`consumers.stage.RetryLater`). Every write is an upsert of fields derived only
 from the event (``$set``/``$setOnInsert``/``$addToSet``), so replaying an event — at-least-once delivery — changes nothing: idempotent by ``event_id``, and
@@ -27,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import ConsumerRecord
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -117,18 +121,38 @@ class Recorder:
         self.review = ReviewLog(self.db, settings.topic_prefix)
 
     async def record(self, event: AnyEvent) -> bool:
-        if isinstance(event, TokenEvent):
-            return False
-        fields = turn_updates(event)
-        if fields is None:
-            return False
-        cid = str(event.correlation_id)  # type: ignore[union-attr]
-        await self._retrying(lambda: self._write(event, cid, fields))  # the database down: RetryLater
-        return True
+        """Record one event (True) or skip it (token events, events with nothing to record)."""
+        return await self.record_many([event]) == 1
 
-    async def _write(self, event: AnyEvent, cid: str, fields: TurnDoc) -> None:
+    async def record_many(self, events: Sequence[AnyEvent]) -> int:
+        """Record ``events`` (in order) with one ordered ``bulk_write`` per collection; returns how many
+        were recorded. Raises :class:`RetryLater` if the database stays unavailable (nothing committed:
+        the writes are idempotent, so a retry after a partial write changes nothing)."""
+        ops: dict[str, list[UpdateOne]] = {TURNS: [], CONVERSATIONS: [], VERDICTS: []}
+        recorded = 0
+        for event in events:
+            if isinstance(event, TokenEvent):
+                continue
+            fields = turn_updates(event)
+            if fields is None:
+                continue
+            for name, more in self.operations(event, str(event.correlation_id), fields).items():  # type: ignore[union-attr]
+                ops[name] += more
+            recorded += 1
+        if recorded:
+
+            async def write() -> None:
+                for name in (TURNS, CONVERSATIONS, VERDICTS):  # a turn's document first, as one by one
+                    if ops[name]:
+                        await self.db[name].bulk_write(ops[name], ordered=True)
+
+            await self._retrying(write)
+        return recorded
+
+    def operations(self, event: AnyEvent, cid: str, fields: TurnDoc) -> dict[str, list[UpdateOne]]:
+        """The upserts recording one event, per collection."""
         conv = fields["conversation_id"]
-        await self.db[TURNS].update_one({ID: cid}, {"$set": fields, "$addToSet": {Turn.EVENTS: event.event_id}}, upsert=True)
+        out: dict[str, list[UpdateOne]] = {TURNS: [UpdateOne({ID: cid}, {"$set": fields, "$addToSet": {Turn.EVENTS: event.event_id}}, upsert=True)]}
         on_insert = ConversationDoc(created_at=event.created_at)
         conv_update: dict[str, Any] = {
             "$setOnInsert": on_insert,
@@ -139,9 +163,19 @@ class Recorder:
             on_insert["title"] = mask_pii(last_user_text(event.messages))[0][:80]
             if event.user:
                 conv_update["$set"] = ConversationDoc(user=event.user)
-        await self.db[CONVERSATIONS].update_one({ID: conv}, conv_update, upsert=True)
+        out[CONVERSATIONS] = [UpdateOne({ID: conv}, conv_update, upsert=True)]
         if "verdict" in fields:
-            await self.db[VERDICTS].update_one({ID: cid}, {"$set": {**fields["verdict"], Turn.CONVERSATION_ID: conv}}, upsert=True)
+            out[VERDICTS] = [UpdateOne({ID: cid}, {"$set": {**fields["verdict"], Turn.CONVERSATION_ID: conv}}, upsert=True)]
+        return out
+
+    async def handle_batch(self, batch: Sequence[tuple[AnyEvent, ConsumerRecord]]) -> Sequence[Outgoing]:
+        """A fetched batch: turn events in bulk, review events one by one (in order, after the turns)."""
+        await self.record_many([event for event, _ in batch if not isinstance(event, ReviewItem | ReviewDecision)])
+        out: list[Outgoing] = []
+        for event, record in batch:
+            if isinstance(event, ReviewItem | ReviewDecision):
+                out += await self.handle(event, record)
+        return out
 
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         if isinstance(event, ReviewItem | ReviewDecision):
@@ -162,9 +196,32 @@ class Recorder:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+def recorder_worker(settings: Settings, recorder: Recorder, bulk: bool = True) -> StageWorker:
+    """The recorder's consumer: bulk writes per fetched batch (``bulk``), token events dropped unvalidated."""
+    return StageWorker(
+        settings,
+        "recorder",
+        RECORDER.group_id,
+        RECORDER.topics,
+        recorder.handle,
+        max_records=256,
+        batch_handler=recorder.handle_batch if bulk else None,
+        skip_event_types=("chat.token",),
+    )
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     recorder = Recorder(settings)
-    worker = StageWorker(settings, "recorder", RECORDER.group_id, RECORDER.topics, recorder.handle, max_records=256)
+    worker = StageWorker(
+        settings,
+        "recorder",
+        RECORDER.group_id,
+        RECORDER.topics,
+        recorder.handle,
+        max_records=256,
+        batch_handler=recorder.handle_batch,
+        skip_event_types=("chat.token",),
+    )
     try:
         await worker.run(stop)
     finally:

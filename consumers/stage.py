@@ -28,7 +28,7 @@ from consumers.runtime import Companion, ConsumerRuntime
 from core import metrics
 from core.config import Settings
 from producers.bus import Outgoing, is_outage, produce_all
-from schemas.events import AnyEvent, DecodeError
+from schemas.events import AnyEvent, DecodeError, decode_object, load_json
 from topics.registry import topic
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class RetryLater(Exception):
 
 
 Handler = Callable[[AnyEvent, ConsumerRecord], Awaitable[Sequence[Outgoing]]]
+# a whole fetched batch of one partition at once (decoded, in offset order): e.g. the recorder's bulk writes
+BatchHandler = Callable[[Sequence[tuple[AnyEvent, ConsumerRecord]]], Awaitable[Sequence[Outgoing]]]
 
 
 class StageWorker(ConsumerRuntime):
@@ -65,6 +67,8 @@ class StageWorker(ConsumerRuntime):
         low_priority_records: int = 2,
         low_priority_gate: DownstreamGate | None = None,
         companions: Sequence[Companion] = (),
+        batch_handler: BatchHandler | None = None,
+        skip_event_types: Sequence[str] = (),
     ) -> None:
         super().__init__(
             settings,
@@ -76,6 +80,8 @@ class StageWorker(ConsumerRuntime):
             companions=list(companions) + ([low_priority_gate] if low_priority_gate is not None else []),
         )
         self.handler = handler
+        self.batch_handler = batch_handler
+        self.skip_event_types = frozenset(skip_event_types)  # the batch path drops these before validation
         self.max_records = max_records
         self.priority = {topic(t, settings.topic_prefix) for t in priority_topics}
         self.low_priority_records = low_priority_records
@@ -118,6 +124,16 @@ class StageWorker(ConsumerRuntime):
         return await self.fetch_lanes(self.priority, self.max_records, low_room)
 
     async def _process_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        if self.batch_handler is not None and len(records) > 1:
+            try:
+                if await self._process_batch(tp, records):
+                    return
+            except RetryLater as exc:
+                self._backoff = min(max(self._backoff * 2, 0.5), 10.0)
+                log.warning("%s: %s; retrying %s[%d] in %.1fs", self.name, exc, tp.topic, tp.partition, self._backoff)
+                self.consumer.seek(tp, records[0].offset)
+                await asyncio.sleep(self._backoff)
+                return
         next_offset: int | None = None  # the offset after the last record fully handled: what to commit
         try:
             for record in records:
@@ -136,6 +152,42 @@ class StageWorker(ConsumerRuntime):
         finally:
             if next_offset is not None:
                 await self.commit(tp, next_offset)
+
+    async def _process_batch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> bool:
+        """The whole batch through ``batch_handler``, then one commit. False (nothing written, nothing
+        committed) if the handler failed otherwise than :class:`RetryLater`: the records then go one by one
+        through :meth:`handle_record`, so only a poison record is dead-lettered."""
+        assert self.batch_handler is not None
+        if tp not in self.consumer.assignment():
+            return True
+        decoded: list[tuple[AnyEvent, ConsumerRecord]] = []
+        rejected: list[Outgoing] = []
+        for record in records:
+            try:
+                data = load_json(record.value)
+                if isinstance(data, dict) and data.get("event_type") in self.skip_event_types:
+                    continue  # e.g. the recorder's token events: one JSON parse, no model validation
+                decoded.append((decode_object(data), record))
+            except DecodeError as exc:
+                rejected.append(self.reject(record, str(exc)))
+        started = time.perf_counter()
+        try:
+            out = await self.batch_handler(decoded)
+        except RetryLater:
+            raise
+        except Exception:
+            log.exception(
+                "%s: batch handler failed on %s[%d]@%d..%d; one by one instead", self.name, tp.topic, tp.partition, records[0].offset, records[-1].offset
+            )
+            return False
+        lane = self.lane(records[0])
+        metrics.STAGE_SECONDS.labels(self.name, lane).observe((time.perf_counter() - started) / max(1, len(decoded)))
+        metrics.STAGE_RECORDS.labels(self.name, lane).inc(len(decoded))
+        await self._deliver(records[-1], [*rejected, *out])
+        self.processed += len(records)
+        self._backoff = 0.0
+        await self.commit(tp, records[-1].offset + 1)
+        return True
 
     async def _deliver(self, record: ConsumerRecord, outgoing: Sequence[Outgoing]) -> None:
         """Produce a record's output and wait for the acks; an output the broker refuses is dead-lettered."""

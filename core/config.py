@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     state_dir: Path = ROOT / ".state"  # runtime data: broker log dirs, databases, logs, pid files
     build_dir: Path = ROOT / ".build"  # built artifacts: Kafka jars, the FerretDB binary, the tiny model
     log_level: str = "INFO"
+    supervise: bool = True  # `chatbus stack up|run` restart a crashed service with back-off (chatbus.keeper)
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
     kafka_replication_factor: int = 1  # 3 on the compose cluster
@@ -49,6 +50,10 @@ class Settings(BaseSettings):
     # a streamed turn whose client disconnects is cancelled only if no client resumes it (Last-Event-ID)
     # within this many seconds; 0 cancels at once
     resume_grace_s: float = 5.0
+    # edges beat on chat.control; inference workers cancel the turns of an edge silent for edge_timeout_s
+    # (more than resume_grace_s: a client may still resume on another edge, which then watches the turn)
+    edge_heartbeat_s: float = 2.0
+    edge_timeout_s: float = 15.0
     max_resumes: int = 256  # resumed streams open at once on one edge (each holds a Kafka consumer); past it 429
     max_request_messages: int = 256
     max_request_bytes: int = 256 * 1024  # keeps every event of a turn well under Kafka's 1 MB default

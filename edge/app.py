@@ -22,6 +22,7 @@ each answer's latency split (:mod:`schemas.timing`): ``timing`` on the last chun
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -29,6 +30,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pymongo import AsyncMongoClient
+from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
@@ -46,7 +48,7 @@ from edge.http import ORJSONResponse
 from edge.live import LiveStats
 from edge.ops import STAGE_GROUPS, STATIC
 from edge.relay import ReplyRelay
-from edge.turns import ChatService
+from edge.turns import ChatService, Heartbeat
 from topics.clients import make_producer
 
 __all__ = ["STAGE_GROUPS", "STATIC", "ChatService", "create_app", "internal_error"]
@@ -65,6 +67,14 @@ class JSONCORSMiddleware(CORSMiddleware):
         message = bytes(response.body).decode("utf-8", "replace")
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "cors_refused"}}
         return ORJSONResponse(body, status_code=response.status_code, headers=headers)
+
+
+async def _drain_on_exit(service: ChatService, every_s: float = 0.05) -> None:
+    """Drain (:meth:`ChatService.drain`) as soon as the server is told to exit (SIGTERM/SIGINT: uvicorn's
+    handler, which sse-starlette's ``AppStatus`` records), before open streams are cut."""
+    while not AppStatus.should_exit:
+        await asyncio.sleep(every_s)
+    service.drain()
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -87,9 +97,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.conversations = ConversationStore(mongo[settings.mongo_db])
         app.state.db = mongo[settings.mongo_db]
         log.info("edge %s ready: reply partition %d, model %s", settings.edge_id, settings.reply_partition, settings.model_name)
+        watcher = asyncio.create_task(_drain_on_exit(app.state.service), name="drain-watcher")
+        heartbeat = Heartbeat(app.state.service)
+        await heartbeat.start()
         try:
             yield
         finally:
+            watcher.cancel()
+            await heartbeat.stop()
             await app.state.service.finder.stop()
             await monitor.stop()
             await relay.stop()

@@ -35,6 +35,7 @@ from topics.registry import CHAT_REPLIES, spec
 CHAT_REPLIES_PARTITIONS = spec(CHAT_REPLIES).partitions
 MAX_DELIVERED = 1 << 40  # characters already received: far beyond any answer, well inside int64
 CLOCK_SKEW_MS = 60_000
+DRAIN_GRACE_S = 3.0  # how long sse-starlette lets a stream end itself on shutdown before cancelling it
 
 
 async def complete(service: ChatService, turn: ChatTurnRequest, stream: TurnStream, request: Request) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
@@ -87,6 +88,7 @@ async def chat_completions(request: Request) -> Response:
             ping=0,  # heartbeats come from the event loop of edge.streaming (one task less per open stream)
             sep="\n",
             send_timeout=30,  # a client that stops reading cannot hold the turn (and a worker slot) for ever
+            shutdown_grace_period=DRAIN_GRACE_S,  # on SIGTERM our generator ends the stream itself (edge_draining)
             client_close_handler_callable=on_client_close(service, turn, stream),
             headers=headers,
         )
@@ -129,6 +131,7 @@ async def resume_chat_completion(request: Request) -> Response:
         ping=0,
         sep="\n",
         send_timeout=30,
+        shutdown_grace_period=DRAIN_GRACE_S,
         headers={"X-Correlation-Id": cid},
     )
 

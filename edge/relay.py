@@ -34,6 +34,10 @@ class TurnTimeout(Exception):
     pass
 
 
+class Draining(Exception):
+    """This edge is shutting down: the stream ends here and its client resumes it on another edge."""
+
+
 def sse_event_id(correlation_id: str, partition: int, since_ms: int, delivered: int) -> str:
     """The SSE ``id`` of a streamed turn's event: enough to resume it from Kafka on any edge —
     the turn, its reply partition, a time (ms) before its first reply event, and the characters the
@@ -62,6 +66,13 @@ class TurnStream:
         self.done: TurnCompleted | None = None
         self.cancel_sent = False  # the edge published a cancel for this turn (at most once)
         self.first_relayed: float | None = None  # wall time the first text was handed out (schemas.timing)
+        self.interrupted = False  # the edge is draining: the next wait raises Draining
+
+    def interrupt(self) -> None:
+        """End the stream's wait now with :class:`Draining` (the edge is shutting down)."""
+        self.interrupted = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def splice(self, ev: TokenEvent) -> str:
         """The part of ``ev.delta`` the client has not seen yet ('' if none)."""
@@ -83,6 +94,8 @@ class TurnStream:
         (loop time) without an event."""
         loop = asyncio.get_running_loop()
         while not self._events:
+            if self.interrupted:
+                raise Draining(self.correlation_id)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TurnTimeout(f"no reply for turn {self.correlation_id} within {timeout_s:.0f}s")

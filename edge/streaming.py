@@ -4,7 +4,9 @@ received (:func:`resumed_events`): both run one loop, :func:`turn_events`.
 Events are OpenAI ``chat.completion.chunk`` objects, each with an SSE ``id`` (:func:`edge.relay.sse_event_id`)
 that lets a client resume on any edge, ``: ping`` comments every ``sse_ping_s`` while no event arrives,
 and ``data: [DONE]`` last. Once a stream has begun, an error becomes one error chunk and the stream still
-ends with ``[DONE]`` (as vLLM's server does).
+ends with ``[DONE]`` (as vLLM's server does). When the edge drains (SIGTERM), each open stream ends with an
+error chunk ``code: "edge_draining"`` whose ``resume_id`` (also its SSE ``id``) resumes it on another edge,
+then ``[DONE]``; the turn is not cancelled.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from prometheus_client import Histogram
 
 from core import metrics
 from edge.errors import APIError, error_body
-from edge.relay import TurnStream, TurnTimeout, reply_event, sse_event_id
+from edge.relay import Draining, TurnStream, TurnTimeout, reply_event, sse_event_id
 from edge.turns import ChatService, TurnRef, timing_ms
 from schemas.events import ChatTurnRequest, TurnCompleted
 from schemas.openai import ChunkBuilder
@@ -95,6 +97,12 @@ async def turn_events(
     except TurnTimeout as exc:
         await on_timeout()
         yield data(error_body(APIError(504, str(exc), type="timeout")))
+    except Draining:
+        # the edge is shutting down: tell the client where to resume (the turn goes on generating), then [DONE]
+        resume_id = event_id()
+        message = f"{settings.edge_id} is shutting down: resume this stream on another edge with Last-Event-ID: {resume_id}"
+        farewell = {**error_body(APIError(503, message, type="service_unavailable", code="edge_draining")), "resume_id": resume_id}
+        yield {**data(farewell), "id": resume_id}
     finally:
         await cleanup()
     yield {"data": "[DONE]"}
@@ -120,7 +128,7 @@ def live_events(service: ChatService, turn: ChatTurnRequest, stream: TurnStream,
 
     async def cleanup() -> None:
         service.relay.close(turn.correlation_id)
-        if stream.done is None:
+        if stream.done is None and not stream.interrupted:
             # The client went away mid-turn: sse-starlette cancels the generator (CancelledError) or
             # closes it (GeneratorExit) — stop generation over the bus unless it resumes in time.
             service.cancel_unless_resumed(turn, stream)
@@ -169,6 +177,7 @@ def resumed_events(service: ChatService, cid: str, partition: int, since_ms: int
     async def opening() -> list[Event]:
         service.claim(cid)
         service.resuming += 1
+        service.resumed.add(stream)
         counted.append(True)
         consumer = make_consumer(service.settings, group_id=None, fetch_max_wait_ms=5)
         consumers.append(consumer)
@@ -191,13 +200,14 @@ def resumed_events(service: ChatService, cid: str, partition: int, since_ms: int
     async def cleanup() -> None:
         if counted:
             service.resuming -= 1
+            service.resumed.discard(stream)
             counted.clear()
         for task in feeder:
             task.cancel()
         for consumer in consumers:
             with contextlib.suppress(Exception):
                 await consumer.stop()
-        if stream.done is None and conversation["id"]:  # this client left too: the same grace applies
+        if stream.done is None and conversation["id"] and not stream.interrupted:  # this client left too: the same grace applies
             service.cancel_unless_resumed(TurnRef(cid, conversation["id"]), stream)
 
     return turn_events(service, stream, chunks, sid, opening=opening, closing=closing, on_timeout=on_timeout, cleanup=cleanup)

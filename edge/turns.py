@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer
 
 from core import metrics
+from core.background import PeriodicService
 from core.config import Settings
 from core.pii import mask_messages, mask_pii, pseudonym
 from edge.admission import LoadMonitor, decide, refuse, unavailable_error
@@ -74,6 +75,24 @@ def timing_ms(parts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
     return {group: {k: round(v * 1000, 2) for k, v in values.items()} for group, values in parts.items()}
 
 
+class Heartbeat(PeriodicService):
+    """This edge's heartbeat on ``chat.control`` every ``edge_heartbeat_s`` (:class:`schemas.events.EdgeHeartbeat`):
+    its reply partition, and the turns of other edges it streams to resumed clients. A failed beat is logged."""
+
+    task_name = "heartbeat"
+
+    def __init__(self, service: ChatService) -> None:
+        super().__init__()
+        self.service = service
+        self.every_s = service.settings.edge_heartbeat_s
+
+    async def tick(self) -> None:
+        s = self.service
+        partition = s.reply_to.partition or 0
+        async with asyncio.timeout(max(self.every_s, 1.0)):
+            await s.bus.heartbeat(s.settings.edge_id, partition, sorted({st.correlation_id for st in s.resumed}))
+
+
 class ChatService:
     """Publishes turns, cancels them, and records them when they finish."""
 
@@ -93,6 +112,20 @@ class ChatService:
         self.recent: collections.OrderedDict[str, Finished] = collections.OrderedDict()
         self.finder = TurnFinder(settings)
         self.resuming = 0  # resumed streams open on this edge
+        self.resumed: set[TurnStream] = set()
+        self.draining = False
+
+    def drain(self) -> int:
+        """Shutting down: admit nothing more and end every open stream with its resume id
+        (:mod:`edge.streaming`); the turns go on for a client that resumes elsewhere. Returns the streams ended."""
+        if self.draining:
+            return 0
+        self.draining = True
+        streams = [*self.relay.turns.values(), *self.resumed]
+        for stream in streams:
+            stream.interrupt()
+        log.info("edge %s draining: %d open streams told to resume elsewhere", self.settings.edge_id, len(streams))
+        return len(streams)
 
     def build_turn(self, req: ChatCompletionRequest, received_at: float) -> ChatTurnRequest:
         if req.model != self.settings.model_name:
@@ -114,6 +147,8 @@ class ChatService:
     def admit(self, turn: ChatTurnRequest) -> dict[str, str]:
         """Admission control (:mod:`edge.admission`): raises a 429, or returns headers for the response
         (``X-Chatbus-Brownout`` when ``max_tokens`` was capped)."""
+        if self.draining:
+            raise unavailable_error(f"{self.settings.edge_id} is shutting down; send the request to another edge", 1)
         down = self.monitor.unavailable("interactive")
         if down is not None:
             raise down

@@ -36,9 +36,14 @@ generation goes on — and text reaches the reply topic only once a screen has a
 the attempt's completion is a retraction (``finish_reason="content_filter"``, ``retraction`` set, the
 safety message as its text); the withdrawn answer travels only PII-masked, for review.
 
-Cancellation: every worker reads all of ``chat.control`` (no consumer group, from the end); a cancel
-for a running turn aborts it in the engine and completes it with ``finish_reason="cancelled"``; a
-cancel for a turn not yet dequeued is remembered for ten minutes.
+Cancellation: every worker reads all of ``chat.control`` (no consumer group, from ten minutes back, so a
+worker that was down or restarted still sees recent cancels); a cancel for a running turn aborts it in the
+engine and completes it with ``finish_reason="cancelled"``; a cancel for a turn not yet dequeued is
+remembered for ten minutes. Edges beat on ``chat.control`` every ``edge_heartbeat_s``
+(:class:`schemas.events.EdgeHeartbeat`): a turn whose edge stopped beating ``edge_timeout_s`` ago, and
+that no live edge streams to a resumed client, is cancelled (``edge_gone``) — running or on dequeue — and
+an interactive turn dequeued more than ``turn_timeout_s`` after it was published (its client has had its
+504) is not started (``expired``).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from dataclasses import dataclass
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.cancellations import CancelledBatches, ControlTail
+from consumers.cancellations import CANCEL_MEMORY_S, CancelledBatches, ControlTail
 from consumers.runtime import ConsumerRuntime, OffsetTracker
 from core import metrics
 from core.config import Settings
@@ -69,7 +74,6 @@ __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "
 
 log = logging.getLogger(__name__)
 
-CANCEL_MEMORY_S = 600.0
 ENGINE_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
@@ -84,6 +88,7 @@ class Running:
     tp: TopicPartition
     offset: int
     batch_id: str | None = None
+    reply_partition: int | None = None  # an interactive turn's edge (its reply partition)
     cancel_reason: str | None = None
     finishing: bool = False  # generation is over; the completion is being delivered (cancel is moot)
 
@@ -155,10 +160,40 @@ class InferenceWorker(ConsumerRuntime):
 
     async def consume(self, stop: asyncio.Event) -> None:
         log.info("inference: max %d turns in flight, batch at most %d", self.settings.max_inflight_turns, self.batch_limit)
+        next_check = 0.0
         while not stop.is_set():
             for tp, records in (await self._fetch()).items():
                 for record in records:
                     await self._admit(tp, record)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                self.cancel_orphans()
+
+    def cancel_orphans(self) -> list[str]:
+        """Cancel the running turns whose edge is gone (no heartbeat for ``edge_timeout_s``, no edge
+        streaming them to a resumed client). Returns their correlation ids."""
+        gone = [
+            cid
+            for cid, r in self.running.items()
+            if r.reply_partition is not None and not r.finishing and self.control.edges.gone(r.reply_partition, cid, self.settings.edge_timeout_s)
+        ]
+        for cid in gone:
+            self.cancel(cid, "edge_gone")
+        return gone
+
+    def orphaned(self, turn: GroundedTurn) -> str | None:
+        """Why an interactive turn must not start: ``expired`` (dequeued past ``turn_timeout_s`` after it
+        was published) or ``edge_gone``; None to run it."""
+        request = turn.request
+        if request.batch is not None:
+            return None
+        published = turn.stages.get("edge_published") or request.stages.get("edge_published")
+        if published is not None and time.time() - published > self.settings.turn_timeout_s:
+            return "expired"
+        partition = request.reply_to.partition
+        if partition is not None and self.control.edges.gone(partition, turn.correlation_id, self.settings.edge_timeout_s):
+            return "edge_gone"
+        return None
 
     async def _fetch(self) -> dict[TopicPartition, list[ConsumerRecord]]:
         """Interactive records first; batch records only into the slots batch work may take."""
@@ -228,7 +263,14 @@ class InferenceWorker(ConsumerRuntime):
             return
         self.tracker.start(tp, record.offset)
         task = asyncio.create_task(self._run_turn(event, tp, record), name=f"turn-{cid}")
-        self.running[cid] = Running(task, tp, record.offset, batch_id=event.request.batch.batch_id if event.request.batch else None)
+        request = event.request
+        self.running[cid] = Running(
+            task,
+            tp,
+            record.offset,
+            batch_id=request.batch.batch_id if request.batch else None,
+            reply_partition=request.reply_to.partition if request.batch is None else None,
+        )
         metrics.RUNNING.labels(event.request.source).inc()
 
     async def _commit(self, tp: TopicPartition, offset: int, started: bool = True) -> None:
@@ -265,7 +307,10 @@ class InferenceWorker(ConsumerRuntime):
         violation: OutputVerdict | None = None
         try:
             try:
-                if cid in self.cancelled or request in self.cancelled_batches:
+                orphaned = None if cid in self.cancelled or request in self.cancelled_batches else self.orphaned(turn)
+                if orphaned is not None:
+                    log.info("not starting turn %s: %s", cid, orphaned)
+                if cid in self.cancelled or request in self.cancelled_batches or orphaned is not None:
                     finish = "cancelled"
                 else:
                     max_tokens = min(request.sampling.max_tokens, self.settings.max_model_len)

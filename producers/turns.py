@@ -8,7 +8,7 @@ from aiokafka import AIOKafkaProducer
 
 from core.config import Settings
 from producers.bus import Outgoing
-from schemas.events import CancelTurn, ChatTurnRequest, ReplyTo
+from schemas.events import CancelTurn, ChatTurnRequest, EdgeHeartbeat, ReplyTo
 from topics.registry import CHAT_CONTROL, CHAT_REPLIES, CHAT_REQUESTS, topic
 
 
@@ -30,6 +30,12 @@ class TurnProducer:
     async def send(self, out: Outgoing) -> None:
         """Produce one record and wait for its acknowledgement."""
         await self.producer.send_and_wait(out.topic, out.value, key=out.key, partition=out.partition)
+
+    async def heartbeat(self, edge_id: str, reply_partition: int, watching: list[str]) -> EdgeHeartbeat:
+        """Publish ``chat.edge.heartbeat`` (acknowledged); returns the event."""
+        ev = EdgeHeartbeat(correlation_id=f"edge:{edge_id}", conversation_id=edge_id, edge_id=edge_id, reply_partition=reply_partition, watching=watching)
+        await self.producer.send_and_wait(self.control_topic, ev.to_bytes(), key=ev.key)
+        return ev
 
     async def cancel(self, correlation_id: str, conversation_id: str, reason: str) -> CancelTurn:
         """Publish ``chat.turn.cancel`` (acknowledged); returns the event."""

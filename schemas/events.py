@@ -296,6 +296,18 @@ class CancelTurn(_Event):
     reason: str = "client_disconnected"
 
 
+class EdgeHeartbeat(_Event):
+    """``chat.control``: an edge is alive (every ``edge_heartbeat_s``). ``reply_partition`` is the partition
+    its turns reply to; ``watching`` the turns of other edges it streams to a resumed client. Inference
+    workers cancel a running turn whose edge stopped beating and that no live edge watches. Keyed by
+    edge id (``conversation_id`` = edge id; ``correlation_id`` = ``edge:<id>``)."""
+
+    event_type: Literal["chat.edge.heartbeat"] = "chat.edge.heartbeat"
+    edge_id: str
+    reply_partition: int
+    watching: list[str] = Field(default_factory=list)
+
+
 class KbChunk(_Model):
     chunk_id: str  # sha256 of source + position + text, hex: re-ingesting is idempotent
     text: str  # the body (what prompts and snippets show)
@@ -400,6 +412,7 @@ AnyEvent = Annotated[
     | TokenEvent
     | TurnCompleted
     | CancelTurn
+    | EdgeHeartbeat
     | KbIngest
     | KbSource
     | DeadLetter
@@ -468,6 +481,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
     "chat.token": TokenEvent,
     "chat.turn.completed": TurnCompleted,
     "chat.turn.cancel": CancelTurn,
+    "chat.edge.heartbeat": EdgeHeartbeat,
     "kb.ingest": KbIngest,
     "kb.source": KbSource,
     "dead_letter": DeadLetter,

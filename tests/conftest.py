@@ -80,6 +80,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
         max_inflight_turns=4,
         default_max_tokens=32,
         coalesce_ms=5,
+        edge_heartbeat_s=1.0,  # an edge silent 6 s is gone (tests/stack/inference_workers/test_durable_cancels.py)
+        edge_timeout_s=6.0,
     )
 
 
@@ -139,8 +141,8 @@ async def end_offsets(settings: Settings, name: str) -> dict[int, int]:
 
 
 @contextmanager
-def extra_edge(stack: Stack, partition: int, **bounds: object) -> Iterator[str]:
-    """Run another edge process on the stack with these settings (e.g. ``admit_max_inflight=2``)."""
+def edge_process(stack: Stack, partition: int, **bounds: object) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run another edge process on the stack with these settings (e.g. ``admit_max_inflight=2``): its URL and process."""
     port = free_port()
     env = stack.env()
     env.update({"CHATBUS_EDGE_PORT": str(port), "CHATBUS_REPLY_PARTITION": str(partition), "CHATBUS_EDGE_ID": f"edge-test-{partition}"})
@@ -159,8 +161,16 @@ def extra_edge(stack: Stack, partition: int, **bounds: object) -> Iterator[str]:
             assert proc.poll() is None and time.monotonic() < deadline, "extra edge did not start"
             time.sleep(0.2)
         time.sleep(1.0)  # one consumer-lag reading
-        yield url
+        yield url, proc
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         proc.wait(20)
         log.close()
+
+
+@contextmanager
+def extra_edge(stack: Stack, partition: int, **bounds: object) -> Iterator[str]:
+    """Run another edge process on the stack with these settings (e.g. ``admit_max_inflight=2``)."""
+    with edge_process(stack, partition, **bounds) as (url, _):
+        yield url

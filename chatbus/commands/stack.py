@@ -27,6 +27,8 @@ def stack_up(ingest_default: bool) -> None:
     setup_logging(settings.log_level)
     s = Stack(settings)
     s.up()
+    if settings.supervise:
+        s.start_keeper()
     if ingest_default:
         _ingest_default(settings)
     click.echo(f"chatbus is up: {s.edge_url}/v1 (model {settings.model_name}); logs in {s.paths.logs}")
@@ -58,6 +60,10 @@ def stack_run() -> None:
         # Explicit handlers: a process started in the background inherits SIGINT ignored.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _interrupt)
+        if settings.supervise:
+            from chatbus.keeper import Keeper
+
+            Keeper(s).run()  # restarts a crashed service (this process is every service's parent: exit codes are known)
         while True:
             signal.pause()
     except KeyboardInterrupt:
@@ -65,6 +71,22 @@ def stack_run() -> None:
     finally:
         click.echo("stopping…")
         s.down()
+
+
+@stack.command("keep")
+def stack_keep() -> None:
+    """Restart crashed services of the stack with back-off (run by `stack up` as the `keeper` service)."""
+    from chatbus.keeper import Keeper
+    from chatbus.stack import Stack
+
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    try:
+        Keeper(Stack(settings)).run()
+    except KeyboardInterrupt:
+        pass
 
 
 @stack.command("status")

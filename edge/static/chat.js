@@ -664,6 +664,8 @@
         let chunk;
         try { chunk = JSON.parse(ev.data); } catch { continue; }
         if (chunk.error) {
+          // the edge is shutting down: resume from the id it named (turn.lastId is that id) on another edge
+          if (chunk.error.code === "edge_draining") return "dropped";
           turn.error = new ApiError(chunk.error.code && Number(chunk.error.code) || 0, chunk.error);
           ended = true;
           continue;

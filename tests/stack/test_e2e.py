@@ -268,6 +268,7 @@ async def test_inference_worker_killed_mid_stream_turn_is_redelivered_and_comple
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
     assert killed and finish in ("stop", "length")
+    await asyncio.to_thread(stack.wait_ready)  # new turns get a 503 until the inference group has a member again
     events = await read_topic(settings, "chat.replies", cid)
     attempts = {e.attempt for e in events if isinstance(e, TokenEvent)}
     done = [e for e in events if isinstance(e, TurnCompleted)]

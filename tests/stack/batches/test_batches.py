@@ -158,6 +158,7 @@ async def test_inference_restart_mid_batch_loses_and_duplicates_nothing(batches:
     assert batch["status"] == "completed" and batch["request_counts"]["completed"] == len(lines)
     output = jsonl(await batches.read(batch["output_file_id"]))
     assert sorted(o["custom_id"] for o in output) == sorted(f"r-{i}" for i in range(60))  # each exactly once
+    await asyncio.to_thread(stack.wait_ready)  # interactive turns get a 503 until the inference group has a member
     results = [e for e in await read_topic(settings, "batch.results") if isinstance(e, TurnCompleted) and e.batch and e.batch.batch_id == bid]
     assert {e.batch.custom_id for e in results if e.batch} == {f"r-{i}" for i in range(60)}
 
