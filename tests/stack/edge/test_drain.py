@@ -40,7 +40,7 @@ async def test_sigterm_ends_open_streams_with_a_resume_id_and_the_turn_resumes_e
                         proc.send_signal(signal.SIGTERM)
                         sigterm_at = time.monotonic()
             ended_s = time.monotonic() - sigterm_at
-        assert await asyncio.to_thread(proc.wait, 20) == 0
+        assert await asyncio.to_thread(proc.wait, 20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful exit
     assert events[-1][1] == "[DONE]"
     farewell_id, farewell = events[-2]
     error = orjson.loads(farewell)
