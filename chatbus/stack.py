@@ -157,7 +157,7 @@ class Stack(Supervisor):
         return stopped
 
     def status(self) -> dict[str, int | None]:
-        return {name: self.running(name) for name in (*ORDER, "keeper")}
+        return {name: self.running(name) for name in ORDER}
 
 
 __all__ = [

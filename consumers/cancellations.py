@@ -104,13 +104,29 @@ CANCEL_MEMORY_S = 600.0
 
 class EdgeLiveness:
     """When each edge (by reply partition) and each watched turn last showed a heartbeat (wall-clock seconds,
-    the heartbeat's own ``created_at``, so beats replayed from the past count as old)."""
+    the heartbeat's own ``created_at``, so beats replayed from the past count as old) — and whether the bus
+    has been flowing long enough to judge: beats of any sender (the worker's own included) must have kept
+    arriving without a gap of ``gap_s`` for ``timeout_s``, so after a broker outage every edge gets a fresh
+    ``timeout_s`` to beat again before its turns are called orphaned."""
 
-    def __init__(self) -> None:
+    def __init__(self, gap_s: float = 6.0) -> None:
         self.partitions: dict[int, float] = {}
         self.watched: dict[str, float] = {}
+        self.gap_s = gap_s
+        self.last_received: float | None = None  # local wall time of the last beat of anyone
+        self.flowing_since: float | None = None
 
-    def beat(self, event: EdgeHeartbeat) -> None:
+    def received(self, now: float | None = None) -> None:
+        """A heartbeat (of anyone) arrived now."""
+        now = time.time() if now is None else now
+        if self.last_received is None or now - self.last_received > self.gap_s:
+            self.flowing_since = now
+        self.last_received = now if self.last_received is None else max(self.last_received, now)
+
+    def beat(self, event: EdgeHeartbeat, now: float | None = None) -> None:
+        self.received(now)
+        if event.reply_partition is None:
+            return
         at = event.created_at
         self.partitions[event.reply_partition] = max(at, self.partitions.get(event.reply_partition, 0.0))
         for cid in event.watching:
@@ -123,6 +139,10 @@ class EdgeLiveness:
         """True if the turn's edge has beaten before but not within ``timeout_s``, and no edge watches the
         turn within it. An edge never seen beating is not gone (a client of the bus without heartbeats)."""
         now = time.time() if now is None else now
+        if self.last_received is None or self.flowing_since is None or now - self.last_received > self.gap_s:
+            return False  # the bus is silent: no beat can be judged
+        if now - self.flowing_since <= timeout_s:
+            return False  # the bus has just come back (or this worker just started): give edges their time
         last = self.partitions.get(reply_partition)
         if last is None or now - last <= timeout_s:
             return False
@@ -139,7 +159,7 @@ class ControlTail(_TopicTail):
     def __init__(self, settings: Settings, on_cancel: Callable[[str, str], object]) -> None:
         super().__init__(settings, CHAT_CONTROL, from_beginning=False, since_s=CANCEL_MEMORY_S)
         self.on_cancel = on_cancel
-        self.edges = EdgeLiveness()
+        self.edges = EdgeLiveness(gap_s=3 * settings.edge_heartbeat_s)
 
     def handle(self, event: AnyEvent) -> None:
         if isinstance(event, CancelTurn):

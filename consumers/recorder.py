@@ -68,7 +68,7 @@ def masked_messages(messages: Sequence[ChatMessage]) -> list[MessageDoc]:
 def turn_updates(event: AnyEvent) -> TurnDoc | None:
     """The ``$set`` fields an event contributes to its turn document (None: nothing to record)."""
     if isinstance(event, ChatTurnRequest):
-        return TurnDoc(
+        doc = TurnDoc(
             conversation_id=event.conversation_id,
             model=event.model,
             messages=masked_messages(event.messages),
@@ -76,6 +76,9 @@ def turn_updates(event: AnyEvent) -> TurnDoc | None:
             source=event.source,
             created_at=event.created_at,
         )
+        if event.owner:
+            doc["owner"] = event.owner
+        return doc
     if isinstance(event, ScreenedTurn):
         return TurnDoc(conversation_id=event.conversation_id, verdict=event.verdict.model_dump(), messages=masked_messages(event.request.messages))
     if isinstance(event, GroundedTurn):
@@ -161,6 +164,8 @@ class Recorder:
         }
         if isinstance(event, ChatTurnRequest):
             on_insert["title"] = mask_pii(last_user_text(event.messages))[0][:80]
+            if event.owner:
+                on_insert["owner"] = event.owner
             if event.user:
                 conv_update["$set"] = ConversationDoc(user=event.user)
         out[CONVERSATIONS] = [UpdateOne({ID: conv}, conv_update, upsert=True)]

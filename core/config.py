@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     edge_id: str = "edge-0"
     reply_partition: int = 0
     api_keys: SecretStr | None = None  # comma-separated bearer keys; unset = no auth (local use)
+    operator_keys: SecretStr | None = None  # comma-separated keys for /metrics, /live, /dashboard, /readyz details
     # PII: phone regions for numbers written without +country (core.pii); the key of user pseudonyms
     pii_phone_regions: str = "US,GB"
     pseudonym_key: SecretStr | None = None
@@ -185,6 +186,11 @@ class Settings(BaseSettings):
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def operator_key_list(self) -> list[str]:
+        if self.operator_keys is None:
+            return []
+        return [k.strip() for k in self.operator_keys.get_secret_value().split(",") if k.strip()]
 
     def api_key_list(self) -> list[str]:
         if self.api_keys is None:

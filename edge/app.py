@@ -121,5 +121,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.api_keys = settings.api_key_list()
+    app.state.operator_keys = settings.operator_key_list()
     app.state.started = int(time.time())
     return app

@@ -1,6 +1,12 @@
 """API keys: routes wrapped in :class:`RequireAPIKey` (see :func:`protected`) need
 ``Authorization: Bearer <key>`` when the edge has keys (``CHATBUS_API_KEYS``); without keys every route is open.
 
+Each key is an identity: the request's ``owner`` (:func:`key_owner`: ``key-`` + 24 hex digits of the key's
+SHA-256, never the key) scopes conversations, turns, streams and feedback to it (:mod:`edge.conversation_api`,
+:mod:`edge.turns`). Operator surfaces (:func:`operator_only`: ``/metrics``, ``/live``, ``/live.json``,
+``/dashboard``, ``/dashboard.json``) need one of ``CHATBUS_OPERATOR_KEYS`` once keys are configured, and
+``/readyz`` then shows its details only to an operator.
+
 The middleware runs per route, after routing: an unknown path is still a 404 and a wrong method a 405,
 as for the open routes (pages, ``/metrics``, ``/healthz``, ``/readyz``, ``/live.json``, ``/static``).
 A refusal is OpenAI's 401 (``invalid_api_key``).
@@ -8,23 +14,49 @@ A refusal is OpenAI's 401 (``invalid_api_key``).
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
+from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge.errors import APIError, error_response
 
 
+def key_owner(key: str) -> str:
+    """The identity of an API key as stored and carried on the bus (a hash; the key itself never leaves the edge)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def bearer(authorization: str) -> str:
+    return authorization[7:] if authorization.lower().startswith("bearer ") else ""
+
+
+def owner_of(request: Request) -> str | None:
+    """The identity of the request's API key, or None when the edge has no keys (everything is shared)."""
+    owner = getattr(request.state, "owner", None)
+    return owner if isinstance(owner, str) else None
+
+
+def is_operator(request: Request) -> bool:
+    """Whether the request may see operator surfaces: no keys configured at all, or an operator key."""
+    app = request.app.state
+    if not app.api_keys and not app.operator_keys:
+        return True
+    token = bearer(request.headers.get("authorization", ""))
+    return bool(app.operator_keys) and any(secrets.compare_digest(token.encode(), k.encode()) for k in app.operator_keys)
+
+
 def authorized(authorization: str, keys: list[str]) -> bool:
     """Whether an ``Authorization`` header carries one of ``keys`` (any, when there are none)."""
     if not keys:
         return True
-    token = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+    token = bearer(authorization)
     return any(secrets.compare_digest(token.encode(), k.encode()) for k in keys)
 
 
@@ -37,11 +69,33 @@ class RequireAPIKey:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             keys: list[str] = scope["app"].state.api_keys
-            if not authorized(Headers(scope=scope).get("authorization", ""), keys):
+            authorization = Headers(scope=scope).get("authorization", "")
+            if not authorized(authorization, keys):
                 err = APIError(401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key")
                 await error_response(err)(scope, receive, send)
                 return
+            if keys:
+                scope.setdefault("state", {})["owner"] = key_owner(bearer(authorization))
         await self.app(scope, receive, send)
+
+
+class RequireOperatorKey:
+    """ASGI middleware: a 401 unless the edge has no keys or the request carries an operator key."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not is_operator(Request(scope)):
+            err = APIError(401, "This needs an operator key (CHATBUS_OPERATOR_KEYS).", type="invalid_request_error", code="invalid_api_key")
+            await error_response(err)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def operator_only(path: str, endpoint: Callable[..., Awaitable[Any]], methods: Collection[str]) -> Route:
+    """A route for operators (metrics, live view, dashboard)."""
+    return Route(path, endpoint, methods=list(methods), middleware=[Middleware(RequireOperatorKey)])
 
 
 def protected(path: str, endpoint: Callable[..., Awaitable[Any]], methods: Collection[str]) -> Route:

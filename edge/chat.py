@@ -15,12 +15,14 @@ import asyncio
 import time
 from typing import Any
 
+from pymongo.errors import ConnectionFailure
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from edge.auth import protected
+from edge.auth import owner_of, protected
+from edge.conversations import ConversationStore
 from edge.errors import APIError
 from edge.http import ORJSONResponse, read_json
 from edge.relay import TurnStream, TurnTimeout, parse_event_id
@@ -66,6 +68,19 @@ async def complete(service: ChatService, turn: ChatTurnRequest, stream: TurnStre
     return {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": timing_ms(parts)}, parts
 
 
+async def check_conversation(request: Request, conversation_id: str, owner: str) -> None:
+    """404 if ``conversation_id`` is another API key's conversation. The database down: the check is
+    skipped (chat goes on without the database; the recorder still files the turn under its own key)."""
+    conversations: ConversationStore = request.app.state.conversations
+    try:
+        async with asyncio.timeout(2):
+            exists, conv_owner = await conversations.conversation_owner(conversation_id)
+    except (TimeoutError, ConnectionFailure):
+        return
+    if exists and conv_owner != owner:
+        raise NotFound(f"No conversation found with id '{conversation_id}'.", type="NotFoundError", param="conversation_id")
+
+
 async def _drain_pieces(service: ChatService, stream: TurnStream) -> None:
     async for _ in stream.pieces(service.settings.turn_timeout_s):
         pass
@@ -78,7 +93,10 @@ async def chat_completions(request: Request) -> Response:
     if len(req.messages) > service.settings.max_request_messages:
         raise InvalidRequest(f"at most {service.settings.max_request_messages} messages", param="messages")
     check_supported(req, service.settings.max_model_len)
-    turn = service.build_turn(req, received)
+    owner = owner_of(request)
+    if owner is not None and req.conversation_id:  # continuing a conversation: only its own key may
+        await check_conversation(request, req.conversation_id, owner)
+    turn = service.build_turn(req, received, owner)
     headers = {"X-Correlation-Id": turn.correlation_id, **service.admit(turn)}
     stream = await service.publish(turn)
     if req.stream:
@@ -123,7 +141,7 @@ async def resume_chat_completion(request: Request) -> Response:
             code="rate_limit_exceeded",
             headers={"Retry-After": "1"},
         )
-    if not await service.known(cid, since_ms):  # before the stream opens: a 404, not a stream held open
+    if not await service.known(cid, since_ms, owner_of(request)):  # before the stream opens: a 404, not a stream held open
         raise NotFound(f"No chat completion found with id '{cid}'.", type="NotFoundError", param="completion_id")
     include_usage = request.query_params.get("include_usage") in ("1", "true")
     return EventSourceResponse(
@@ -139,7 +157,7 @@ async def resume_chat_completion(request: Request) -> Response:
 async def stop_chat_completion(request: Request) -> Response:
     """``POST /v1/chat/completions/{id}/cancel``: stop generating (Stop on the chat page)."""
     service: ChatService = request.app.state.service
-    return ORJSONResponse(await service.stop(request.path_params["completion_id"], request.app.state.conversations))
+    return ORJSONResponse(await service.stop(request.path_params["completion_id"], request.app.state.conversations, owner_of(request)))
 
 
 ROUTES: list[BaseRoute] = [

@@ -8,7 +8,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from core.pii import pseudonym
-from edge.auth import protected
+from edge.auth import operator_only, owner_of, protected
 from edge.conversations import ConversationStore
 from edge.http import ORJSONResponse, limit_param
 from schemas.errors import InvalidRequest, NotFound
@@ -19,7 +19,7 @@ async def list_conversations(request: Request) -> Response:
     id the client sends with its turns (stored only as its pseudonym, :func:`core.pii.pseudonym`)."""
     conversations: ConversationStore = request.app.state.conversations
     user = pseudonym(request.query_params.get("user") or None, request.app.state.settings.pseudonym_key_bytes())
-    data = await conversations.list(user, limit_param(request, 50, 200))
+    data = await conversations.list(user, limit_param(request, 50, 200), owner_of(request))
     return ORJSONResponse({"object": "list", "data": data})
 
 
@@ -27,7 +27,7 @@ async def get_conversation(request: Request) -> Response:
     """``GET /v1/conversations/{id}``: the turns (masked messages, answer, verdict, vote) and preferences."""
     conversations: ConversationStore = request.app.state.conversations
     cid = request.path_params["conversation_id"]
-    conv = await conversations.get(cid)
+    conv = await conversations.get(cid, owner_of(request))
     if conv is None:
         raise NotFound(f"No conversation found with id '{cid}'.", type="NotFoundError", param="conversation_id")
     return ORJSONResponse(conv)
@@ -50,5 +50,5 @@ async def dashboard_data(request: Request) -> Response:
 ROUTES: list[BaseRoute] = [
     protected("/v1/conversations", list_conversations, ["GET"]),
     protected("/v1/conversations/{conversation_id}", get_conversation, ["GET"]),
-    protected("/dashboard.json", dashboard_data, ["GET"]),
+    operator_only("/dashboard.json", dashboard_data, ["GET"]),
 ]

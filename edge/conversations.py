@@ -30,6 +30,7 @@ class TurnInfo:
     prompt_group: str
     model: str
     finish_reason: str
+    owner: str | None = None
 
 
 class ConversationStore:
@@ -38,10 +39,12 @@ class ConversationStore:
         self.conversations = db[CONVERSATIONS]
         self.turns = db[TURNS]
 
-    async def list(self, user: str | None, limit: int) -> list[dict[str, Any]]:
+    async def list(self, user: str | None, limit: int, owner: str | None = None) -> list[dict[str, Any]]:
         """Newest first: ``[{id, title, created_at, updated_at, turns}]`` (epoch seconds); only ``user``'s
-        conversations when given."""
+        conversations when given, and only ``owner``'s (an API key identity) when given."""
         query: dict[str, Any] = {Conversation.USER: user} if user else {}
+        if owner is not None:
+            query[Conversation.OWNER] = owner
         fields = (Conversation.TITLE, Conversation.CREATED_AT, Conversation.UPDATED_AT, Conversation.TURN_IDS)
         cursor = self.conversations.find(query, dict.fromkeys(fields, 1)).sort(Conversation.UPDATED_AT, -1).limit(limit)
         listed = []
@@ -58,16 +61,19 @@ class ConversationStore:
             )
         return listed
 
-    async def get(self, conversation_id: str) -> dict[str, Any] | None:
+    async def get(self, conversation_id: str, owner: str | None = None) -> dict[str, Any] | None:
         """The conversation with its turns (oldest first), each turn's vote, and explicit preferences by
-        prompt group — the shape ``GET /v1/conversations/{id}`` returns. None if unknown."""
+        prompt group — the shape ``GET /v1/conversations/{id}`` returns. None if unknown, or (``owner``
+        given) another key's."""
         found = await self.conversations.find_one({ID: conversation_id})
-        if found is None:
+        if found is None or (owner is not None and found.get(Conversation.OWNER) != owner):
             return None
         conv = cast(ConversationDoc, found)
         user = conv.get("user")
         ids = list(conv.get("turn_ids") or [])
         docs = [d async for d in self.turns.find({ID: {"$in": ids}})] if ids else []
+        if owner is not None:
+            docs = [d for d in docs if d.get(Turn.OWNER) in (owner, None)]
         docs.sort(key=lambda d: d.get(Turn.CREATED_AT) or 0.0)
         turns = []
         for raw in docs:
@@ -109,22 +115,28 @@ class ConversationStore:
 
     async def turn(self, correlation_id: str) -> TurnInfo | None:
         """A completed turn (one with an answer), or None."""
-        found = await self.turns.find_one({ID: correlation_id}, dict.fromkeys((Turn.CONVERSATION_ID, Turn.MESSAGES, Turn.ANSWER, Turn.MODEL), 1))
+        found = await self.turns.find_one({ID: correlation_id}, dict.fromkeys((Turn.CONVERSATION_ID, Turn.MESSAGES, Turn.ANSWER, Turn.MODEL, Turn.OWNER), 1))
         d = cast(TurnDoc | None, found)
         if d is None or not d.get("answer") or not d.get("conversation_id"):
             return None
         conv = d["conversation_id"]
         answer = d["answer"]
         messages = d.get("messages") or []
-        return TurnInfo(correlation_id, conv, prompt_group(conv, messages), answer.get("model") or d.get("model", ""), answer.get("finish_reason", ""))  # type: ignore[arg-type]
+        model = answer.get("model") or d.get("model", "")
+        return TurnInfo(correlation_id, conv, prompt_group(conv, messages), model, answer.get("finish_reason", ""), d.get("owner"))  # type: ignore[arg-type]
 
-    async def turn_state(self, correlation_id: str) -> tuple[str, bool] | None:
-        """``(conversation_id, answered)`` of a recorded turn, or None if the recorder has not seen it."""
-        found = await self.turns.find_one({ID: correlation_id}, {Turn.CONVERSATION_ID: 1, Answer.FINISH_REASON_PATH: 1})
+    async def turn_state(self, correlation_id: str) -> tuple[str, bool, str | None] | None:
+        """``(conversation_id, answered, owner)`` of a recorded turn, or None if the recorder has not seen it."""
+        found = await self.turns.find_one({ID: correlation_id}, {Turn.CONVERSATION_ID: 1, Answer.FINISH_REASON_PATH: 1, Turn.OWNER: 1})
         d = cast(TurnDoc | None, found)
         if d is None or not d.get("conversation_id"):
             return None
-        return d["conversation_id"], bool(d.get("answer"))
+        return d["conversation_id"], bool(d.get("answer")), d.get("owner")
+
+    async def conversation_owner(self, conversation_id: str) -> tuple[bool, str | None]:
+        """``(exists, owner)`` of a conversation."""
+        found = await self.conversations.find_one({ID: conversation_id}, {Conversation.OWNER: 1})
+        return (found is not None, None if found is None else found.get(Conversation.OWNER))
 
     async def dashboard(self, hours: float, bucket_s: int) -> dict[str, Any]:
         """Outcomes of turns per ``bucket_s`` over the last ``hours`` (answered / refused / cancelled /

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from core.pii import mask_pii, pseudonym
-from edge.auth import protected
+from edge.auth import owner_of, protected
 from edge.conversations import ConversationStore, TurnInfo
 from edge.errors import APIError
 from edge.http import ORJSONResponse, read_json, validate_body
@@ -124,7 +124,7 @@ async def create_feedback(request: Request) -> Response:
     req = parse_feedback(await read_json(request, 16_384))
     turns: dict[str, TurnInfo] = {}
     for rid in req.response_ids:
-        info = await service.turn_info(rid, conversations)
+        info = await service.turn_info(rid, conversations, owner_of(request))
         if info is None:
             raise NotFound(f"No completed response found with id '{rid}'.", type="NotFoundError", param="response_id", code="response_not_found")
         turns[rid] = info

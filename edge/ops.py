@@ -21,7 +21,7 @@ from starlette.staticfiles import StaticFiles
 from core import metrics
 from core.config import Settings
 from edge.admission import LoadMonitor
-from edge.auth import protected
+from edge.auth import is_operator, operator_only, protected
 from edge.http import ORJSONResponse
 from edge.relay import ReplyRelay
 from edge.turns import ChatService
@@ -109,19 +109,21 @@ async def readiness(settings: Settings, relay: ReplyRelay, monitor: LoadMonitor 
 
 
 async def readyz(request: Request) -> Response:
+    """The checks, to an operator (no keys configured, or an operator key); to anyone else only ``ready``."""
     service: ChatService = request.app.state.service
     checks = await readiness(request.app.state.settings, request.app.state.relay, service.monitor, request.app.state.db)
-    return ORJSONResponse(checks, status_code=200 if checks["ready"] else 503)
+    body = checks if is_operator(request) else {"ready": checks["ready"]}
+    return ORJSONResponse(body, status_code=200 if checks["ready"] else 503)
 
 
 MODEL_ROUTES: list[BaseRoute] = [protected("/v1/models", list_models, ["GET"])]
 
 ROUTES: list[BaseRoute] = [
-    Route("/metrics", prometheus_metrics, methods=["GET"]),
+    operator_only("/metrics", prometheus_metrics, ["GET"]),
     Route("/", page("chat.html"), methods=["GET"]),
     Route("/dashboard", page("dashboard.html"), methods=["GET"]),
     Route("/live", page("live.html"), methods=["GET"]),
-    Route("/live.json", live_data, methods=["GET"]),
+    operator_only("/live.json", live_data, ["GET"]),
     Mount("/static", StaticFiles(directory=STATIC), name="static"),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

@@ -49,9 +49,10 @@ class TurnFinder:
             self._consumer = consumer
         return self._consumer
 
-    async def published(self, correlation_id: str, since_ms: int) -> bool:
-        """True if ``chat.requests`` holds the turn in the window after ``since_ms``. Raises
-        ``TimeoutError`` (or a Kafka error) if the broker does not answer within ``FIND_TIMEOUT_S``."""
+    async def published(self, correlation_id: str, since_ms: int) -> tuple[bool, str | None]:
+        """``(found, owner)``: whether ``chat.requests`` holds the turn in the window after ``since_ms``, and
+        its ``owner`` (the API key identity). Raises ``TimeoutError`` (or a Kafka error) if the broker does
+        not answer within ``FIND_TIMEOUT_S``."""
         needle = correlation_id.encode()
         async with self._lock, asyncio.timeout(FIND_TIMEOUT_S):
             consumer = await self._ready()
@@ -71,11 +72,14 @@ class TurnFinder:
                         if r.timestamp > window_end:
                             active.discard(tp)
                             break
-                        if r.value and needle in r.value and _correlation_id(r.value) == correlation_id:
-                            return True
+                        if r.value and needle in r.value:
+                            data = _json(r.value)
+                            if data.get("correlation_id") == correlation_id:
+                                owner = data.get("owner")
+                                return True, owner if isinstance(owner, str) else None
                     if records and records[-1].offset + 1 >= ends[tp]:
                         active.discard(tp)
-            return False
+            return False, None
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -84,9 +88,9 @@ class TurnFinder:
             self._consumer = None
 
 
-def _correlation_id(value: bytes) -> str | None:
+def _json(value: bytes) -> dict[str, object]:
     try:
         data = orjson.loads(value)
     except orjson.JSONDecodeError:
-        return None
-    return str(data.get("correlation_id")) if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}

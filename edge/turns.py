@@ -64,10 +64,11 @@ class Finished:
     messages: list[ChatMessage]
     model: str
     finish_reason: str
+    owner: str | None = None
 
     def info(self, correlation_id: str) -> TurnInfo:
         masked = [{"role": m.role, "content": mask_pii(m.content)[0]} for m in self.messages]
-        return TurnInfo(correlation_id, self.conversation_id, prompt_group(self.conversation_id, masked), self.model, self.finish_reason)
+        return TurnInfo(correlation_id, self.conversation_id, prompt_group(self.conversation_id, masked), self.model, self.finish_reason, self.owner)
 
 
 def timing_ms(parts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -109,6 +110,7 @@ class ChatService:
         self.pending_cancels: dict[str, asyncio.TimerHandle] = {}  # disconnected turns a resume may still claim
         # correlation id -> conversation id of turns this edge published and not yet saw end (for Stop)
         self.open_turns: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.owners: collections.OrderedDict[str, str | None] = collections.OrderedDict()  # turns published here -> API key identity
         self.recent: collections.OrderedDict[str, Finished] = collections.OrderedDict()
         self.finder = TurnFinder(settings)
         self.resuming = 0  # resumed streams open on this edge
@@ -127,7 +129,7 @@ class ChatService:
         log.info("edge %s draining: %d open streams told to resume elsewhere", self.settings.edge_id, len(streams))
         return len(streams)
 
-    def build_turn(self, req: ChatCompletionRequest, received_at: float) -> ChatTurnRequest:
+    def build_turn(self, req: ChatCompletionRequest, received_at: float, owner: str | None = None) -> ChatTurnRequest:
         if req.model != self.settings.model_name:
             raise NotFound(f"The model `{req.model}` does not exist.", type="NotFoundError", param="model", code="model_not_found")
         messages, pii = mask_messages(req.chat_messages())  # no topic holds a raw prompt (core.pii)
@@ -140,6 +142,7 @@ class ChatService:
             reply_to=self.reply_to,
             user=pseudonym(req.user, self.settings.pseudonym_key_bytes()),
             pii=pii,
+            owner=owner,
         )
         turn.mark("edge_received", received_at)
         return turn
@@ -187,7 +190,7 @@ class ChatService:
         self.live.turn(done.finish_reason, parts, done.usage.completion_tokens)
         self.monitor.turn_finished()
         self.open_turns.pop(turn.correlation_id, None)
-        self.recent[turn.correlation_id] = Finished(turn.conversation_id, turn.messages, done.model or turn.model, done.finish_reason)
+        self.recent[turn.correlation_id] = Finished(turn.conversation_id, turn.messages, done.model or turn.model, done.finish_reason, turn.owner)
         while len(self.recent) > RECENT_TURNS:
             self.recent.popitem(last=False)
         return parts
@@ -197,8 +200,11 @@ class ChatService:
         record = self.bus.request(turn)  # validated input always serialises; do it before anything is opened
         stream = self.relay.open(turn.correlation_id)
         self.open_turns[turn.correlation_id] = turn.conversation_id
+        self.owners[turn.correlation_id] = turn.owner
         while len(self.open_turns) > RECENT_TURNS:  # turns abandoned without an end are forgotten, oldest first
             self.open_turns.popitem(last=False)
+        while len(self.owners) > 2 * RECENT_TURNS:
+            self.owners.popitem(last=False)
         try:
             async with asyncio.timeout(self.settings.publish_timeout_s):
                 await self.bus.send(record)
@@ -252,36 +258,51 @@ class ChatService:
         if pending is not None:
             pending.cancel()
 
-    async def stop(self, cid: str, conversations: ConversationStore) -> dict[str, Any]:
+    async def stop(self, cid: str, conversations: ConversationStore, owner: str | None = None) -> dict[str, Any]:
         """The chat page's Stop: publish ``chat.turn.cancel`` now (no resume grace). The turn may be relayed
         by any edge; its conversation id (the cancel's key) comes from this edge or the database.
-        404 if the turn is unknown; ``cancelled: false`` if it had already finished."""
-        self.claim(cid)
+        404 if the turn is unknown or (``owner`` given) another API key's; ``cancelled: false`` if it had
+        already finished."""
+        missing = NotFound(f"No chat completion found with id '{cid}'.", type="NotFoundError", param="completion_id")
         conversation = self.open_turns.get(cid)
+        if conversation is not None and owner is not None and self.owners.get(cid) != owner:
+            raise missing
         if conversation is None:
-            if cid in self.recent:
+            recent = self.recent.get(cid)
+            if recent is not None:
+                if owner is not None and recent.owner != owner:
+                    raise missing
                 return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
             state = await conversations.turn_state(cid)
-            if state is None:
-                raise NotFound(f"No chat completion found with id '{cid}'.", type="NotFoundError", param="completion_id")
-            conversation, answered = state
+            if state is None or (owner is not None and state[2] != owner):
+                raise missing
+            conversation, answered, _ = state
             if answered:
                 return {"id": cid, "object": "chat.completion.cancel", "cancelled": False}
+        self.claim(cid)
         await self.cancel(TurnRef(cid, conversation), "stopped_by_user", self.relay.turns.get(cid))
         return {"id": cid, "object": "chat.completion.cancel", "cancelled": True}
 
-    async def known(self, cid: str, since_ms: int) -> bool:
-        """Whether ``cid`` is a turn that exists: one this edge published or relayed, else one on
-        ``chat.requests`` after ``since_ms`` (:class:`edge.resume.TurnFinder`). 503 if the bus does not answer."""
+    async def known(self, cid: str, since_ms: int, owner: str | None = None) -> bool:
+        """Whether ``cid`` is a turn that exists (and, ``owner`` given, is that API key's): one this edge
+        published, else one on ``chat.requests`` after ``since_ms`` (:class:`edge.resume.TurnFinder`).
+        503 if the bus does not answer."""
+        if cid in self.owners:
+            return owner is None or self.owners[cid] == owner
         if cid in self.open_turns or cid in self.recent or cid in self.relay.turns or cid in self.pending_cancels:
-            return True
+            return owner is None
         try:
-            return await self.finder.published(cid, since_ms)
+            found, turn_owner = await self.finder.published(cid, since_ms)
         except Exception as exc:
             log.warning("could not look up turn %s: %s", cid, type(exc).__name__)
             raise unavailable_error("the message bus did not answer", 5) from exc
+        return found and (owner is None or turn_owner == owner)
 
-    async def turn_info(self, cid: str, conversations: ConversationStore) -> TurnInfo | None:
-        """A completed turn: one this edge finished, else one the recorder stored."""
+    async def turn_info(self, cid: str, conversations: ConversationStore, owner: str | None = None) -> TurnInfo | None:
+        """A completed turn: one this edge finished, else one the recorder stored; None if unknown or
+        (``owner`` given) another API key's."""
         recent = self.recent.get(cid)
-        return recent.info(cid) if recent is not None else await conversations.turn(cid)
+        info = recent.info(cid) if recent is not None else await conversations.turn(cid)
+        if info is None or (owner is not None and info.owner != owner):
+            return None
+        return info

@@ -51,6 +51,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -67,8 +69,8 @@ from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
 from producers.bus import Outgoing
 from producers.replies import ReplySender, completion, produce_retrying, to_reply
-from schemas.events import DecodeError, FinishReason, GroundedTurn, Retraction, ReviewItem, TurnCompleted, Usage, new_id
-from topics.registry import CHAT_GROUNDED, INFERENCE, SAFETY_REVIEW, topic
+from schemas.events import DecodeError, EdgeHeartbeat, FinishReason, GroundedTurn, Retraction, ReviewItem, TurnCompleted, Usage, new_id
+from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, INFERENCE, SAFETY_REVIEW, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
 
@@ -90,6 +92,7 @@ class Running:
     batch_id: str | None = None
     reply_partition: int | None = None  # an interactive turn's edge (its reply partition)
     cancel_reason: str | None = None
+    started: bool = False  # its coroutine has begun (a task cancelled before that never runs its finally blocks)
     finishing: bool = False  # generation is over; the completion is being delivered (cancel is moot)
 
 
@@ -136,6 +139,8 @@ class InferenceWorker(ConsumerRuntime):
             max_poll_records=settings.max_inflight_turns,
         )
         self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
+        self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
+        self.member = f"inference-{socket.gethostname()}-{os.getpid()}"
         self.batch_limit = max(1, settings.max_inflight_turns - settings.interactive_reserve)
         self.tracker = OffsetTracker()
         self.running: dict[str, Running] = {}
@@ -160,14 +165,28 @@ class InferenceWorker(ConsumerRuntime):
 
     async def consume(self, stop: asyncio.Event) -> None:
         log.info("inference: max %d turns in flight, batch at most %d", self.settings.max_inflight_turns, self.batch_limit)
-        next_check = 0.0
+        next_check = next_beat = 0.0
         while not stop.is_set():
             for tp, records in (await self._fetch()).items():
                 for record in records:
                     await self._admit(tp, record)
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + 1.0
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.settings.edge_heartbeat_s
+                await self._beat()
+            if now >= next_check:
+                next_check = now + 1.0
                 self.cancel_orphans()
+
+    async def _beat(self) -> None:
+        """This worker's own heartbeat on ``chat.control`` (not awaited): seen back, it says the bus flows."""
+        beat = EdgeHeartbeat(correlation_id=f"edge:{self.member}", conversation_id=self.member, edge_id=self.member, reply_partition=None)
+        try:
+            async with asyncio.timeout(0.5):
+                future = await self.producer.send(self.control_topic, beat.to_bytes(), key=beat.key)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a lost beat is just lost
+        except (TimeoutError, KafkaError):
+            pass
 
     def cancel_orphans(self) -> list[str]:
         """Cancel the running turns whose edge is gone (no heartbeat for ``edge_timeout_s``, no edge
@@ -242,7 +261,10 @@ class InferenceWorker(ConsumerRuntime):
             return True  # already being cancelled
         log.info("cancelling turn %s (%s)", correlation_id, reason)
         running.cancel_reason = reason
-        running.task.cancel()
+        if running.started:
+            running.task.cancel()
+        # else: not begun yet — cancelling the task now would skip its completion and its commit (and hold its
+        # slot for good); it finds the cancel in self.cancelled as it starts and completes as cancelled
         return True
 
     # --- turns -------------------------------------------------------------------------------------------
@@ -263,6 +285,7 @@ class InferenceWorker(ConsumerRuntime):
             return
         self.tracker.start(tp, record.offset)
         task = asyncio.create_task(self._run_turn(event, tp, record), name=f"turn-{cid}")
+        task.add_done_callback(lambda t, cid=cid: self._never_started(cid, t))  # type: ignore[misc]
         request = event.request
         self.running[cid] = Running(
             task,
@@ -272,6 +295,13 @@ class InferenceWorker(ConsumerRuntime):
             reply_partition=request.reply_to.partition if request.batch is None else None,
         )
         metrics.RUNNING.labels(event.request.source).inc()
+
+    def _never_started(self, cid: str, task: asyncio.Task[None]) -> None:
+        """A turn task cancelled before its first step (shutdown, a lost partition): free its slot."""
+        running = self.running.get(cid)
+        if running is not None and running.task is task and not running.started:
+            self.running.pop(cid, None)
+            metrics.RUNNING.labels("batch" if running.batch_id else "interactive").dec()
 
     async def _commit(self, tp: TopicPartition, offset: int, started: bool = True) -> None:
         if not started:
@@ -283,6 +313,9 @@ class InferenceWorker(ConsumerRuntime):
     async def _run_turn(self, turn: GroundedTurn, tp: TopicPartition, record: ConsumerRecord) -> None:
         cid = turn.correlation_id
         request = turn.request
+        begun = self.running.get(cid)
+        if begun is not None:
+            begun.started = True
         attempt = new_id()
         text, buffer, flushes, tokens, prompt_tokens = "", "", 0, 0, 0
         finish: FinishReason = "stop"

@@ -165,6 +165,13 @@ class ReplySender:
             self._task = asyncio.create_task(self._run(), name=f"replies-{self.request.correlation_id}")
 
     async def _run(self) -> None:
+        try:
+            await self._send_all()
+        except Exception as exc:  # never leave drain() waiting: the completion carries the whole text anyway
+            self.broken = exc
+            self._idle.set()
+
+    async def _send_all(self) -> None:
         delay = self.retry_s
         while True:
             await self._wake.wait()

@@ -46,6 +46,7 @@ class RetrievalDoc(TypedDict, total=False):
 
 class TurnDoc(TypedDict, total=False):
     conversation_id: str
+    owner: str  # the API key identity that sent it (absent: an edge without keys)
     model: str
     messages: list[MessageDoc]
     sampling: dict[str, Any]  # SamplingParams
@@ -61,6 +62,7 @@ class TurnDoc(TypedDict, total=False):
 class ConversationDoc(TypedDict, total=False):
     title: str  # masked, the first user message's first 80 characters
     user: str
+    owner: str  # the API key identity of its first turn: only that key sees and continues it
     created_at: float
     updated_at: float
     turn_ids: list[str]
@@ -70,6 +72,7 @@ class Turn:
     """Field names of a ``turns`` document."""
 
     CONVERSATION_ID: Final = "conversation_id"
+    OWNER: Final = "owner"
     MODEL: Final = "model"
     MESSAGES: Final = "messages"
     SAMPLING: Final = "sampling"
@@ -99,6 +102,7 @@ class Conversation:
 
     TITLE: Final = "title"
     USER: Final = "user"
+    OWNER: Final = "owner"
     CREATED_AT: Final = "created_at"
     UPDATED_AT: Final = "updated_at"
     TURN_IDS: Final = "turn_ids"

@@ -175,6 +175,7 @@ class ChatTurnRequest(_Event):
     source: Literal["interactive", "batch"] = "interactive"
     batch: BatchRef | None = None  # set on the batch lane (``batch.*`` topics)
     pii: list[str] = Field(default_factory=list)  # kinds of PII masked in ``messages`` before publishing
+    owner: str | None = None  # the API key's identity (edge.auth.key_owner: a hash), None on an edge without keys
 
 
 class ScreenedTurn(_Event):
@@ -299,12 +300,14 @@ class CancelTurn(_Event):
 class EdgeHeartbeat(_Event):
     """``chat.control``: an edge is alive (every ``edge_heartbeat_s``). ``reply_partition`` is the partition
     its turns reply to; ``watching`` the turns of other edges it streams to a resumed client. Inference
-    workers cancel a running turn whose edge stopped beating and that no live edge watches. Keyed by
-    edge id (``conversation_id`` = edge id; ``correlation_id`` = ``edge:<id>``)."""
+    workers cancel a running turn whose edge stopped beating and that no live edge watches. Inference
+    workers beat too (``reply_partition`` None): seeing its own beats tells a worker the bus flows, so an
+    edge's silence during a broker outage is not taken for its death. Keyed by the sender's id
+    (``conversation_id`` = that id; ``correlation_id`` = ``edge:<id>``)."""
 
     event_type: Literal["chat.edge.heartbeat"] = "chat.edge.heartbeat"
     edge_id: str
-    reply_partition: int
+    reply_partition: int | None
     watching: list[str] = Field(default_factory=list)
 
 

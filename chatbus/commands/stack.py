@@ -99,6 +99,8 @@ def stack_status() -> None:
         port = stack.metrics_port(name) if name in WORKERS and pid else None
         metrics = f"  metrics http://{stack.settings.metrics_host}:{port}/metrics" if port else ""
         click.echo(f"{name:10s} {f'running (pid {pid})' if pid else 'stopped'}{metrics}")
+    keeper = stack.running("keeper")
+    click.echo(f"{'keeper':10s} {f'running (pid {keeper}): restarts crashed services' if keeper else 'off (crashed services stay down)'}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

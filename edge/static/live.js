@@ -63,7 +63,8 @@ async function refresh() {
   const err = document.getElementById("error");
   let d;
   try {
-    const r = await fetch("/live.json", { cache: "no-store" });
+    const key = localStorage.getItem("chatbus.apiKey"); // an operator key when the edge has keys
+    const r = await fetch("/live.json", { cache: "no-store", headers: key ? { Authorization: "Bearer " + key } : {} });
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     d = await r.json();
     err.textContent = "";

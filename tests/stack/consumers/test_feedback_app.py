@@ -19,6 +19,7 @@ import pytest
 
 from chatbus.stack import Stack
 from core.config import ROOT, Settings
+from core.pii import pseudonym
 from schemas.events import DeadLetter, ScreenedTurn
 from schemas.feedback import FeedbackEvent, dpo_record_id, feedback_id, kto_record_id, prompt_group
 from tests.conftest import eventually, read_topic
@@ -29,7 +30,8 @@ from topics.registry import topic
 pytestmark = pytest.mark.stack
 
 MODEL = "chatbus-tiny-random"
-USER = "analyst-test"
+USER_SENT = "analyst-test"  # what clients send as `user`
+USER = pseudonym(USER_SENT, None)  # what the bus and the stores carry (the test stack has no CHATBUS_PSEUDONYM_KEY)
 
 
 def word() -> str:
@@ -68,7 +70,7 @@ async def siblings(edge_url: str, settings: Settings, n: int = 2) -> tuple[str, 
 async def vote(edge_url: str, **body: Any) -> str:
     """``POST /v1/feedback`` as the chat page sends it; returns the vote's feedback id."""
     async with httpx.AsyncClient(timeout=30) as http:
-        r = await http.post(f"{edge_url}/v1/feedback", json={**body, "user": USER})
+        r = await http.post(f"{edge_url}/v1/feedback", json={**body, "user": USER_SENT})
     assert r.status_code == 200, r.text
     return str(r.json()["id"])
 

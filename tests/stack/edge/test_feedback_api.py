@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from core.config import Settings
+from core.pii import pseudonym
 from schemas.events import CancelTurn
 from schemas.feedback import FeedbackEvent, decode_feedback, feedback_id
 from tests.conftest import eventually, read_topic
@@ -88,7 +89,7 @@ async def test_feedback_is_validated_published_and_updated(edge_url: str, settin
         again = await http.post(url, json={**vote, "rating": "up", "reason": None, "comment": None})
         assert again.status_code == 200
         fid = first.json()["id"]
-        assert again.json()["id"] == fid == feedback_id("rating", "tester", b["id"])  # a repeated vote keeps its id
+        assert again.json()["id"] == fid == feedback_id("rating", pseudonym("tester", None), b["id"])  # a repeated vote keeps its id
         pref = await http.post(url, json={"type": "preference", "chosen_id": b["id"], "rejected_id": a["id"], "user": "tester"})
         assert pref.status_code == 200, pref.text
 

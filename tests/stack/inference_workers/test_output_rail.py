@@ -49,7 +49,7 @@ def upstream(stack: Stack) -> Iterator[Upstream]:
     """The stack's inference worker replaced by one on the scripted upstream, for this module."""
     with Upstream(script) as up:
         stack.stop("inference")
-        spawn_scripted_inference(stack, up, MODEL)
+        spawn_scripted_inference(stack, up, MODEL, output_rail=True)  # the session stack runs without it (noise model)
         stack.wait_ready()  # the edge answers 503 until the inference group has a live member again
         try:
             yield up

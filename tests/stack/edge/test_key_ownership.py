@@ -1,0 +1,65 @@
+"""Keys own their data: on an edge with API keys, a key sees, continues, stops, resumes and rates only its
+own conversations and turns (another key's are a 404, as if they did not exist); the operator surfaces
+need an operator key; a key is stored only as its hash."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from chatbus.stack import Stack
+from edge.auth import key_owner
+from tests.conftest import edge_process, eventually
+
+pytestmark = pytest.mark.stack
+
+MODEL = "chatbus-tiny-random"
+ALICE, BOB, OPS = "alice-key-0123456789", "bob-key-9876543210", "ops-key-5555"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_a_key_sees_and_acts_on_only_its_own_turns(stack: Stack, mongo: Any) -> None:
+    with edge_process(stack, 3, api_keys=f"{ALICE},{BOB}", operator_keys=OPS) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=90) as http:
+            ids: list[str] = []
+            body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Tell me about rivers."}], "max_tokens": 12}
+            async with http.stream("POST", "/v1/chat/completions", json=body, headers=auth(ALICE)) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("id:"):
+                        ids.append(line[3:].strip())
+            cid = ids[-1].split(":")[0]
+            turn = await eventually(lambda: mongo.turns.find_one({"_id": cid, "answer": {"$exists": True}}), 60, "alice's turn recorded")
+            conv = turn["conversation_id"]
+            assert turn["owner"] == key_owner(ALICE) and ALICE not in orjson.dumps(turn, default=str).decode()
+
+            async def alice_lists() -> bool:
+                r = await http.get("/v1/conversations", headers=auth(ALICE))
+                return any(c["id"] == conv for c in r.json()["data"])
+
+            await eventually(alice_lists, 30, "alice's conversation in her list")
+            assert not any(c["id"] == conv for c in (await http.get("/v1/conversations", headers=auth(BOB))).json()["data"])
+            assert (await http.get(f"/v1/conversations/{conv}", headers=auth(ALICE))).status_code == 200
+            assert (await http.get(f"/v1/conversations/{conv}", headers=auth(BOB))).status_code == 404
+            assert (await http.post(f"/v1/chat/completions/{cid}/cancel", headers=auth(BOB))).status_code == 404
+            assert (await http.post(f"/v1/chat/completions/{cid}/cancel", headers=auth(ALICE))).json()["cancelled"] is False  # finished
+            resume = await http.get(f"/v1/chat/completions/{cid}/events", headers={**auth(BOB), "Last-Event-ID": ids[0]})
+            assert resume.status_code == 404
+            vote = {"type": "rating", "response_id": cid, "rating": "up"}
+            assert (await http.post("/v1/feedback", json=vote, headers=auth(BOB))).status_code == 404
+            assert (await http.post("/v1/feedback", json=vote, headers=auth(ALICE))).status_code == 200
+            follow = {"model": MODEL, "messages": [{"role": "user", "content": "And lakes?"}], "max_tokens": 4, "conversation_id": conv}
+            assert (await http.post("/v1/chat/completions", json=follow, headers=auth(BOB))).status_code == 404  # not bob's to continue
+
+            # operator surfaces
+            for path in ("/metrics", "/live.json", "/dashboard.json"):
+                assert (await http.get(path, headers=auth(ALICE))).status_code == 401, path
+                assert (await http.get(path, headers=auth(OPS))).status_code == 200, path
+            assert set((await http.get("/readyz", headers=auth(ALICE))).json()) == {"ready"}
+            assert "admitting" in (await http.get("/readyz", headers=auth(OPS))).json()
