@@ -71,31 +71,39 @@ class BatchService:
             await client.close()
 
     # --- files ---------------------------------------------------------------------------------------------
-    async def upload(self, data: bytes, filename: str, purpose: str = "batch") -> dict[str, Any]:
+    # ``owner`` (an API key identity, edge.auth.key_owner) scopes files and batches: another key's are a 404,
+    # as if they did not exist; None (no keys configured, or the CLI) sees everything.
+    async def upload(self, data: bytes, filename: str, purpose: str = "batch", owner: str | None = None) -> dict[str, Any]:
         if purpose != "batch":
             raise InvalidRequest("purpose: only 'batch' files are accepted", param="purpose")
         if len(data) > self.settings.max_batch_file_bytes:
             raise FileTooLarge(self.settings.max_batch_file_bytes)
-        return await self.store.put_file(data, filename, purpose)
+        return await self.store.put_file(data, filename, purpose, owner)
 
-    async def file(self, file_id: str) -> dict[str, Any]:
+    async def file(self, file_id: str, owner: str | None = None) -> dict[str, Any]:
+        await self._check_owner(file_id, owner)
         meta = await self.store.file(file_id)
         if meta is None:
             raise NoSuchFile(file_id)
         return meta
 
-    async def check_file(self, file_id: str) -> None:
-        """404 unless the file exists (without rendering an output file to learn its size)."""
-        if not await self.store.file_exists(file_id):
+    async def _check_owner(self, file_id: str, owner: str | None) -> None:
+        if owner is not None and await self.store.file_owner(file_id) != owner:
             raise NoSuchFile(file_id)
 
-    async def content(self, file_id: str) -> AsyncIterator[bytes]:
-        await self.check_file(file_id)
+    async def check_file(self, file_id: str, owner: str | None = None) -> None:
+        """404 unless the file exists (without rendering an output file to learn its size) and is ``owner``'s."""
+        if not await self.store.file_exists(file_id):
+            raise NoSuchFile(file_id)
+        await self._check_owner(file_id, owner)
+
+    async def content(self, file_id: str, owner: str | None = None) -> AsyncIterator[bytes]:
+        await self.check_file(file_id, owner)
         async for piece in self.store.file_content(file_id):
             yield piece
 
-    async def read(self, file_id: str) -> bytes:
-        return b"".join([piece async for piece in self.content(file_id)])
+    async def read(self, file_id: str, owner: str | None = None) -> bytes:
+        return b"".join([piece async for piece in self.content(file_id, owner)])
 
     # --- batches -------------------------------------------------------------------------------------------
     async def create(
@@ -107,6 +115,7 @@ class BatchService:
         metadata: dict[str, str] | None = None,
         batch_key: str | None = None,
         progress: bool = False,
+        owner: str | None = None,
     ) -> dict[str, Any]:
         """Validate the input file and publish its lines; returns the OpenAI batch object."""
         if endpoint != CHAT_COMPLETIONS:
@@ -119,9 +128,10 @@ class BatchService:
         if any(not k or k.startswith("$") or "." in k or "\0" in k for k in metadata):
             # stored as a document: MongoDB gives "$" and "." in field names a meaning of their own
             raise InvalidRequest("metadata: keys must be non-empty and may not start with '$' or contain '.'", param="metadata")
-        data = await self.read(input_file_id)
+        data = await self.read(input_file_id, owner)
         sha = hashlib.sha256(data).hexdigest()
-        key_sha = hashlib.sha256(batch_key.encode()).hexdigest() if batch_key else None
+        scoped_key = f"{owner}:{batch_key}" if owner is not None and batch_key else batch_key  # one key's batch keys are its own
+        key_sha = hashlib.sha256(scoped_key.encode()).hexdigest() if scoped_key else None
         batch_id = f"batch_{key_sha[:32]}" if key_sha else f"batch_{uuid.uuid4().hex}"
         existing = await self.store.get_batch(batch_id)
         if existing is not None:
@@ -132,7 +142,7 @@ class BatchService:
         try:
             parsed = await asyncio.to_thread(parse_batch, data, self.settings)
         except BatchFileError as exc:
-            created = BatchCreated(batch_id=batch_id, input_file_id=input_file_id, input_sha256=sha, metadata=metadata, total=0)
+            created = BatchCreated(batch_id=batch_id, input_file_id=input_file_id, input_sha256=sha, metadata=metadata, total=0, owner=owner)
             await self.store.create_batch(created, "failed", key_sha)
             await self.store.batches.update_one(
                 {"_id": batch_id}, {"$set": {"errors": [{"code": "invalid_file", "message": str(exc)}], "failed_at": int(created.created_at)}}
@@ -149,6 +159,7 @@ class BatchService:
             total=parsed.total,
             valid=len(parsed.lines),
             invalid=invalid[:MAX_EVENT_ERRORS],
+            owner=owner,
         )
         await self.store.create_batch(created, "validating", key_sha)
         await self.store.record_invalid(batch_id, parsed.invalid)
@@ -167,19 +178,21 @@ class BatchService:
             await self.store.set_status(batch_id, "failed", only_from=("validating",), error_file_id=error_file_id(batch_id))
         return await self.get(batch_id)
 
-    async def get(self, batch_id: str) -> dict[str, Any]:
+    async def get(self, batch_id: str, owner: str | None = None) -> dict[str, Any]:
         batch = await self.store.get_batch(batch_id)
-        if batch is None:
+        if batch is None or (owner is not None and batch.get("owner") != owner):
             raise NoSuchBatch(batch_id)
         return await self.store.openai_batch(batch)
 
-    async def list(self, limit: int = 20, after: str | None = None) -> dict[str, Any]:
-        """Batches, newest first (OpenAI's list object with cursor pagination by ``after``)."""
+    async def list(self, limit: int = 20, after: str | None = None, owner: str | None = None) -> dict[str, Any]:
+        """Batches, newest first (OpenAI's list object with cursor pagination by ``after``); only ``owner``'s when given."""
         query: dict[str, Any] = {}
         if after:
             anchor = await self.store.get_batch(after)
             if anchor is not None:
                 query = {"$or": [{"created_at": {"$lt": anchor["created_at"]}}, {"created_at": anchor["created_at"], "_id": {"$lt": after}}]}
+        if owner is not None:
+            query = {"$and": [query, {"owner": owner}]} if query else {"owner": owner}
         docs = [d async for d in self.store.batches.find(query).sort([("created_at", -1), ("_id", -1)]).limit(limit + 1)]
         data = [await self.store.openai_batch(d) for d in docs[:limit]]
         return {
@@ -190,9 +203,9 @@ class BatchService:
             "has_more": len(docs) > limit,
         }
 
-    async def cancel(self, batch_id: str, reason: str = "cancelled by the user") -> dict[str, Any]:
+    async def cancel(self, batch_id: str, reason: str = "cancelled by the user", owner: str | None = None) -> dict[str, Any]:
         """Stop a batch: lines not yet generated finish as ``cancelled``; finished results are kept."""
-        batch = await self.get(batch_id)
+        batch = await self.get(batch_id, owner)
         if batch["status"] not in ("validating", "in_progress"):  # as OpenAI: nothing to cancel once finalizing
             return batch
         await self.store.set_status(batch_id, "cancelling", only_from=("validating", "in_progress"))

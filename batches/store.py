@@ -87,11 +87,13 @@ class BatchStore:
         await self.chunks.create_index([("file_id", ASCENDING), ("n", ASCENDING)])
 
     # --- files --------------------------------------------------------------------------------------------
-    async def put_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+    async def put_file(self, data: bytes, filename: str, purpose: str, owner: str | None = None) -> dict[str, Any]:
         file_id = f"file-{uuid.uuid4().hex}"
         pieces = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
         await self.chunks.insert_many([{"_id": f"{file_id}:{n}", "file_id": file_id, "n": n, "data": p} for n, p in enumerate(pieces)])
         doc = {"_id": file_id, "bytes": len(data), "filename": filename, "purpose": purpose, "created_at": int(time.time()), "chunks": len(pieces)}
+        if owner is not None:
+            doc["owner"] = owner
         await self.files.insert_one(doc)  # last: a file is visible only once its content is complete
         return file_object(doc)
 
@@ -104,6 +106,15 @@ class BatchStore:
             return False
         batch = await self.batches.find_one({"_id": named[0]})
         return batch is not None and batch.get(f"{named[1]}_file_id") == file_id
+
+    async def file_owner(self, file_id: str) -> str | None:
+        """The API key identity a file belongs to: its uploader's, or (output/error files) its batch's."""
+        doc = await self.files.find_one({"_id": file_id}, {"owner": 1})
+        if doc is None:
+            named = rendered_file(file_id)
+            doc = await self.batches.find_one({"_id": named[0]}, {"owner": 1}) if named is not None else None
+        owner = None if doc is None else doc.get("owner")
+        return owner if isinstance(owner, str) else None
 
     async def file(self, file_id: str) -> dict[str, Any] | None:
         """The OpenAI file object of a stored or rendered (output/error) file; None if unknown."""
@@ -151,6 +162,8 @@ class BatchStore:
             "errors": [e.model_dump() for e in event.invalid[:100]],
             "batch_key_sha": batch_key_sha,
         }
+        if event.owner is not None:
+            fields["owner"] = event.owner
         if status == "in_progress":
             fields["in_progress_at"] = int(event.created_at)
         await self.batches.update_one({"_id": event.batch_id}, {"$setOnInsert": fields}, upsert=True)

@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute
 from batches.errors import FileTooLarge, InvalidRequest
 from batches.service import BatchService
 from edge.admission import decide, refuse
-from edge.auth import protected
+from edge.auth import owner_of, protected
 from edge.http import ORJSONResponse, ascii_int, limit_param, read_json
 from edge.turns import ChatService
 
@@ -41,17 +41,17 @@ async def create_file(request: Request) -> Response:
         if not isinstance(purpose, str):
             raise InvalidRequest("purpose: required", param="purpose")
         data = await upload.read(limit + 1)
-        return ORJSONResponse(await batches.upload(data, upload.filename or "upload.jsonl", purpose))
+        return ORJSONResponse(await batches.upload(data, upload.filename or "upload.jsonl", purpose, owner_of(request)))
 
 
 async def retrieve_file(request: Request) -> Response:
-    return ORJSONResponse(await _batches(request).file(request.path_params["file_id"]))
+    return ORJSONResponse(await _batches(request).file(request.path_params["file_id"], owner_of(request)))
 
 
 async def file_content(request: Request) -> Response:
     batches = _batches(request)
     file_id = request.path_params["file_id"]
-    await batches.check_file(file_id)  # a 404 must come before the response starts
+    await batches.check_file(file_id, owner_of(request))  # a 404 must come before the response starts
     return StreamingResponse(batches.store.file_content(file_id), media_type="application/octet-stream")
 
 
@@ -78,21 +78,22 @@ async def create_batch(request: Request) -> Response:
         completion_window=str(payload.get("completion_window", "24h")),
         metadata=metadata,
         batch_key=request.headers.get("idempotency-key"),
+        owner=owner_of(request),
     )
     return ORJSONResponse(batch)
 
 
 async def list_batches(request: Request) -> Response:
     batches = _batches(request)
-    return ORJSONResponse(await batches.list(limit_param(request, 20, 100), request.query_params.get("after")))
+    return ORJSONResponse(await batches.list(limit_param(request, 20, 100), request.query_params.get("after"), owner_of(request)))
 
 
 async def retrieve_batch(request: Request) -> Response:
-    return ORJSONResponse(await _batches(request).get(request.path_params["batch_id"]))
+    return ORJSONResponse(await _batches(request).get(request.path_params["batch_id"], owner_of(request)))
 
 
 async def cancel_batch(request: Request) -> Response:
-    return ORJSONResponse(await _batches(request).cancel(request.path_params["batch_id"]))
+    return ORJSONResponse(await _batches(request).cancel(request.path_params["batch_id"], owner=owner_of(request)))
 
 
 ROUTES: list[BaseRoute] = [

@@ -385,6 +385,7 @@ class BatchCreated(_BatchJob):
     total: int = Field(ge=0)  # lines in the input file, invalid ones included
     valid: int | None = Field(default=None, ge=0)  # lines published (``invalid`` may be truncated)
     invalid: list[BatchLineError] = Field(default_factory=list)
+    owner: str | None = None  # the API key identity that submitted it (edge.auth.key_owner); None: no keys
 
 
 class BatchCancelled(_BatchJob):

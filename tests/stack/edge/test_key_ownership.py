@@ -57,6 +57,25 @@ async def test_a_key_sees_and_acts_on_only_its_own_turns(stack: Stack, mongo: An
             follow = {"model": MODEL, "messages": [{"role": "user", "content": "And lakes?"}], "max_tokens": 4, "conversation_id": conv}
             assert (await http.post("/v1/chat/completions", json=follow, headers=auth(BOB))).status_code == 404  # not bob's to continue
 
+            # files and batches
+            line = {
+                "custom_id": "a",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            }
+            up = await http.post("/v1/files", files={"file": ("in.jsonl", orjson.dumps(line) + b"\n")}, data={"purpose": "batch"}, headers=auth(ALICE))
+            file_id = up.json()["id"]
+            assert (await http.get(f"/v1/files/{file_id}", headers=auth(BOB))).status_code == 404
+            assert (await http.get(f"/v1/files/{file_id}/content", headers=auth(BOB))).status_code == 404
+            request = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+            assert (await http.post("/v1/batches", json=request, headers=auth(BOB))).status_code == 404  # not bob's file
+            batch = (await http.post("/v1/batches", json=request, headers=auth(ALICE))).json()
+            assert (await http.get(f"/v1/batches/{batch['id']}", headers=auth(BOB))).status_code == 404
+            assert (await http.post(f"/v1/batches/{batch['id']}/cancel", headers=auth(BOB))).status_code == 404
+            assert not any(b["id"] == batch["id"] for b in (await http.get("/v1/batches", headers=auth(BOB))).json()["data"])
+            assert any(b["id"] == batch["id"] for b in (await http.get("/v1/batches", headers=auth(ALICE))).json()["data"])
+
             # operator surfaces
             for path in ("/metrics", "/live.json", "/dashboard.json"):
                 assert (await http.get(path, headers=auth(ALICE))).status_code == 401, path
