@@ -217,16 +217,7 @@ def recorder_worker(settings: Settings, recorder: Recorder, bulk: bool = True) -
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     recorder = Recorder(settings)
-    worker = StageWorker(
-        settings,
-        "recorder",
-        RECORDER.group_id,
-        RECORDER.topics,
-        recorder.handle,
-        max_records=256,
-        batch_handler=recorder.handle_batch,
-        skip_event_types=("chat.token",),
-    )
+    worker = recorder_worker(settings, recorder)
     try:
         await worker.run(stop)
     finally:
