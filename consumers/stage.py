@@ -129,10 +129,7 @@ class StageWorker(ConsumerRuntime):
                 if await self._process_batch(tp, records):
                     return
             except RetryLater as exc:
-                self._backoff = min(max(self._backoff * 2, 0.5), 10.0)
-                log.warning("%s: %s; retrying %s[%d] in %.1fs", self.name, exc, tp.topic, tp.partition, self._backoff)
-                self.consumer.seek(tp, records[0].offset)
-                await asyncio.sleep(self._backoff)
+                await self._retry_later(tp, records[0].offset, exc)
                 return
         next_offset: int | None = None  # the offset after the last record fully handled: what to commit
         try:
@@ -145,13 +142,17 @@ class StageWorker(ConsumerRuntime):
             self._backoff = 0.0
         except RetryLater as exc:
             # infrastructure trouble (database, broker): keep the record and retry it, never drop it
-            self._backoff = min(max(self._backoff * 2, 0.5), 10.0)
-            log.warning("%s: %s; retrying %s[%d] in %.1fs", self.name, exc, tp.topic, tp.partition, self._backoff)
-            self.consumer.seek(tp, records[0].offset if next_offset is None else next_offset)
-            await asyncio.sleep(self._backoff)
+            await self._retry_later(tp, records[0].offset if next_offset is None else next_offset, exc)
         finally:
             if next_offset is not None:
                 await self.commit(tp, next_offset)
+
+    async def _retry_later(self, tp: TopicPartition, offset: int, exc: RetryLater) -> None:
+        """Back off (doubling, 0.5 s to 10 s) and fetch ``tp`` again from ``offset``, uncommitted."""
+        self._backoff = min(max(self._backoff * 2, 0.5), 10.0)
+        log.warning("%s: %s; retrying %s[%d] in %.1fs", self.name, exc, tp.topic, tp.partition, self._backoff)
+        self.consumer.seek(tp, offset)
+        await asyncio.sleep(self._backoff)
 
     async def _process_batch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> bool:
         """The whole batch through ``batch_handler``, then one commit. False (nothing written, nothing

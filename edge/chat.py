@@ -133,10 +133,10 @@ async def resume_chat_completion(request: Request) -> Response:
         raise InvalidRequest("Last-Event-ID: does not belong to this completion", param="Last-Event-ID")
     if not 0 <= since_ms <= time.time() * 1000 + CLOCK_SKEW_MS:
         raise InvalidRequest("Last-Event-ID: its time is not one this server gave", param="Last-Event-ID")
-    if service.resuming >= service.settings.max_resumes:
+    if len(service.resumed) >= service.settings.max_resumes:
         raise APIError(
             429,
-            f"too many resumed streams on this edge ({service.resuming}); retry after 1 s",
+            f"too many resumed streams on this edge ({len(service.resumed)}); retry after 1 s",
             type="rate_limit_error",
             code="rate_limit_exceeded",
             headers={"Retry-After": "1"},

@@ -162,7 +162,6 @@ def resumed_events(service: ChatService, cid: str, partition: int, since_ms: int
     conversation = {"id": ""}
     consumers: list[AIOKafkaConsumer] = []  # made once the stream starts (a client gone before has none)
     feeder: list[asyncio.Task[None]] = []
-    counted: list[bool] = []  # this stream is one of service.resuming
 
     async def feed(consumer: AIOKafkaConsumer) -> None:
         async for record in records_forever(consumer, f"resume {cid}"):
@@ -176,9 +175,7 @@ def resumed_events(service: ChatService, cid: str, partition: int, since_ms: int
 
     async def opening() -> list[Event]:
         service.claim(cid)
-        service.resuming += 1
         service.resumed.add(stream)
-        counted.append(True)
         consumer = make_consumer(service.settings, group_id=None, fetch_max_wait_ms=5)
         consumers.append(consumer)
         await consumer.start()
@@ -198,10 +195,7 @@ def resumed_events(service: ChatService, cid: str, partition: int, since_ms: int
         pass
 
     async def cleanup() -> None:
-        if counted:
-            service.resuming -= 1
-            service.resumed.discard(stream)
-            counted.clear()
+        service.resumed.discard(stream)
         for task in feeder:
             task.cancel()
         for consumer in consumers:

@@ -113,8 +113,7 @@ class ChatService:
         self.owners: collections.OrderedDict[str, str | None] = collections.OrderedDict()  # turns published here -> API key identity
         self.recent: collections.OrderedDict[str, Finished] = collections.OrderedDict()
         self.finder = TurnFinder(settings)
-        self.resuming = 0  # resumed streams open on this edge
-        self.resumed: set[TurnStream] = set()
+        self.resumed: set[TurnStream] = set()  # resumed streams open on this edge
         self.draining = False
 
     def drain(self) -> int:
