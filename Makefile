@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run up down status test test-unit test-stack lint clean docs-corpus browser models safety-classifier
+.PHONY: setup run up down status up-cluster down-cluster test test-unit test-stack lint clean docs-corpus browser models safety-classifier
 
 setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json models docs-corpus browser
 
@@ -72,6 +72,14 @@ down:
 
 status:
 	$(PY) -m chatbus.cli stack status
+
+# The opt-in local cluster: three KRaft nodes (replication 3, min ISR 2), two edges (8000, 8001) and two
+# replicas of each worker, state under .state/cluster (README › Faults › Cluster mode).
+up-cluster: setup
+	$(PY) -m chatbus.cli stack up --cluster
+
+down-cluster:
+	@if [ -x $(PY) ]; then $(PY) -m chatbus.cli stack down --cluster; fi
 
 # Everything CI proves: the lint (ruff, strict mypy, the import contract), then every test: the unit tests
 # (tests/unit, no stack) and the tests against a real local stack (tests/stack, one stack per session).

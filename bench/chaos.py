@@ -97,6 +97,7 @@ async def one_turn(edges: list[str], phase: Phase, words: int, deadline: float) 
                         continue
                     admitted = True
                     phase.admitted += 1
+                    last_id = r.headers.get("x-resume-event-id")  # resumable before the first event
                     done, text, last_id = await read(r, text, last_id, phase)
             except httpx.HTTPError as exc:
                 phase.errors[f"{'stream' if admitted else 'connect'}:{type(exc).__name__}"] += 1

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from chatbus.proc import read_pidfile
-from chatbus.stack import ORDER, Stack
+from chatbus.stack import Stack
 
 log = logging.getLogger("chatbus.keeper")
 
@@ -64,9 +64,9 @@ def exit_reason(pid: int) -> str:
 
 
 class Keeper:
-    def __init__(self, stack: Stack, services: Sequence[str] = ORDER, clock: Callable[[], float] = time.monotonic, **backoff: float) -> None:
+    def __init__(self, stack: Stack, services: Sequence[str] | None = None, clock: Callable[[], float] = time.monotonic, **backoff: float) -> None:
         self.stack = stack
-        self.services = list(services)
+        self.services = list(stack.services if services is None else services)
         self.clock = clock
         self.backoff = {name: Backoff(**backoff) for name in self.services}  # type: ignore[arg-type]
         self.due: dict[str, float] = {}  # crashed service -> when to restart it

@@ -1,4 +1,10 @@
-"""The local stack without Docker: Kafka (KRaft, one node), FerretDB (SQLite), the workers and the edge.
+"""The local stack without Docker: Kafka (KRaft), FerretDB (SQLite), the workers and the edge.
+
+By default one Kafka node and one process of each worker kind and of the edge (what ``make run`` starts).
+``chatbus stack up --cluster`` (:func:`cluster_settings`) starts three KRaft nodes (topics replicated three
+times, ``min.insync.replicas=2``, producers ``acks=all``), two edges and two replicas of each worker kind,
+with milvus-lite served over gRPC so both retrieval workers share the knowledge base. A replica's service
+name is its kind with its number (``kafka-2``, ``inference-2``, ``edge-2``); the first keeps the plain name.
 
 * Kafka's jars come from Maven Central (``tools/kafka/pom.xml``, copied to ``<build>/kafka-libs``); the
   broker is started with ``java … kafka.Kafka`` after ``kafka.tools.StorageTool format``.
@@ -29,22 +35,75 @@ import time
 
 import httpx
 
-from chatbus.infra import start_ferretdb, start_kafka
+from chatbus.infra import kafka_nodes, start_ferretdb, start_kafka, start_milvus
 from chatbus.proc import StackError, free_port, host_port, is_ours, mongo_host_port, pid_alive, port_open, proc_start_time, read_pid, read_pidfile, wait_port
 from chatbus.supervisor import Paths, Supervisor, setting_env_keys
+from core.config import Settings
 
 log = logging.getLogger(__name__)
 
 WORKERS = ("safety", "retrieval", "inference", "recorder", "batches", "feedback")
-ORDER = ("kafka", "ferretdb", *WORKERS, "edge")
+ORDER = ("kafka", "ferretdb", *WORKERS, "edge")  # the single-node stack's services, in start order
+CLUSTER_BROKERS = 3
+CLUSTER_REPLICAS = 2
+MILVUS_PORT = 19530
+
+
+def replica_name(kind: str, number: int) -> str:
+    """The service name of replica ``number`` (from 1) of ``kind``: ``inference``, ``inference-2``, …"""
+    return kind if number == 1 else f"{kind}-{number}"
+
+
+def kind_of(service: str) -> str:
+    """``inference-2`` -> ``inference``; ``kafka-3`` -> ``kafka``; a plain name is its own kind."""
+    base, _, number = service.rpartition("-")
+    return base if base and number.isdigit() else service
+
+
+def replica_number(service: str) -> int:
+    base, _, number = service.rpartition("-")
+    return int(number) if base and number.isdigit() else 1
+
+
+def cluster_settings(settings: Settings, brokers: int = CLUSTER_BROKERS, replicas: int = CLUSTER_REPLICAS) -> Settings:
+    """``settings`` for the opt-in local cluster: ``brokers`` KRaft nodes on the first bootstrap port and the
+    ports 100, 200… above it (controllers likewise above ``kafka_controller_port``), replication factor
+    ``min(3, brokers)``, ``replicas`` of each worker kind and edge (edge *j* on ``edge_port + j``), milvus-lite
+    served on 19530 unless ``MILVUS_URI`` is set, and its own state folder (``<state>/cluster``)."""
+    host, port = host_port(settings.kafka_bootstrap.split(",")[0])
+    update: dict[str, object] = {
+        "kafka_bootstrap": ",".join(f"{host}:{port + 100 * i}" for i in range(brokers)),
+        "kafka_replication_factor": min(3, brokers),
+        "replicas": replicas,
+        "state_dir": settings.state_dir / "cluster",
+    }
+    if not settings.milvus_uri:
+        update["milvus_uri"] = f"http://{host}:{MILVUS_PORT}"
+    return settings.model_copy(update=update)
 
 
 class Stack(Supervisor):
-    """The whole local stack: :data:`ORDER`'s services, started in that order and stopped in reverse."""
+    """The whole local stack: :attr:`services`, started in that order and stopped in reverse."""
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """Every service of this stack in start order: the Kafka nodes, FerretDB, milvus-lite's server when
+        several retrieval workers share it, ``replicas`` of each worker kind, then the edges."""
+        n = max(1, self.settings.replicas)
+        kafka = tuple(node.service for node in kafka_nodes(self.settings))
+        milvus = ("milvus",) if self.serves_milvus else ()
+        workers = tuple(replica_name(kind, j) for kind in WORKERS for j in range(1, n + 1))
+        return (*kafka, "ferretdb", *milvus, *workers, *(replica_name("edge", j) for j in range(1, n + 1)))
+
+    @property
+    def serves_milvus(self) -> bool:
+        """Several retrieval workers and ``MILVUS_URI`` on this host: the stack runs milvus-lite's server there."""
+        uri = self.settings.milvus_uri
+        return self.settings.replicas > 1 and uri.startswith("http://") and host_port(uri.split("://", 1)[1].rstrip("/"))[0] in ("127.0.0.1", "localhost")
 
     # --- services ----------------------------------------------------------------------------------------
-    def start_kafka(self) -> None:
-        start_kafka(self)
+    def start_kafka(self, service: str | None = None) -> None:
+        start_kafka(self, service)
 
     def start_ferretdb(self) -> None:
         start_ferretdb(self)
@@ -54,39 +113,56 @@ class Stack(Supervisor):
         path = self.paths.pids / f"{kind}.metrics"
         return int(path.read_text()) if path.exists() else None
 
-    def start_worker(self, kind: str) -> int:
-        """Start a worker with its own metrics port: ``metrics_base_port + i`` when that is set (the i-th of
-        WORKERS), else a free port; the port is recorded next to the pid file (``chatbus stack status``)."""
-        existing = self.running(kind)
+    def start_worker(self, name: str) -> int:
+        """Start a worker (``inference`` or a replica such as ``inference-2``) with its own metrics port:
+        ``metrics_base_port + i`` when that is set (the i-th of WORKERS, plus ``len(WORKERS)`` per replica
+        number above 1), else a free port; the port is recorded next to the pid file (``chatbus stack status``)."""
+        existing = self.running(name)
         if existing:
             return existing
-        port = self.settings.metrics_base_port + WORKERS.index(kind) if self.settings.metrics_base_port else free_port(self.settings.metrics_host)
+        kind = kind_of(name)
+        offset = WORKERS.index(kind) + len(WORKERS) * (replica_number(name) - 1)
+        port = self.settings.metrics_base_port + offset if self.settings.metrics_base_port else free_port(self.settings.metrics_host)
         env = self.env()
         env["CHATBUS_METRICS_PORT"] = str(port)
         if kind == "inference" and self.settings.torch_threads == 0:
             # generation is where the time goes; the other stages are idle while a turn prefills and decodes.
             # Every core: Qwen2.5-0.5B bf16 prefills 1.7x and decodes 1.5x faster on 2 threads than on 1 (README)
             env["CHATBUS_TORCH_THREADS"] = str(os.cpu_count() or 1)
-        pid = self.spawn(kind, [sys.executable, "-m", "chatbus.cli", "worker", kind], env)
-        (self.paths.pids / f"{kind}.metrics").write_text(f"{port}\n")
+        pid = self.spawn(name, [sys.executable, "-m", "chatbus.cli", "worker", kind], env)
+        (self.paths.pids / f"{name}.metrics").write_text(f"{port}\n")
         return pid
 
-    def start_edge(self) -> int:
-        return self.spawn("edge", [sys.executable, "-m", "chatbus.cli", "edge"])
+    def start_edge(self, name: str = "edge") -> int:
+        """Start an edge; edge *j* (``edge-2``…) listens on ``edge_port + j - 1`` and reads reply partition
+        ``j - 1`` (:attr:`edge_urls`)."""
+        j = replica_number(name)
+        env = self.env()
+        if j > 1:
+            env.update({"CHATBUS_EDGE_PORT": str(self.settings.edge_port + j - 1), "CHATBUS_REPLY_PARTITION": str(j - 1), "CHATBUS_EDGE_ID": f"edge-{j - 1}"})
+        return self.spawn(name, [sys.executable, "-m", "chatbus.cli", "edge"], env)
+
+    def start_milvus(self) -> None:
+        start_milvus(self)
 
     def start_keeper(self) -> int:
         """The keeper (:mod:`chatbus.keeper`) as a service of its own: restarts crashed services."""
         return self.spawn("keeper", [sys.executable, "-m", "chatbus.cli", "stack", "keep"])
 
     def start(self, name: str) -> None:
-        """Start one service of :data:`ORDER` by name (the keeper restarts services with it)."""
-        if name == "kafka":
-            self.start_kafka()
-        elif name == "ferretdb":
+        """Start one of :attr:`services` by name (the keeper restarts services with it); StackError for another name."""
+        kind = kind_of(name)
+        if name not in self.services:
+            raise StackError(f"unknown service {name!r}")
+        if kind == "kafka":
+            self.start_kafka(name)
+        elif kind == "ferretdb":
             self.start_ferretdb()
-        elif name == "edge":
-            self.start_edge()
-        elif name in WORKERS:
+        elif kind == "milvus":
+            self.start_milvus()
+        elif kind == "edge":
+            self.start_edge(name)
+        elif kind in WORKERS:
             self.start_worker(name)
         else:
             raise StackError(f"unknown service {name!r}")
@@ -95,45 +171,60 @@ class Stack(Supervisor):
     def edge_url(self) -> str:
         return f"http://{self.settings.edge_host}:{self.settings.edge_port}"
 
+    @property
+    def edge_urls(self) -> list[str]:
+        """Every edge's base URL (one per replica)."""
+        return [f"http://{self.settings.edge_host}:{self.settings.edge_port + j}" for j in range(max(1, self.settings.replicas))]
+
     def wait_ready(self, timeout_s: float = 240) -> dict[str, object]:
+        """Wait until every edge's ``/readyz`` is 200; raise if a worker or edge exits meanwhile. Returns the
+        first edge's ``/readyz`` body."""
         deadline = time.monotonic() + timeout_s
         last: dict[str, object] = {}
+        pending = self.edge_urls
+        first: dict[str, object] | None = None
         while time.monotonic() < deadline:
-            for name in (*WORKERS, "edge"):
+            for name in self.services:
+                if kind_of(name) not in (*WORKERS, "edge"):
+                    continue
                 entry = read_pidfile(self.paths.pidfile(name))
                 if entry is not None and not (pid_alive(entry[0]) and entry[1] in (None, proc_start_time(entry[0]))):
                     raise StackError(f"{name} exited; see {self.paths.logs / (name + '.log')}")
-            try:
-                r = httpx.get(f"{self.edge_url}/readyz", timeout=10)
-                last = r.json()
-                if r.status_code == 200:
-                    return last
-            except (httpx.HTTPError, ValueError):
-                pass
+            for url in list(pending):
+                try:
+                    r = httpx.get(f"{url}/readyz", timeout=10)
+                    last = r.json()
+                    if r.status_code == 200:
+                        pending.remove(url)
+                        if url == self.edge_url:
+                            first = last
+                except (httpx.HTTPError, ValueError):
+                    pass
+            if not pending:
+                return first if first is not None else last
             time.sleep(0.5)
         raise StackError(f"stack not ready within {timeout_s:.0f}s: {last}")
 
-    def up(self, services: tuple[str, ...] = ORDER, wait: bool = True) -> None:
-        """Start ``services`` (those not running yet). If that fails, stop what this call started, then raise."""
+    def up(self, services: tuple[str, ...] | None = None, wait: bool = True) -> None:
+        """Start ``services`` (default: all of :attr:`services`; a kind such as ``inference`` also starts
+        its replicas; those running already are left alone). If that fails, stop what this call started,
+        then raise."""
         from topics.clients import ensure_topics
 
+        wanted = [name for name in self.services if services is None or name in services or kind_of(name) in services]
         started: list[str] = []
         self._started = started
         try:
-            if "kafka" in services:
+            if any(kind_of(name) == "kafka" for name in wanted):
                 self.start_kafka()
                 created = asyncio.run(ensure_topics(self.settings))
                 if created:
                     log.info("created topics: %s", ", ".join(created))
-            if "ferretdb" in services:
-                self.start_ferretdb()
-            for kind in WORKERS:
-                if kind in services:
-                    self.start_worker(kind)
-            if "edge" in services:
-                self.start_edge()
-                if wait:
-                    self.wait_ready()
+            for name in wanted:
+                if kind_of(name) != "kafka":
+                    self.start(name)
+            if wait and any(kind_of(name) == "edge" for name in wanted):
+                self.wait_ready()
         except BaseException:
             self._started = None
             if started:
@@ -151,18 +242,24 @@ class Stack(Supervisor):
         stopped = []
         if self.stop("keeper"):  # first, so nothing is restarted while the rest stops
             stopped.append("keeper")
-        for name in reversed(ORDER):
+        # every pid file, not only today's services: a stack started with other replica counts stops whole
+        known = self.services
+        others = sorted({p.stem for p in self.paths.pids.glob("*.pid")} - set(known) - {"keeper"}) if self.paths.pids.is_dir() else []
+        for name in [*reversed(known), *others]:
             if self.stop(name):
                 stopped.append(name)
         return stopped
 
     def status(self) -> dict[str, int | None]:
-        return {name: self.running(name) for name in ORDER}
+        return {name: self.running(name) for name in self.services}
 
 
 __all__ = [
     "ORDER",
     "WORKERS",
+    "cluster_settings",
+    "kind_of",
+    "replica_name",
     "Paths",
     "Stack",
     "StackError",

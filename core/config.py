@@ -24,10 +24,14 @@ class Settings(BaseSettings):
     state_dir: Path = ROOT / ".state"  # runtime data: broker log dirs, databases, logs, pid files
     build_dir: Path = ROOT / ".build"  # built artifacts: Kafka jars, the FerretDB binary, the tiny model
     log_level: str = "INFO"
+    replicas: int = 1  # processes of each worker kind and edges the local stack starts (2 with --cluster)
     supervise: bool = True  # `chatbus stack up|run` restart a crashed service with back-off (chatbus.keeper)
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
-    kafka_replication_factor: int = 1  # 3 on the compose cluster
+    # one KRaft node per kafka_bootstrap entry on the local stack (chatbus.infra.kafka_nodes); a cluster
+    # (`chatbus stack up --cluster`, compose.yaml) has three, topics replicated 3 times with min ISR 2
+    kafka_replication_factor: int = 1
+    kafka_min_insync_replicas: int = 0  # 0: replication factor - 1, at least 1
     mongo_uri: str = "mongodb://127.0.0.1:27017/"
     mongo_db: str = "chatbus"
     # A local path opens milvus-lite (one process only: the retrieval worker); an http(s) URI a server.
@@ -69,9 +73,11 @@ class Settings(BaseSettings):
     admit_poll_s: float = 0.5  # how often the edge reads consumer lag
     # availability: a reading that takes longer than bus_timeout_s fails; with no good reading for
     # bus_stale_s (or a pipeline stage without a live worker) turns get a 503 at once; a publish not
-    # acknowledged within publish_timeout_s is a 503 too (edge/admission.py)
+    # acknowledged within publish_timeout_s is a 503 too (edge/admission.py). bus_stale_s spans several
+    # readings so one slow reading (a loaded host, a coordinator moving) refuses nothing; a turn that
+    # arrives in an outage before then still gets its 503 from the publish timeout, within ~1 s
     bus_timeout_s: float = 1.0
-    bus_stale_s: float = 1.5
+    bus_stale_s: float = 3.0
     publish_timeout_s: float = 1.0
     batch_shed_at: float = 0.5
     max_batch_backlog: int = 100_000
@@ -176,6 +182,11 @@ class Settings(BaseSettings):
             key = field.validation_alias if isinstance(field.validation_alias, str) else f"CHATBUS_{name.upper()}"
             env[key] = str(value)
         return env
+
+    @property
+    def min_insync_replicas(self) -> int:
+        """``min.insync.replicas`` of the registry's topics: with ``acks=all`` a write needs that many copies."""
+        return self.kafka_min_insync_replicas or max(1, self.kafka_replication_factor - 1)
 
     @property
     def resolved_milvus_uri(self) -> str:

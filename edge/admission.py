@@ -158,8 +158,8 @@ class LoadMonitor(PeriodicService):
     async def tick(self) -> None:  # a failed read is logged; the reading then ages out (LAG_MAX_AGE_S)
         admitted = self.admitted_since_read
         async with asyncio.timeout(self.settings.bus_timeout_s):  # a broker that does not answer (SIGSTOP, a partition)
-            lag = await self._reader.read(self.groups)
-            members = await self._reader.members(list(PIPELINE_GROUPS))
+            # concurrently: on a cluster the groups' coordinators are on different brokers
+            lag, members = await asyncio.gather(self._reader.read(self.groups), self._reader.members(list(PIPELINE_GROUPS)))
         self.lag_by, self.read_at, self.members = lag, time.monotonic(), members
         self.admitted_since_read -= admitted  # those are in the reading now
         for (group, name), value in lag.items():

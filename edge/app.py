@@ -117,7 +117,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,
         # CORS: no other origin may call the API from a browser unless CHATBUS_CORS_ORIGINS names it (the
         # edge's own pages are same-origin); JSON bodies must be application/json, which needs a preflight
-        middleware=[Middleware(JSONCORSMiddleware, allow_origins=settings.cors_origin_list(), allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)],
+        middleware=[
+            Middleware(
+                JSONCORSMiddleware,
+                allow_origins=settings.cors_origin_list(),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=["X-Correlation-Id", "X-Resume-Event-Id", "Retry-After"],  # what chat clients read
+                max_age=600,
+            )
+        ],
     )
     app.state.settings = settings
     app.state.api_keys = settings.api_key_list()

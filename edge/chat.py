@@ -26,7 +26,7 @@ from edge.conversations import ConversationStore
 from edge.errors import APIError
 from edge.http import ORJSONResponse, read_json
 from edge.relay import TurnStream, TurnTimeout, parse_event_id
-from edge.streaming import live_events, on_client_close, resumed_events
+from edge.streaming import live_events, on_client_close, resume_event_id, resumed_events
 from edge.turns import ChatService, timing_ms
 from schemas.errors import InvalidRequest, NotFound
 from schemas.events import ChatTurnRequest
@@ -100,6 +100,7 @@ async def chat_completions(request: Request) -> Response:
     headers = {"X-Correlation-Id": turn.correlation_id, **service.admit(turn)}
     stream = await service.publish(turn)
     if req.stream:
+        headers["X-Resume-Event-Id"] = resume_event_id(service, turn)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventSourceResponse(
             live_events(service, turn, stream, include_usage),

@@ -108,14 +108,21 @@ async def turn_events(
     yield {"data": "[DONE]"}
 
 
+def resume_event_id(service: ChatService, turn: ChatTurnRequest, delivered: int = 0) -> str:
+    """The SSE id to resume ``turn`` with after ``delivered`` characters (``Last-Event-ID``): its reply
+    partition and a time 1 s before the edge published it (margin for clock skew). With ``delivered=0`` it is
+    the ``X-Resume-Event-Id`` response header, so a client cut off before its first event can still resume."""
+    since_ms = int(turn.stages.get("edge_published", time.time()) * 1000) - 1000
+    return sse_event_id(turn.correlation_id, service.reply_to.partition or 0, since_ms, delivered)
+
+
 def live_events(service: ChatService, turn: ChatTurnRequest, stream: TurnStream, include_usage: bool) -> AsyncIterator[Event | bytes]:
     """The events of a turn this edge published: the role chunk, the text, the finish chunk with the
     ``timing`` split (:func:`schemas.timing.breakdown`)."""
     chunks = ChunkBuilder(turn.correlation_id, turn.model, include_usage)
-    since_ms = int(turn.stages.get("edge_published", time.time()) * 1000) - 1000  # margin for clock skew
 
     def sid() -> str:
-        return sse_event_id(turn.correlation_id, service.reply_to.partition or 0, since_ms, stream.delivered)
+        return resume_event_id(service, turn, stream.delivered)
 
     async def opening() -> list[Event]:
         return [{**data(chunks.role()), "id": sid()}]

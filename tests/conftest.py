@@ -21,7 +21,7 @@ import httpx
 import pytest
 from pymongo import AsyncMongoClient
 
-from chatbus.stack import ORDER, Stack, free_port
+from chatbus.stack import ORDER, Stack, free_port, port_open
 from core.config import ROOT, Settings
 from schemas.events import decode
 from topics.clients import make_consumer, partitions_of
@@ -41,12 +41,35 @@ def tiny_model_dir() -> Path:
 
 def stack_settings(state: Path, **overrides: Any) -> Settings:
     """Settings for a stack of its own: free loopback ports, the state folder ``state``."""
-    return Settings(
-        state_dir=state,
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        kafka_controller_port=free_port(),
-        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/",
-        edge_port=free_port(),
+    ports: dict[str, Any] = {
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+        "kafka_controller_port": free_port(),
+        "mongo_uri": f"mongodb://127.0.0.1:{free_port()}/",
+        "edge_port": free_port(),
+    }
+    return Settings(state_dir=state, **{**ports, **overrides})
+
+
+def cluster_stack_settings(state: Path, brokers: int = 3, replicas: int = 1, **overrides: Any) -> Settings:
+    """Settings for a local cluster of its own (:func:`chatbus.stack.cluster_settings`' layout): ``brokers``
+    KRaft nodes on free loopback ports 100 apart (controllers likewise), replication ``min(3, brokers)``,
+    ``replicas`` of each worker and edge (milvus-lite served on a free port when more than one)."""
+
+    def free_run(count: int, stride: int) -> int:
+        while True:
+            base = free_port()
+            if base + stride * (count - 1) < 65536 and all(not port_open("127.0.0.1", base + stride * i) for i in range(count)):
+                return base
+
+    kafka, controllers, edge = free_run(brokers, 100), free_run(brokers, 100), free_run(replicas, 1)
+    return stack_settings(
+        state,
+        kafka_bootstrap=",".join(f"127.0.0.1:{kafka + 100 * i}" for i in range(brokers)),
+        kafka_controller_port=controllers,
+        kafka_replication_factor=min(3, brokers),
+        replicas=replicas,
+        milvus_uri=f"http://127.0.0.1:{free_port()}" if replicas > 1 else "",
+        edge_port=edge,
         **overrides,
     )
 
@@ -60,7 +83,7 @@ def running_stack(settings: Settings, services: tuple[str, ...] = ORDER, wait: b
         s.up(services, wait=wait)
         yield s
     except BaseException:
-        for name in ("kafka", "ferretdb", "safety", "retrieval", "inference", "recorder", "batches", "feedback", "edge"):
+        for name in s.services:
             log = s.paths.logs / f"{name}.log"
             if log.exists():
                 print(f"===== {name}.log (tail) =====\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))

@@ -79,9 +79,10 @@ class Upstream:
         self.thread.join(10)
 
 
-def spawn_scripted_inference(stack: Stack, upstream: Upstream, served_name: str, **env_settings: object) -> int:
-    """Start the stack's inference worker on the ``openai`` engine against ``upstream`` (served as ``served_name``)."""
+def spawn_scripted_inference(stack: Stack, upstream: Upstream, served_name: str, name: str = "inference", **env_settings: object) -> int:
+    """Start the stack's inference worker ``name`` (``inference``, or a replica such as ``inference-2``) on the
+    ``openai`` engine against ``upstream`` (served as ``served_name``)."""
     env = stack.env()
     env.update({"CHATBUS_ENGINE": "openai", "CHATBUS_OPENAI_BASE_URL": upstream.url, "CHATBUS_MODEL": "scripted", "CHATBUS_SERVED_MODEL_NAME": served_name})
     env.update({f"CHATBUS_{k.upper()}": str(v) for k, v in env_settings.items()})
-    return stack.spawn("inference", [sys.executable, "-m", "chatbus.cli", "worker", "inference"], env)
+    return stack.spawn(name, [sys.executable, "-m", "chatbus.cli", "worker", "inference"], env)

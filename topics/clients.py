@@ -108,7 +108,13 @@ async def create_missing_topics(settings: Settings, wanted: dict[str, tuple[int,
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(name=name, num_partitions=parts, replication_factor=settings.kafka_replication_factor, topic_configs=config)
+            NewTopic(
+                name=name,
+                num_partitions=parts,
+                replication_factor=settings.kafka_replication_factor,
+                # with acks="all" a write is acknowledged once this many replicas have it (2 of 3 on a cluster)
+                topic_configs={"min.insync.replicas": str(settings.min_insync_replicas), **config},
+            )
             for name, (parts, config) in wanted.items()
             if name not in existing
         ]

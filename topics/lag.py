@@ -11,6 +11,7 @@ poller (the edge's admission control, the batch lane's flow control) pays two ro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterable
 
@@ -52,9 +53,10 @@ class LagReader:
         tps = await self._tps({t for names in groups.values() for t in names})
         ends = await self._consumer.end_offsets(tps)
         out: dict[tuple[str, TopicPartition], tuple[int, int]] = {}
-        for group, names in groups.items():
-            mine = [tp for tp in tps if tp.topic in names]
-            committed = await self._admin.list_consumer_group_offsets(group, partitions=mine)
+        mine_by = {group: [tp for tp in tps if tp.topic in names] for group, names in groups.items()}
+        # one request per group, concurrently (each goes to its group's coordinator)
+        answers = await asyncio.gather(*(self._admin.list_consumer_group_offsets(group, partitions=mine) for group, mine in mine_by.items()))
+        for (group, mine), committed in zip(mine_by.items(), answers, strict=True):
             for tp in mine:
                 meta = committed.get(tp)
                 out[(group, tp)] = (meta.offset if meta is not None and meta.offset >= 0 else 0, ends[tp])

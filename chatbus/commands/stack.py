@@ -17,13 +17,24 @@ def stack() -> None:
     """Start and stop the local stack (Kafka, FerretDB, workers, edge) without Docker."""
 
 
-@stack.command("up")
-@click.option("--ingest-default/--no-ingest-default", default=True, help="Ingest the default corpus if the knowledge base is empty.")
-def stack_up(ingest_default: bool) -> None:
-    """Start everything in the background; return once /readyz is 200."""
-    from chatbus.stack import Stack
+CLUSTER_HELP = "The local cluster: three KRaft nodes (replication 3, min ISR 2), two edges, two replicas of each worker (state in <state>/cluster)."
+
+
+def _settings(cluster: bool) -> Settings:
+    from chatbus.stack import cluster_settings
 
     settings = get_settings()
+    return cluster_settings(settings) if cluster else settings
+
+
+@stack.command("up")
+@click.option("--ingest-default/--no-ingest-default", default=True, help="Ingest the default corpus if the knowledge base is empty.")
+@click.option("--cluster", is_flag=True, help=CLUSTER_HELP)
+def stack_up(ingest_default: bool, cluster: bool) -> None:
+    """Start everything in the background; return once every edge's /readyz is 200."""
+    from chatbus.stack import Stack
+
+    settings = _settings(cluster)
     setup_logging(settings.log_level)
     s = Stack(settings)
     s.up()
@@ -31,32 +42,34 @@ def stack_up(ingest_default: bool) -> None:
         s.start_keeper()
     if ingest_default:
         _ingest_default(settings)
-    click.echo(f"chatbus is up: {s.edge_url}/v1 (model {settings.model_name}); logs in {s.paths.logs}")
+    click.echo(f"chatbus is up: {', '.join(u + '/v1' for u in s.edge_urls)} (model {settings.model_name}); logs in {s.paths.logs}")
 
 
 @stack.command("down")
-def stack_down() -> None:
+@click.option("--cluster", is_flag=True, help="The local cluster's processes (`up --cluster`).")
+def stack_down(cluster: bool) -> None:
     """Stop every process this stack started (and nothing else)."""
     from chatbus.stack import Stack
 
-    settings = get_settings()
+    settings = _settings(cluster)
     setup_logging(settings.log_level)
     stopped = Stack(settings).down()
     click.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 
 @stack.command("run")
-def stack_run() -> None:
+@click.option("--cluster", is_flag=True, help=CLUSTER_HELP)
+def stack_run(cluster: bool) -> None:
     """Start everything in the foreground; Ctrl-C stops all of it."""
     from chatbus.stack import Stack
 
-    settings = get_settings()
+    settings = _settings(cluster)
     setup_logging(settings.log_level)
     s = Stack(settings)
     try:
         s.up()
         _ingest_default(settings)
-        click.echo(f"chatbus is running: {s.edge_url}/v1 — Ctrl-C stops everything")
+        click.echo(f"chatbus is running: {', '.join(u + '/v1' for u in s.edge_urls)} — Ctrl-C stops everything")
         # Explicit handlers: a process started in the background inherits SIGINT ignored.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _interrupt)
@@ -90,17 +103,18 @@ def stack_keep() -> None:
 
 
 @stack.command("status")
-def stack_status() -> None:
+@click.option("--cluster", is_flag=True, help="The local cluster's processes (`up --cluster`).")
+def stack_status(cluster: bool) -> None:
     """Which services run (pid, and each worker's metrics address) and which do not."""
-    from chatbus.stack import WORKERS, Stack
+    from chatbus.stack import WORKERS, Stack, kind_of
 
-    stack = Stack(get_settings())
+    stack = Stack(_settings(cluster))
     for name, pid in stack.status().items():
-        port = stack.metrics_port(name) if name in WORKERS and pid else None
+        port = stack.metrics_port(name) if kind_of(name) in WORKERS and pid else None
         metrics = f"  metrics http://{stack.settings.metrics_host}:{port}/metrics" if port else ""
-        click.echo(f"{name:10s} {f'running (pid {pid})' if pid else 'stopped'}{metrics}")
+        click.echo(f"{name:12s} {f'running (pid {pid})' if pid else 'stopped'}{metrics}")
     keeper = stack.running("keeper")
-    click.echo(f"{'keeper':10s} {f'running (pid {keeper}): restarts crashed services' if keeper else 'off (crashed services stay down)'}")
+    click.echo(f"{'keeper':12s} {f'running (pid {keeper}): restarts crashed services' if keeper else 'off (crashed services stay down)'}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

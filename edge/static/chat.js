@@ -630,6 +630,8 @@
     }
     if (!r.ok) return finishTurn(turn, await errorFrom(r));
     turn.id = r.headers.get("X-Correlation-Id");
+    // resumable even if the connection drops before the first event arrives
+    turn.lastId = r.headers.get("X-Resume-Event-Id") || turn.lastId;
     refreshExchange(turn);
     await streamTurn(turn, r);
   }

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from chatbus.stack import Stack, StackError, free_port, pid_alive, proc_start_time, read_pidfile
+from chatbus.infra import kafka_data_dir, kafka_nodes, kafka_properties
+from chatbus.stack import Stack, StackError, cluster_settings, free_port, kind_of, pid_alive, proc_start_time, read_pidfile, replica_name
 from core.config import Settings
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -269,8 +270,70 @@ def test_failed_up_stops_what_it_started_and_only_that(stack: Stack, monkeypatch
 
 def test_up_that_is_never_ready_stops_what_it_started(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stack, "start_worker", lambda kind: stack.spawn(kind, SLEEP))
-    monkeypatch.setattr(stack, "start_edge", lambda: stack.spawn("edge", [sys.executable, "-c", "raise SystemExit(3)"]))
+    monkeypatch.setattr(stack, "start_edge", lambda name="edge": stack.spawn(name, [sys.executable, "-c", "raise SystemExit(3)"]))
     with pytest.raises(StackError, match="edge exited"):  # it is a zombie until reaped: that counts as exited
         stack.up(services=("recorder", "edge"), wait=True)
     assert stack.status() == dict.fromkeys(stack.status())
     assert not any(stack.paths.pids.glob("*.pid"))
+
+
+def test_the_cluster_layout_names_every_node_and_replica(settings: Settings) -> None:
+    cluster = Stack(cluster_settings(settings))
+    host, port = settings.kafka_bootstrap.split(":")
+    assert cluster.settings.kafka_bootstrap == f"{host}:{port},{host}:{int(port) + 100},{host}:{int(port) + 200}"
+    assert cluster.settings.kafka_replication_factor == 3 and cluster.settings.min_insync_replicas == 2
+    assert cluster.settings.state_dir == settings.state_dir / "cluster"
+    assert cluster.serves_milvus and cluster.settings.milvus_uri == f"http://{host}:19530"
+    assert cluster.services == (
+        "kafka", "kafka-2", "kafka-3", "ferretdb", "milvus",
+        "safety", "safety-2", "retrieval", "retrieval-2", "inference", "inference-2",
+        "recorder", "recorder-2", "batches", "batches-2", "feedback", "feedback-2",
+        "edge", "edge-2",
+    )  # fmt: skip
+    assert [kind_of(n) for n in ("kafka-3", "inference-2", "edge", "ferretdb")] == ["kafka", "inference", "edge", "ferretdb"]
+    assert replica_name("edge", 1) == "edge" and replica_name("edge", 2) == "edge-2"
+    assert cluster.edge_urls == [f"http://127.0.0.1:{settings.edge_port}", f"http://127.0.0.1:{settings.edge_port + 1}"]
+    # the single-node default is unchanged: one of each, no milvus server, RF 1 and min ISR 1
+    single = Stack(settings)
+    assert single.services == ("kafka", "ferretdb", "safety", "retrieval", "inference", "recorder", "batches", "feedback", "edge")
+    assert not single.serves_milvus and settings.min_insync_replicas == 1
+
+
+def test_each_kafka_node_of_a_cluster_votes_with_the_others_and_keeps_its_own_log(settings: Settings) -> None:
+    cs = cluster_settings(settings)
+    nodes = kafka_nodes(cs)
+    assert [(n.service, n.node_id) for n in nodes] == [("kafka", 1), ("kafka-2", 2), ("kafka-3", 3)]
+    assert [n.controller_port for n in nodes] == [settings.kafka_controller_port + 100 * i for i in range(3)]
+    dirs = {kafka_data_dir(cs, n, 3) for n in nodes}
+    assert len(dirs) == 3 and kafka_data_dir(settings, kafka_nodes(settings)[0], 1) == settings.state_dir / "kafka"
+    props = dict(line.split("=", 1) for line in kafka_properties(cs, nodes[1], nodes, Path("/x")).splitlines() if line)
+    assert props["node.id"] == "2"
+    assert props["controller.quorum.voters"] == ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in nodes)
+    assert props["listeners"] == f"PLAINTEXT://127.0.0.1:{nodes[1].port},CONTROLLER://127.0.0.1:{nodes[1].controller_port}"
+    assert props["offsets.topic.replication.factor"] == "3" and props["transaction.state.log.min.isr"] == "2"
+    single = dict(line.split("=", 1) for line in kafka_properties(settings, kafka_nodes(settings)[0], kafka_nodes(settings), Path("/x")).splitlines() if line)
+    assert single["offsets.topic.replication.factor"] == "1" and single["controller.quorum.voters"].count("@") == 1
+
+
+def test_a_second_edge_gets_its_own_port_reply_partition_and_id(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, dict[str, str]] = {}
+
+    def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+        seen[name] = env or {}
+        return 0
+
+    monkeypatch.setattr(stack, "spawn", spawn)
+    stack.start_edge("edge")
+    stack.start_edge("edge-2")
+    port = stack.settings.edge_port
+    assert seen["edge"]["CHATBUS_EDGE_PORT"] == str(port) and seen["edge"]["CHATBUS_REPLY_PARTITION"] == "0"
+    assert seen["edge-2"]["CHATBUS_EDGE_PORT"] == str(port + 1)
+    assert seen["edge-2"]["CHATBUS_REPLY_PARTITION"] == "1" and seen["edge-2"]["CHATBUS_EDGE_ID"] == "edge-1"
+
+
+def test_down_stops_the_replicas_of_a_layout_started_with_other_settings(stack: Stack) -> None:
+    """``down`` stops every pid file of the state dir, e.g. an ``inference-2`` a cluster run left."""
+    pid = stack.spawn("inference-2", SLEEP)
+    assert "inference-2" not in stack.services
+    assert "inference-2" in stack.down()
+    wait_for(lambda: not pid_alive(pid))
