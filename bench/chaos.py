@@ -1,27 +1,26 @@
-"""Faults under steady traffic on the local (single-broker) stack: turns admitted, completed, lost and
+"""Faults under steady traffic on a local stack of its own: turns admitted, completed, lost and
 duplicated, client-visible errors and the longest stall, one fault at a time.
 
-Starts a stack of its own on free loopback ports (Kafka, FerretDB, safety, retrieval, recorder, two edges)
-with an inference worker on a scripted OpenAI-compatible upstream (``tests/upstream.py``: the answer is
-known word for word, so a lost or repeated character is seen), and the keeper (:mod:`chatbus.keeper`)::
+The inference workers run on a scripted OpenAI-compatible upstream (``tests/upstream.py``: the answer is
+known word for word, so a lost or repeated character is seen); the keeper (:mod:`chatbus.keeper`) restarts
+what crashes. Two layouts, on free loopback ports::
 
-    .venv/bin/python bench/chaos.py [--clients 4] [--words 60] [--pace-ms 20]
+    .venv/bin/python bench/chaos.py [--clients 4] [--words 60] [--pace-ms 20]            # single broker
+    .venv/bin/python bench/chaos.py --cluster                                             # 3 brokers
 
-Each phase runs the clients for a while, injects one fault, and waits for the stack to recover:
+* single broker (Kafka, FerretDB, one of each worker, two edges): SIGKILL the inference worker; SIGKILL
+  edge 1 (its clients resume on edge 0); stop FerretDB for 30 s; SIGSTOP the broker for 60 s.
+* ``--cluster`` (three KRaft nodes, RF 3, min ISR 2, two edges, two replicas of each worker, milvus-lite's
+  server): SIGKILL the node leading the edges' reply partitions; SIGKILL one replica of each worker kind;
+  SIGKILL edge 2; stop FerretDB for 30 s; SIGSTOP the leading node for 60 s.
 
-* ``worker``: SIGKILL the inference worker (the keeper restarts it);
-* ``edge``: SIGKILL edge 1 (its clients resume on edge 0 with ``Last-Event-ID``);
-* ``database``: stop FerretDB for 30 s;
-* ``broker``: SIGSTOP the broker for 60 s.
+A client streams a turn, resumes it on the other edge when its stream breaks or drains (from the 200's
+``X-Resume-Event-Id`` if no event came), and retries a refused turn (429/503) after ``Retry-After``. Per
+phase: turns *admitted* (a 200), *completed* (the whole expected answer, once), *lost* (admitted, never
+completed), *duplicated* (text repeated or out of order), client-visible *errors* (refusals and broken
+streams, by kind) and the longest *stall* (seconds without a byte on a stream).
 
-A client streams a turn, resumes it on the other edge when its stream breaks or drains, and retries a
-refused turn (429/503) after ``Retry-After``. Per phase: turns *admitted* (a 200), *completed* (the
-whole expected answer, once), *lost* (admitted, never completed), *duplicated* (text repeated or out of
-order), client-visible *errors* (refusals and broken streams, by kind) and the longest *stall* (seconds
-without a byte on a stream). A single broker has no replica to fail over to: the 3-broker cluster run
-the issue asks for is not built yet.
-
-Writes ``bench/results/chaos.json`` and ``.md``.
+Writes ``bench/results/chaos.json`` and ``.md`` (``chaos-cluster.*`` with ``--cluster``).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,13 +174,30 @@ async def run_phase(edges: list[str], phase: Phase, fault: Any, args: argparse.N
     await traffic
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--words", type=int, default=60)
-    ap.add_argument("--pace-ms", type=float, default=20.0)
-    ap.add_argument("--phase-s", type=float, default=90.0, help="traffic per phase (the fault comes 10 s in)")
-    args = ap.parse_args()
+async def leader_of_streams(settings: Settings, partitions: int) -> int:
+    """The node leading most of ``chat.replies``' first ``partitions`` partitions (the edges' reply
+    partitions: every token event of every stream goes there)."""
+    from topics.clients import make_admin
+    from topics.registry import CHAT_REPLIES, topic
+
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        [desc] = await admin.describe_topics([topic(CHAT_REPLIES, settings.topic_prefix)])
+    finally:
+        await admin.close()
+    leaders = collections.Counter(p["leader"] for p in desc["partitions"] if p["partition"] < partitions)
+    return int(leaders.most_common(1)[0][0])
+
+
+def keep(keeper: Keeper, stop: threading.Event) -> None:
+    while not stop.is_set():
+        keeper.check()
+        time.sleep(0.5)
+
+
+def run_single(args: argparse.Namespace, up: Upstream) -> list[dict[str, Any]]:
+    """One broker, one of each worker, two edges (the second outside the keeper: it stays dead)."""
     state = Path(tempfile.mkdtemp(prefix="chatbus-bench-chaos-"))
     settings = Settings(
         state_dir=state,
@@ -195,70 +212,155 @@ def main() -> None:
     )
     stack = Stack(settings)
     rows: list[dict[str, Any]] = []
+    stack.up(("kafka", "ferretdb", "safety", "retrieval", "recorder", "edge"), wait=False)
+    spawn_scripted_inference(stack, up, MODEL, output_rail=False)
+    original_start = stack.start
+    stack.start = lambda name: spawn_scripted_inference(stack, up, MODEL, output_rail=False) if name == "inference" else original_start(name)  # type: ignore[method-assign,assignment]
+    env = stack.env()
+    port = free_port()
+    env.update({"CHATBUS_EDGE_PORT": str(port), "CHATBUS_REPLY_PARTITION": "1", "CHATBUS_EDGE_ID": "edge-1"})
+    edge1_log = open(stack.paths.logs / "edge-1.log", "ab")
+    edge1 = subprocess.Popen([sys.executable, "-m", "chatbus.cli", "edge"], env=env, cwd=ROOT, stdout=edge1_log, stderr=subprocess.STDOUT)
+    edges = [stack.edge_url, f"http://127.0.0.1:{port}"]
+    keeper = Keeper(stack, services=["safety", "retrieval", "inference", "recorder"], base_s=0.5)
+    stop_keeper = threading.Event()
+    threading.Thread(target=keep, args=(keeper, stop_keeper), daemon=True).start()
+    try:
+        stack.wait_ready()
+        time.sleep(2)
+
+        def worker() -> None:
+            pid = stack.running("inference")
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+
+        def edge() -> None:
+            edge1.kill()
+
+        def database() -> None:
+            stack.stop("ferretdb")
+            time.sleep(30)
+            stack.start_ferretdb()
+
+        def broker() -> None:
+            pid = stack.running("kafka")
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(60)
+            os.kill(pid, signal.SIGCONT)
+
+        for name, fault in (("worker", worker), ("edge", edge), ("database", database), ("broker", broker)):
+            phase = Phase(name)
+            asyncio.run(run_phase(edges, phase, fault, args))
+            rows.append(phase.row())
+            print(json.dumps(phase.row()), flush=True)
+            if name == "edge":
+                edges = edges[:1]
+            stack.wait_ready(timeout_s=300)
+    finally:
+        stop_keeper.set()
+        if edge1.poll() is None:
+            edge1.terminate()
+        edge1_log.close()
+        stack.down()
+    return rows
+
+
+def run_cluster(args: argparse.Namespace, up: Upstream) -> list[dict[str, Any]]:
+    """Three KRaft nodes (RF 3, min ISR 2), two edges and two replicas of each worker, all under the keeper."""
+    from chatbus.infra import kafka_nodes
+    from tests.conftest import cluster_stack_settings
+
+    settings = cluster_stack_settings(
+        Path(tempfile.mkdtemp(prefix="chatbus-bench-chaos-cluster-")), replicas=2, model="tiny", served_model_name=MODEL, output_rail=False, resume_grace_s=30
+    )
+    stack = Stack(settings)
+    rows: list[dict[str, Any]] = []
+    stack.up(("kafka", "ferretdb", "milvus", "safety", "retrieval", "recorder", "edge"), wait=False)
+    for name in ("inference", "inference-2"):
+        spawn_scripted_inference(stack, up, MODEL, name=name, output_rail=False)
+    original_start = stack.start
+
+    def start(name: str) -> None:
+        if name.startswith("inference"):
+            spawn_scripted_inference(stack, up, MODEL, name=name, output_rail=False)
+        else:
+            original_start(name)
+
+    stack.start = start  # type: ignore[method-assign]
+    keeper = Keeper(stack, base_s=0.5)  # every service: brokers, workers and edges come back
+    stop_keeper = threading.Event()
+    threading.Thread(target=keep, args=(keeper, stop_keeper), daemon=True).start()
+    edges = stack.edge_urls
+    service_of = {n.node_id: n.service for n in kafka_nodes(settings)}
+
+    def crash(name: str) -> None:
+        """SIGKILL, leaving the pid file (``stack.kill`` would mark it stopped on purpose): the keeper restarts it."""
+        pid = stack.running(name)
+        if pid:
+            os.killpg(pid, signal.SIGKILL)
+
+    try:
+        stack.wait_ready()
+        time.sleep(2)
+
+        def leader() -> None:
+            victim = service_of[asyncio.run(leader_of_streams(settings, len(edges)))]
+            print(f"killing {victim}, leader of the reply partitions", flush=True)
+            crash(victim)
+
+        def replicas() -> None:
+            for name in ("safety-2", "retrieval-2", "inference-2", "recorder-2"):
+                crash(name)
+
+        def edge() -> None:
+            crash("edge-2")
+
+        def database() -> None:
+            stack.stop("ferretdb")
+            time.sleep(30)
+            stack.start_ferretdb()
+
+        def broker() -> None:
+            victim = service_of[asyncio.run(leader_of_streams(settings, len(edges)))]
+            pid = stack.running(victim)
+            assert pid is not None
+            print(f"pausing {victim}, leader of the reply partitions", flush=True)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(60)
+            os.kill(pid, signal.SIGCONT)
+
+        faults: list[tuple[str, Callable[[], None]]] = [("leader broker killed", leader), ("one replica of each worker killed", replicas)]
+        faults += [("edge killed", edge), ("database stopped 30 s", database), ("leader broker paused 60 s", broker)]
+        for name, fault in faults:
+            phase = Phase(name)
+            asyncio.run(run_phase(edges, phase, fault, args))
+            rows.append(phase.row())
+            print(json.dumps(phase.row()), flush=True)
+            stack.wait_ready(timeout_s=300)
+    finally:
+        stop_keeper.set()
+        stack.down()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--words", type=int, default=60)
+    ap.add_argument("--pace-ms", type=float, default=20.0)
+    ap.add_argument("--phase-s", type=float, default=90.0, help="traffic per phase (the fault comes 10 s in)")
+    ap.add_argument("--cluster", action="store_true", help="three brokers, two edges, two replicas of each worker")
+    args = ap.parse_args()
     with Upstream(lambda prompt: expected(args.words), pace_s=args.pace_ms / 1000) as up:
-        stack.up(("kafka", "ferretdb", "safety", "retrieval", "recorder", "edge"), wait=False)
-        spawn_scripted_inference(stack, up, MODEL, output_rail=False)
-        original_start = stack.start
-        stack.start = lambda name: spawn_scripted_inference(stack, up, MODEL, output_rail=False) if name == "inference" else original_start(name)  # type: ignore[method-assign]
-        env = stack.env()
-        port = free_port()
-        env.update({"CHATBUS_EDGE_PORT": str(port), "CHATBUS_REPLY_PARTITION": "1", "CHATBUS_EDGE_ID": "edge-1"})
-        edge1_log = open(stack.paths.logs / "edge-1.log", "ab")
-        edge1 = subprocess.Popen([sys.executable, "-m", "chatbus.cli", "edge"], env=env, cwd=ROOT, stdout=edge1_log, stderr=subprocess.STDOUT)
-        edges = [stack.edge_url, f"http://127.0.0.1:{port}"]
-        keeper = Keeper(stack, services=["safety", "retrieval", "inference", "recorder"], base_s=0.5)
-        stop_keeper = threading.Event()
-
-        def keep() -> None:
-            while not stop_keeper.is_set():
-                keeper.check()
-                time.sleep(0.5)
-
-        threading.Thread(target=keep, daemon=True).start()
-        try:
-            stack.wait_ready()
-            time.sleep(2)
-
-            def worker() -> None:
-                pid = stack.running("inference")
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-
-            def edge() -> None:
-                edge1.kill()
-
-            def database() -> None:
-                stack.stop("ferretdb")
-                time.sleep(30)
-                stack.start_ferretdb()
-
-            def broker() -> None:
-                pid = stack.running("kafka")
-                assert pid is not None
-                os.kill(pid, signal.SIGSTOP)
-                time.sleep(60)
-                os.kill(pid, signal.SIGCONT)
-
-            for name, fault in (("worker", worker), ("edge", edge), ("database", database), ("broker", broker)):
-                phase = Phase(name)
-
-                asyncio.run(run_phase(edges, phase, fault, args))
-                rows.append(phase.row())
-                print(json.dumps(phase.row()), flush=True)
-                if name == "edge":
-                    edges = edges[:1]
-                stack.wait_ready(timeout_s=300)
-        finally:
-            stop_keeper.set()
-            if edge1.poll() is None:
-                edge1.terminate()
-            edge1_log.close()
-            stack.down()
+        rows = run_cluster(args, up) if args.cluster else run_single(args, up)
     OUT.mkdir(parents=True, exist_ok=True)
-    report = {"clients": args.clients, "words": args.words, "pace_ms": args.pace_ms, "phase_s": args.phase_s, "rows": rows}
-    (OUT / "chaos.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = "chaos-cluster" if args.cluster else "chaos"
+    layout = "3 KRaft brokers (RF 3, min ISR 2), 2 edges, 2 replicas of each worker" if args.cluster else "single broker, 2 edges"
+    report = {"layout": layout, "clients": args.clients, "words": args.words, "pace_ms": args.pace_ms, "phase_s": args.phase_s, "rows": rows}
+    (OUT / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        f"Faults under steady traffic ({args.clients} clients, {args.words}-word answers at {args.pace_ms:g} ms a word, {args.phase_s:g} s a phase), single broker:",
+        f"Faults under steady traffic ({args.clients} clients, {args.words}-word answers at {args.pace_ms:g} ms a word, {args.phase_s:g} s a phase), {layout}:",
         "",
         "| fault | admitted | completed | lost | duplicated | client-visible errors | longest stall (s) |",
         "|---|---|---|---|---|---|---|",
@@ -266,7 +368,7 @@ def main() -> None:
     for r in rows:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none"
         lines.append(f"| {r['fault']} | {r['admitted']} | {r['completed']} | {r['lost']} | {r['duplicated']} | {errors} | {r['longest_stall_s']} |")
-    (OUT / "chaos.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
