@@ -211,7 +211,12 @@ class BatchService:
         await self.store.set_status(batch_id, "cancelling", only_from=("validating", "in_progress"))
         await self.bus.cancelled(batch_id, reason)
         await self.store.maybe_finalize(batch_id)
-        return await self.get(batch_id)
+        batch = await self.get(batch_id)
+        if batch["status"] in ("validating", "in_progress"):
+            # FerretDB v1 can write the old status back with a concurrent counter update (BatchStore.set_status)
+            await self.store.set_status(batch_id, "cancelling", only_from=("validating", "in_progress"))
+            batch = await self.get(batch_id)
+        return batch
 
     async def wait(self, batch_id: str, *, timeout_s: float | None = None, progress: bool = False, poll_s: float = 1.0) -> dict[str, Any]:
         """Poll until the batch is completed, failed, cancelled or expired; returns the batch object."""

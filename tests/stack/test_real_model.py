@@ -34,7 +34,7 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "How do I write JSON to a file in Python?": (r"json\.dump\(",),
     "How can I read a text file one line at a time?": (r"for \w+ in \w+", r"\.readline\(", r"\.readlines\("),
     "How do I catch a ZeroDivisionError?": (r"except\s+ZeroDivisionError",),
-    "How do I make a virtual environment for my project?": (r"-m venv",),
+    "How do I make a virtual environment for my project?": (r"-m venv", r"venv\.create\("),
     "How do I remove an item from a list by its index?": (r"\bdel\s+\w+\[", r"\.pop\("),
 }
 TEMPLATE_TOKENS = re.compile(r"<\|[a-z_]+\|>|<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>")
