@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import httpx
 import orjson
 import uvicorn
 from starlette.applications import Starlette
@@ -86,3 +88,21 @@ def spawn_scripted_inference(stack: Stack, upstream: Upstream, served_name: str,
     env.update({"CHATBUS_ENGINE": "openai", "CHATBUS_OPENAI_BASE_URL": upstream.url, "CHATBUS_MODEL": "scripted", "CHATBUS_SERVED_MODEL_NAME": served_name})
     env.update({f"CHATBUS_{k.upper()}": str(v) for k, v in env_settings.items()})
     return stack.spawn(name, [sys.executable, "-m", "chatbus.cli", "worker", "inference"], env)
+
+
+async def stream_turn(url: str, body: dict[str, Any], chunks: list[dict[str, Any]]) -> bool:
+    """POST a streamed chat turn ``body`` to the edge at ``url``, appending its chunks to ``chunks`` (the
+    caller reads them while it streams); True once ``[DONE]`` arrived."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=150)) as http, http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                if line[5:].strip() == "[DONE]":
+                    return True
+                chunks.append(orjson.loads(line[5:]))
+    return False
+
+
+def text_of(chunks: list[dict[str, Any]]) -> str:
+    """The streamed text of ``chunks`` (their ``delta.content`` in order)."""
+    return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))

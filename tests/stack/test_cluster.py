@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -25,7 +24,7 @@ from chatbus.infra import kafka_nodes
 from chatbus.stack import Stack
 from core.config import Settings
 from tests.conftest import cluster_stack_settings, eventually, read_topic, running_stack
-from tests.upstream import Upstream, spawn_scripted_inference
+from tests.upstream import Upstream, spawn_scripted_inference, stream_turn, text_of
 from topics.clients import make_admin
 from topics.registry import CHAT_REPLIES, CHAT_REQUESTS, topic
 
@@ -94,21 +93,6 @@ def prompt(template: str) -> str:
     return template.format(random.randint(10_000, 99_999_999))
 
 
-async def stream_turn(url: str, content: str, chunks: list[dict[str, Any]]) -> bool:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=150)) as http, http.stream("POST", f"{url}/v1/chat/completions", json=body(content, True)) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if line.startswith("data:"):
-                if line[5:].strip() == "[DONE]":
-                    return True
-                chunks.append(orjson.loads(line[5:]))
-    return False
-
-
-def text_of(chunks: list[dict[str, Any]]) -> str:
-    return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
-
-
 async def test_the_registry_topics_have_three_replicas_and_a_min_isr_of_two(cluster: tuple[Stack, Settings, Upstream]) -> None:
     stack, settings, _ = cluster
     for name in (CHAT_REQUESTS, CHAT_REPLIES):
@@ -127,7 +111,7 @@ async def test_killing_the_leader_of_a_streaming_turn_loses_and_repeats_nothing(
     content = prompt("Tell me a long story about the sea, take {}.")
     marker = content[-12:]
     chunks: list[dict[str, Any]] = []
-    streaming = asyncio.create_task(stream_turn(url, content, chunks))
+    streaming = asyncio.create_task(stream_turn(url, body(content, True), chunks))
     await eventually(lambda: asyncio.sleep(0, len(text_of(chunks)) > 60), 60, "the first words of the stream")
 
     # the node leading the reply partition this edge reads: every token event of the turn goes to it

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from chatbus.stack import Stack
 from core.config import Settings
 from tests.conftest import eventually, read_topic, running_stack, stack_settings
-from tests.upstream import Upstream, spawn_scripted_inference
+from tests.upstream import Upstream, spawn_scripted_inference, stream_turn, text_of
 
 pytestmark = pytest.mark.stack
 
@@ -68,22 +67,6 @@ def body(content: str, stream: bool) -> dict[str, Any]:
     return {"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": content}], "max_tokens": 400}
 
 
-async def stream_turn(url: str, content: str, chunks: list[dict[str, Any]]) -> bool:
-    """Stream one turn into ``chunks``; True once ``[DONE]`` arrived."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=150)) as http, http.stream("POST", f"{url}/v1/chat/completions", json=body(content, True)) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if line.startswith("data:"):
-                if line[5:].strip() == "[DONE]":
-                    return True
-                chunks.append(orjson.loads(line[5:]))
-    return False
-
-
-def text_of(chunks: list[dict[str, Any]]) -> str:
-    return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
-
-
 def ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
@@ -107,7 +90,7 @@ async def test_a_broker_outage_mid_stream_loses_no_turn_and_new_turns_get_a_fast
     content = prompt("Tell me a long story about the sea, take {}.")
     marker = content[-12:]
     chunks: list[dict[str, Any]] = []
-    streaming = asyncio.create_task(stream_turn(url, content, chunks))
+    streaming = asyncio.create_task(stream_turn(url, body(content, True), chunks))
     await eventually(lambda: asyncio.sleep(0, len(text_of(chunks)) > 60), 60, "the first words of the stream")
 
     broker = stack.running("kafka")
