@@ -6,8 +6,9 @@ artefact's vocabulary of character n-grams (3-5 characters within word boundarie
 normalised: scikit-learn's ``TfidfVectorizer(analyzer="char_wb")``, rebuilt from the stored vocabulary and
 idf), a ~0.3 ms transform. A head whose ``v`` is zero (the ``answer`` head) uses the embedding alone, and a
 call without the text scores the embedding part only. The n-grams see the words themselves, which a
-sentence embedding blurs into their topic: with them the harm head's held-out recall rose from 0.74 to
-0.86 at the same benign false-positive rate (``safety_workers.training``). Heads:
+sentence embedding blurs into their topic: in a comparison on the same training data, the harm head's
+recall on the HarmBench / Do-Not-Answer test prompts at 1 % dev FPR rose from 0.69 (embedding alone) to
+0.86 with them. Heads:
 
 * ``harm`` — a plainly harmful request (HarmBench behaviours; Do-Not-Answer's malicious uses,
   hateful/toxic and information-hazard questions) against ordinary requests and over-refusal traps;
@@ -90,11 +91,12 @@ class InputClassifier:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**self.meta, "version": self.version, "heads": list(self.heads), "thresholds": self.thresholds}
-        arrays: dict[str, np.ndarray] = {"weights": self.weights.astype(np.float32), "bias": self.bias.astype(np.float32)}
+        arrays: dict[str, Any] = {"weights": self.weights.astype(np.float32), "bias": self.bias.astype(np.float32)}
         if self.vocabulary and self.idf is not None and self.text_weights is not None:
             arrays.update(vocabulary=np.array(self.vocabulary), idf=self.idf.astype(np.float32), text_weights=self.text_weights.astype(np.float32))
         with path.open("wb") as f:
-            np.savez_compressed(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+            arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+            np.savez_compressed(f, **arrays)
 
 
 def load_classifier(path: str | Path | None = None) -> InputClassifier | None:
