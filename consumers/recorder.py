@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import ConsumerRecord
@@ -40,6 +40,7 @@ from consumers.review import ReviewLog
 from consumers.stage import RetryLater, StageWorker
 from core.config import Settings
 from core.pii import mask_pii
+from core.usage import TokenPrice, cost_usd
 from producers.bus import Outgoing
 from schemas.documents import CONVERSATIONS, ID, TURNS, VERDICTS, AnswerDoc, Conversation, ConversationDoc, MessageDoc, RetrievalDoc, Turn, TurnDoc
 from schemas.events import (
@@ -65,8 +66,9 @@ def masked_messages(messages: Sequence[ChatMessage]) -> list[MessageDoc]:
     return [MessageDoc(role=m.role, content=mask_pii(m.content)[0]) for m in messages]
 
 
-def turn_updates(event: AnyEvent) -> TurnDoc | None:
-    """The ``$set`` fields an event contributes to its turn document (None: nothing to record)."""
+def turn_updates(event: AnyEvent, prices: Mapping[str, TokenPrice] | None = None) -> TurnDoc | None:
+    """The ``$set`` fields an event contributes to its turn document (None: nothing to record); an answer's
+    cost is priced by ``prices`` (:func:`core.usage.cost_usd`)."""
     if isinstance(event, ChatTurnRequest):
         doc = TurnDoc(
             conversation_id=event.conversation_id,
@@ -99,6 +101,7 @@ def turn_updates(event: AnyEvent) -> TurnDoc | None:
                 finish_reason=event.finish_reason,
                 model=event.model,
                 usage=event.usage.model_dump(),
+                cost_usd=cost_usd(event.model, event.usage.prompt_tokens, event.usage.completion_tokens, prices or {}),
                 attempt=event.attempt,
                 error=event.error,
                 citations=[c.model_dump() for c in event.citations],
@@ -136,7 +139,7 @@ class Recorder:
         for event in events:
             if isinstance(event, TokenEvent):
                 continue
-            fields = turn_updates(event)
+            fields = turn_updates(event, self.settings.prices)
             if fields is None:
                 continue
             for name, more in self.operations(event, str(event.correlation_id), fields).items():  # type: ignore[union-attr]

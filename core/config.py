@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
+from pydantic_core import to_json
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.usage import TokenPrice
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,6 +123,11 @@ class Settings(BaseSettings):
     vllm_speculative_config: str | None = None  # JSON, passed to vLLM's speculative_config
     vllm_gpu_memory_utilization: float = 0.85
 
+    # --- usage and cost (core/usage.py) ------------------------------------------------------------
+    # USD per million tokens per served model name, JSON: {"qwen2.5-coder-0.5b-instruct": {"prompt": 0.05,
+    # "completion": 0.1}}; the recorder stores each answer's cost; GET /v1/usage sums it
+    prices: dict[str, TokenPrice] = Field(default_factory=dict)
+
     # --- batch jobs ------------------------------------------------------------------------------------
     max_batch_file_bytes: int = 200 * 1024 * 1024  # as OpenAI's Batch API
     max_batch_lines: int = 50_000  # as OpenAI's Batch API
@@ -183,6 +191,8 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            elif isinstance(value, dict | list):  # complex fields: pydantic-settings reads them as JSON
+                value = to_json(value).decode()
             key = field.validation_alias if isinstance(field.validation_alias, str) else f"CHATBUS_{name.upper()}"
             env[key] = str(value)
         return env

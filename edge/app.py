@@ -8,6 +8,7 @@
 * :mod:`edge.conversation_api` — ``GET /v1/conversations[/{id}]`` and ``GET /dashboard.json``;
 * :mod:`edge.feedback` — ``POST /v1/feedback`` (published to ``chat.feedback``);
 * :mod:`edge.embeddings_api` — ``POST /v1/embeddings`` (the knowledge base's embedding model, on the edge);
+* :mod:`edge.usage_api` — ``GET /v1/usage`` (tokens, requests and cost per day, model and key);
 * :mod:`edge.review` — the safety review queue: ``GET /v1/review``, ``POST /v1/review/decisions``, ``/review``;
 * :mod:`edge.batch_api` — OpenAI's Files and Batch APIs (:mod:`batches.service`);
 * :mod:`edge.ops` — ``GET /v1/models``, the pages (``/``, ``/dashboard``, ``/live``), ``/live.json``,
@@ -41,7 +42,7 @@ from starlette.responses import Response
 from batches.service import BatchService
 from batches.store import BatchStore
 from core.config import Settings, get_settings
-from edge import batch_api, chat, conversation_api, embeddings_api, feedback, ops, review
+from edge import batch_api, chat, conversation_api, embeddings_api, feedback, ops, review, usage_api
 from edge.admission import LoadMonitor
 from edge.conversations import ConversationStore
 from edge.errors import EXCEPTION_HANDLERS, internal_error
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *conversation_api.ROUTES,
             *feedback.ROUTES,
             *embeddings_api.ROUTES,
+            *usage_api.ROUTES,
             *review.ROUTES,
             *ops.MODEL_ROUTES,
             *batch_api.ROUTES,

@@ -61,12 +61,17 @@ def authorized(authorization: str, keys: list[str]) -> bool:
 
 
 class RequireAPIKey:
-    """ASGI middleware: a 401 unless the request carries one of ``app.state.api_keys``."""
+    """ASGI middleware: a 401 unless the request carries one of ``app.state.api_keys`` (or, with
+    ``operators``, an operator key: the request then has no owner and sees every key's data)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, operators: bool = False) -> None:
         self.app = app
+        self.operators = operators
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.operators and scope["app"].state.operator_keys and is_operator(Request(scope)):
+            await self.app(scope, receive, send)
+            return
         if scope["type"] == "http":
             keys: list[str] = scope["app"].state.api_keys
             authorization = Headers(scope=scope).get("authorization", "")
@@ -98,6 +103,6 @@ def operator_only(path: str, endpoint: Callable[..., Awaitable[Any]], methods: C
     return Route(path, endpoint, methods=list(methods), middleware=[Middleware(RequireOperatorKey)])
 
 
-def protected(path: str, endpoint: Callable[..., Awaitable[Any]], methods: Collection[str]) -> Route:
-    """A route that needs an API key."""
-    return Route(path, endpoint, methods=list(methods), middleware=[Middleware(RequireAPIKey)])
+def protected(path: str, endpoint: Callable[..., Awaitable[Any]], methods: Collection[str], operators: bool = False) -> Route:
+    """A route that needs an API key (or, with ``operators``, takes an operator key too)."""
+    return Route(path, endpoint, methods=list(methods), middleware=[Middleware(RequireAPIKey, operators=operators)])

@@ -30,6 +30,7 @@ class AnswerDoc(TypedDict, total=False):
     finish_reason: str
     model: str
     usage: dict[str, Any]  # Usage
+    cost_usd: float  # under the price table when it was recorded (core.usage)
     attempt: str
     error: str | None
     citations: list[dict[str, Any]]  # Citation
@@ -93,6 +94,8 @@ class Answer:
     MODEL: Final = "model"
     CITATIONS: Final = "citations"
     COMPLETED_AT: Final = "completed_at"
+    USAGE: Final = "usage"
+    COST_USD: Final = "cost_usd"
     FINISH_REASON_PATH: Final = "answer.finish_reason"
     COMPLETED_AT_PATH: Final = "answer.completed_at"
 

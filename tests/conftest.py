@@ -99,6 +99,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
         mongo_db="chatbus_test",
         model=str(tiny_model_dir),
         served_model_name="chatbus-tiny-random",
+        prices={"chatbus-tiny-random": {"prompt": 1.5, "completion": 4.0}},  # USD per million tokens (GET /v1/usage)
         turn_timeout_s=90,
         max_inflight_turns=4,
         default_max_tokens=32,
