@@ -3,6 +3,7 @@
 Users: ``chat``, ``ingest``, ``kb``. Operators: ``stack up|down|run|status``, ``topics``, ``lag``, ``dlq``.
 Batch jobs: ``batch submit|status|list|wait|results|cancel|rebuild``.
 Analysts: ``feedback tail``, ``dpo export``. Safety reviewers: ``review list|decide``.
+Operators of tenants: ``keys create|list|revoke|usage``.
 Processes: ``edge``, ``worker safety|retrieval|inference|recorder|batches|feedback`` (what the stack and compose.yaml
 start). Builders: ``make-tiny-model``, ``models list|provision``. Configuration comes from ``CHATBUS_*`` environment variables.
 
@@ -17,6 +18,7 @@ import click
 from chatbus.commands.analysts import dpo, feedback
 from chatbus.commands.batch import batch
 from chatbus.commands.kb import kb
+from chatbus.commands.keys import keys
 from chatbus.commands.models import make_tiny_model, models
 from chatbus.commands.processes import edge, worker
 from chatbus.commands.review import review
@@ -29,7 +31,7 @@ def main() -> None:
     """chatbus: event-driven LLM chat over Kafka."""
 
 
-for _command in (worker, edge, stack, chat, ingest, kb, topics, lag, dlq, make_tiny_model, models, feedback, dpo, batch, review):
+for _command in (worker, edge, stack, chat, ingest, kb, topics, lag, dlq, make_tiny_model, models, feedback, dpo, batch, review, keys):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     # USD per million tokens per served model name, JSON: {"qwen2.5-coder-0.5b-instruct": {"prompt": 0.05,
     # "completion": 0.1}}; the recorder stores each answer's cost; GET /v1/usage sums it
     prices: dict[str, TokenPrice] = Field(default_factory=dict)
+    # API keys kept in the database with a tenant and limits (edge/keys.py, `chatbus keys`); with it on every
+    # /v1/* request needs a key (a stored one, or one of CHATBUS_API_KEYS)
+    key_store: bool = False
 
     # --- batch jobs ------------------------------------------------------------------------------------
     max_batch_file_bytes: int = 200 * 1024 * 1024  # as OpenAI's Batch API

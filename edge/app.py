@@ -47,6 +47,7 @@ from edge.admission import LoadMonitor
 from edge.conversations import ConversationStore
 from edge.errors import EXCEPTION_HANDLERS, internal_error
 from edge.http import ORJSONResponse
+from edge.keys import KeyStore
 from edge.live import LiveStats
 from edge.ops import STAGE_GROUPS, STATIC
 from edge.relay import ReplyRelay
@@ -98,6 +99,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.batches = BatchService(settings, BatchStore(mongo[settings.mongo_db]), producer)
         app.state.conversations = ConversationStore(mongo[settings.mongo_db])
         app.state.db = mongo[settings.mongo_db]
+        if settings.key_store:
+            app.state.key_store = KeyStore(app.state.db)
         log.info("edge %s ready: reply partition %d, model %s", settings.edge_id, settings.reply_partition, settings.model_name)
         watcher = asyncio.create_task(_drain_on_exit(app.state.service), name="drain-watcher")
         heartbeat = Heartbeat(app.state.service)
@@ -142,6 +145,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.embeddings = embeddings_api.EmbeddingService(settings)
+    app.state.key_store = None  # edge.keys.KeyStore once the database client exists (CHATBUS_KEY_STORE)
     app.state.api_keys = settings.api_key_list()
     app.state.operator_keys = settings.operator_key_list()
     app.state.started = int(time.time())

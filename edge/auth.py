@@ -7,6 +7,9 @@ SHA-256, never the key) scopes conversations, turns, streams and feedback to it 
 ``/dashboard``, ``/dashboard.json``) need one of ``CHATBUS_OPERATOR_KEYS`` once keys are configured, and
 ``/readyz`` then shows its details only to an operator.
 
+With ``CHATBUS_KEY_STORE`` on, keys kept in the database (:mod:`edge.keys`, ``chatbus keys``) are looked up on
+every request too (a revoked one is refused at once), and carry the key's limits for admission.
+
 The middleware runs per route, after routing: an unknown path is still a 404 and a wrong method a 405,
 as for the open routes (pages, ``/metrics``, ``/healthz``, ``/readyz``, ``/live.json``, ``/static``).
 A refusal is OpenAI's 401 (``invalid_api_key``).
@@ -74,13 +77,23 @@ class RequireAPIKey:
             return
         if scope["type"] == "http":
             keys: list[str] = scope["app"].state.api_keys
+            store = getattr(scope["app"].state, "key_store", None)  # edge.keys.KeyStore, with CHATBUS_KEY_STORE
             authorization = Headers(scope=scope).get("authorization", "")
-            if not authorized(authorization, keys):
+            token = bearer(authorization)
+            if store is not None and not (keys and authorized(authorization, keys)):
+                record = await store.get(key_owner(token)) if token else None
+                if record is None or not record.active:
+                    message = "This API key has been revoked." if record is not None else "Incorrect API key provided."
+                    await error_response(APIError(401, message, type="invalid_request_error", code="invalid_api_key"))(scope, receive, send)
+                    return
+                state = scope.setdefault("state", {})
+                state["owner"], state["key_record"] = record.id, record
+            elif not authorized(authorization, keys):
                 err = APIError(401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key")
                 await error_response(err)(scope, receive, send)
                 return
-            if keys:
-                scope.setdefault("state", {})["owner"] = key_owner(bearer(authorization))
+            elif keys:
+                scope.setdefault("state", {})["owner"] = key_owner(token)
         await self.app(scope, receive, send)
 
 

@@ -25,6 +25,7 @@ from edge.auth import owner_of, protected
 from edge.conversations import ConversationStore
 from edge.errors import APIError
 from edge.http import ORJSONResponse, read_json
+from edge.keys import admit_key
 from edge.relay import TurnStream, TurnTimeout, parse_event_id
 from edge.streaming import live_events, on_client_close, resume_event_id, resumed_events
 from edge.turns import ChatService, timing_ms
@@ -96,8 +97,9 @@ async def chat_completions(request: Request) -> Response:
     owner = owner_of(request)
     if owner is not None and req.conversation_id:  # continuing a conversation: only its own key may
         await check_conversation(request, req.conversation_id, owner)
+    limits = await admit_key(request, req.model)  # the key's own limits (edge.keys): 403 / 429 before anything else
     turn = service.build_turn(req, received, owner)
-    headers = {"X-Correlation-Id": turn.correlation_id, **service.admit(turn)}
+    headers = {"X-Correlation-Id": turn.correlation_id, **limits, **service.admit(turn)}
     stream = await service.publish(turn)
     if req.stream:
         headers["X-Resume-Event-Id"] = resume_event_id(service, turn)

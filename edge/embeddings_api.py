@@ -43,6 +43,7 @@ from core.embeddings import PACKAGED_NAME, TextEmbedder, get_embedder
 from edge.auth import protected
 from edge.errors import APIError
 from edge.http import ORJSONResponse, read_json, validate_body
+from edge.keys import admit_key
 from schemas.errors import InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,9 @@ async def create_embeddings(request: Request) -> Response:
     """``POST /v1/embeddings`` (see the module docstring)."""
     settings: Settings = request.app.state.settings
     req, texts = parse_embedding_request(await read_json(request, settings.max_request_bytes), settings)
+    limits = await admit_key(request)  # the key's requests-per-minute (edge.keys)
     service: EmbeddingService = request.app.state.embeddings
-    return ORJSONResponse(await service.embed(req, texts))
+    return ORJSONResponse(await service.embed(req, texts), headers=limits)
 
 
 ROUTES: list[BaseRoute] = [protected("/v1/embeddings", create_embeddings, ["POST"])]

@@ -1,0 +1,69 @@
+"""Keys kept in the database (``CHATBUS_KEY_STORE``, ``chatbus keys``) on two edges: a key's requests per minute
+hold across both (the 429 carries OpenAI's ``x-ratelimit-*`` headers and nothing is published), a model the
+key may not use is a 403, and a revoked key stops working on both edges at its next request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+import pytest
+
+from chatbus.stack import Stack
+from core.config import ROOT
+from tests.conftest import edge_process, eventually
+
+pytestmark = pytest.mark.stack
+
+MODEL = "chatbus-tiny-random"
+
+
+def chatbus(stack: Stack, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "chatbus.cli", "keys", *args], env=stack.env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_limits_and_revocation_hold_on_every_edge(stack: Stack, mongo: Any) -> None:
+    created = json.loads(chatbus(stack, "create", "--tenant", "acme", "--name", "ci", "--rpm", "3", "--models", MODEL, "--json"))
+    key, key_id = created["key"], created["id"]
+    assert key.startswith("cb-") and key_id.startswith("key-") and key not in chatbus(stack, "list")
+    auth = {"Authorization": f"Bearer {key}"}
+    with ExitStack() as edges:
+        urls = [edges.enter_context(edge_process(stack, p, key_store="true"))[0] for p in (4, 5)]
+        async with httpx.AsyncClient(timeout=90) as http:
+            assert (await http.get(f"{urls[0]}/v1/conversations")).status_code == 401  # the store needs a key
+            if time.time() % 60 > 40:  # the three requests below must fall in one one-minute window
+                await asyncio.sleep(61 - time.time() % 60)
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4}
+            for i in range(3):  # alternate edges: the count is shared through the database
+                r = await http.post(f"{urls[i % 2]}/v1/chat/completions", json=body, headers=auth)
+                assert r.status_code == 200, r.text
+                assert r.headers["x-ratelimit-limit-requests"] == "3" and r.headers["x-ratelimit-remaining-requests"] == str(2 - i)
+            refused = await http.post(f"{urls[1]}/v1/chat/completions", json=body, headers=auth)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+            assert 1 <= int(refused.headers["Retry-After"]) <= 60 and refused.headers["x-ratelimit-remaining-requests"] == "0"
+            assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+            other = await http.post(f"{urls[0]}/v1/chat/completions", json={**body, "model": "qwen2.5-coder-0.5b-instruct"}, headers=auth)
+            assert other.status_code == 403 and other.json()["error"]["code"] == "model_not_allowed"
+
+            async def three_recorded() -> bool:
+                return await mongo.turns.count_documents({"owner": key_id, "answer": {"$exists": True}}) == 3
+
+            await eventually(three_recorded, 60, "the three turns recorded")
+            await asyncio.sleep(1.0)
+            assert await mongo.turns.count_documents({"owner": key_id}) == 3  # the refused ones were never published
+
+            assert "revoked" in chatbus(stack, "revoke", key_id)
+            for url in urls:  # at once, on both edges
+                r = await http.get(f"{url}/v1/conversations", headers=auth)
+                assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    listed = [json.loads(line) for line in chatbus(stack, "list", "--tenant", "acme", "--json").splitlines()]
+    assert [(k["id"], k["revoked_at"] is not None) for k in listed] == [(key_id, True)]
+    assert MODEL in chatbus(stack, "usage", key_id)
