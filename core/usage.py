@@ -20,8 +20,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pymongo.asynchronous.collection import AsyncCollection
+
+from schemas.documents import Answer, Turn
 
 DAY_S = 86_400
+# the fields of a turn document that usage_buckets reads
+USAGE_FIELDS = {Turn.OWNER: 1, "answer.model": 1, "answer.usage": 1, Answer.COMPLETED_AT_PATH: 1, "answer.cost_usd": 1}
 
 
 class TokenPrice(BaseModel):
@@ -76,3 +81,14 @@ def usage_buckets(turns: Iterable[Mapping[str, Any]], start: int, end: int, grou
         ]
         buckets.append({"object": "bucket", "start_time": day, "end_time": day + DAY_S, "results": results})
     return buckets
+
+
+async def read_usage(
+    turns: AsyncCollection[dict[str, Any]], start: int, end: int, group_by: tuple[str, ...] = (), owner: str | None = None
+) -> list[dict[str, Any]]:
+    """:func:`usage_buckets` of the turns (the ``turns`` collection) completed in ``[start, end)``, of one
+    key's identity ``owner`` only, or of every key's (None)."""
+    query: dict[str, Any] = {Answer.COMPLETED_AT_PATH: {"$gte": start, "$lt": end}}
+    if owner is not None:
+        query[Turn.OWNER] = owner
+    return usage_buckets([t async for t in turns.find(query, USAGE_FIELDS)], start, end, group_by)

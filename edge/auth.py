@@ -63,6 +63,14 @@ def authorized(authorization: str, keys: list[str]) -> bool:
     return any(secrets.compare_digest(token.encode(), k.encode()) for k in keys)
 
 
+WRONG_KEY = "Incorrect API key provided."
+
+
+async def refuse(message: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer OpenAI's 401 ``invalid_api_key`` with ``message``."""
+    await error_response(APIError(401, message, type="invalid_request_error", code="invalid_api_key"))(scope, receive, send)
+
+
 class RequireAPIKey:
     """ASGI middleware: a 401 unless the request carries one of ``app.state.api_keys`` (or, with
     ``operators``, an operator key: the request then has no owner and sees every key's data)."""
@@ -83,14 +91,12 @@ class RequireAPIKey:
             if store is not None and not (keys and authorized(authorization, keys)):
                 record = await store.get(key_owner(token)) if token else None
                 if record is None or not record.active:
-                    message = "This API key has been revoked." if record is not None else "Incorrect API key provided."
-                    await error_response(APIError(401, message, type="invalid_request_error", code="invalid_api_key"))(scope, receive, send)
+                    await refuse("This API key has been revoked." if record is not None else WRONG_KEY, scope, receive, send)
                     return
                 state = scope.setdefault("state", {})
                 state["owner"], state["key_record"] = record.id, record
             elif not authorized(authorization, keys):
-                err = APIError(401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key")
-                await error_response(err)(scope, receive, send)
+                await refuse(WRONG_KEY, scope, receive, send)
                 return
             elif keys:
                 scope.setdefault("state", {})["owner"] = key_owner(token)
@@ -105,8 +111,7 @@ class RequireOperatorKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not is_operator(Request(scope)):
-            err = APIError(401, "This needs an operator key (CHATBUS_OPERATOR_KEYS).", type="invalid_request_error", code="invalid_api_key")
-            await error_response(err)(scope, receive, send)
+            await refuse("This needs an operator key (CHATBUS_OPERATOR_KEYS).", scope, receive, send)
             return
         await self.app(scope, receive, send)
 

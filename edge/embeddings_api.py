@@ -69,19 +69,20 @@ def model_names(settings: Settings) -> set[str]:
 def parse_embedding_request(payload: object, settings: Settings) -> tuple[EmbeddingRequest, list[str]]:
     """The validated request and its texts; 400 for a bad body (naming the field), 404 for another model."""
     req = validate_body(EmbeddingRequest, payload)
-    texts = [req.input] if isinstance(req.input, str) else req.input
-    if not texts:
+    items = [req.input] if isinstance(req.input, str) else req.input
+    if not items:
         raise InvalidRequest("input: must not be an empty list", param="input")
-    if not all(isinstance(t, str) for t in texts):
+    texts = [t for t in items if isinstance(t, str)]
+    if len(texts) != len(items):
         raise InvalidRequest("input: token-id arrays are not supported by this model (another vocabulary); send text", param="input")
     if len(texts) > settings.max_embedding_inputs:
         raise InvalidRequest(f"input: at most {settings.max_embedding_inputs} texts per request, got {len(texts)}", param="input")
-    if any(not t.strip() for t in texts if isinstance(t, str)):
+    if any(not t.strip() for t in texts):
         raise InvalidRequest("input: texts must not be empty", param="input")
     if req.model not in model_names(settings):
         names = " or ".join(sorted(model_names(settings)))
         raise NotFound(f"The model '{req.model}' does not exist; the embedding model is {names}.", param="model", code="model_not_found")
-    return req, [t for t in texts if isinstance(t, str)]
+    return req, texts
 
 
 def embedding_body(req: EmbeddingRequest, vectors: np.ndarray, tokens: int, name: str) -> dict[str, Any]:

