@@ -11,16 +11,17 @@ knows it, and it knows which edges were alive and when they last beat (:class:`E
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from core.background import BackgroundService
 from core.config import Settings
 from schemas.events import AnyEvent, BatchCancelled, CancelTurn, ChatTurnRequest, DecodeError, EdgeHeartbeat, decode
-from topics.clients import make_consumer, partitions_of, records_forever
+from topics.clients import make_consumer, partitions_of
 from topics.registry import BATCH_JOBS, CHAT_CONTROL, topic
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,14 @@ log = logging.getLogger(__name__)
 
 class _TopicTail(BackgroundService):
     """Every partition of one topic without a consumer group, from its beginning or its end; each record
-    that decodes goes to :meth:`handle`, one that does not to :meth:`undecodable`."""
+    that decodes goes to :meth:`handle`, one that does not to :meth:`undecodable`.
+
+    :meth:`start` returns once the tail has read what the topic held when it started (every partition's
+    position at its end offset of that moment), so a worker that consumes turns only after its companions
+    started never takes a turn whose cancel is already on the topic but not yet read. It waits at most
+    ``catch_up_s`` (then logs a warning and goes on: a slow tail must not keep a worker from starting)."""
+
+    catch_up_s = 30.0
 
     def __init__(self, settings: Settings, name: str, *, from_beginning: bool, since_s: float | None = None) -> None:
         super().__init__()
@@ -37,6 +45,8 @@ class _TopicTail(BackgroundService):
         self.from_beginning = from_beginning
         self.since_s = since_s  # start this many seconds back (records by timestamp) instead of at the end
         self._consumer: AIOKafkaConsumer | None = None
+        self._behind: dict[TopicPartition, int] = {}  # partition -> its end offset at start, until read up to it
+        self.caught_up = asyncio.Event()
 
     async def on_start(self) -> None:
         reset = "earliest" if self.from_beginning else "latest"
@@ -56,20 +66,48 @@ class _TopicTail(BackgroundService):
                     consumer.seek(tp, found[tp].offset)
                 else:
                     await consumer.seek_to_end(tp)
+        ends = await consumer.end_offsets(tps)
+        self._behind = {tp: end for tp, end in ends.items() if await consumer.position(tp) < end}
+        if not self._behind:
+            self.caught_up.set()
+
+    async def start(self) -> None:
+        await super().start()
+        try:
+            await asyncio.wait_for(self.caught_up.wait(), self.catch_up_s)
+        except TimeoutError:
+            log.warning("%s: not caught up with %s after %.0f s; going on", self.task_name, self.topic, self.catch_up_s)
 
     async def on_stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
 
     async def loop(self) -> None:
-        assert self._consumer is not None, "started"
-        async for record in records_forever(self._consumer, self.task_name):
+        consumer = self._consumer
+        assert consumer is not None, "started"
+        while True:  # a failed fetch is logged and retried, never fatal
             try:
-                event = decode(record.value)
-            except DecodeError as exc:
-                self.undecodable(record.offset, exc)
+                batches = await consumer.getmany(timeout_ms=200)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: fetch failed; retrying", self.task_name)
+                await asyncio.sleep(0.5)
                 continue
-            self.handle(event)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        event = decode(record.value)
+                    except DecodeError as exc:
+                        self.undecodable(record.offset, exc)
+                        continue
+                    self.handle(event)
+            if self._behind:  # positions, not record offsets: transaction markers leave gaps
+                for tp, end in list(self._behind.items()):
+                    if await consumer.position(tp) >= end:
+                        del self._behind[tp]
+                if not self._behind:
+                    self.caught_up.set()
 
     def handle(self, event: AnyEvent) -> None:
         raise NotImplementedError

@@ -74,6 +74,19 @@ def ready(url: str) -> bool:
         return False
 
 
+async def until_ready(stack: Stack, timeout_s: float, what: str) -> None:
+    """Wait for the edge's ``/readyz`` to be 200; on a timeout fail with its last checks (no keys here: the
+    test is the operator) and which of the stack's processes are alive, so a CI log says what was wrong."""
+    try:
+        await eventually(lambda: asyncio.to_thread(ready, stack.edge_url), timeout_s, what)
+    except AssertionError as exc:
+        try:
+            checks: object = httpx.get(f"{stack.edge_url}/readyz", timeout=10).json()
+        except (httpx.HTTPError, ValueError) as e:
+            checks = repr(e)
+        raise AssertionError(f"{exc}; /readyz: {checks}; processes: {stack.status()}") from None
+
+
 def refusing(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=5).json().get("admitting") is False
@@ -129,7 +142,7 @@ async def test_a_broker_outage_mid_stream_loses_no_turn_and_new_turns_get_a_fast
     assert up.started.count(marker) == 1  # the turn was not regenerated: the worker kept it through the outage
     assert not await read_topic(settings, "chat.dlq", cid), "an outage is not a poison message"
 
-    await eventually(lambda: asyncio.to_thread(ready, url), 60, "the edge admitting again")
+    await until_ready(stack, 60, "the edge admitting again")
     async with httpx.AsyncClient(timeout=120) as http:
         r = await http.post(f"{url}/v1/chat/completions", json=body(prompt("Please write a short poem about autumn, version {}."), False))
     assert r.status_code == 200, r.text
@@ -139,7 +152,7 @@ async def test_a_broker_outage_mid_stream_loses_no_turn_and_new_turns_get_a_fast
 async def test_a_stage_without_a_live_worker_gets_a_fast_503_naming_it(own: tuple[Stack, Settings, Upstream]) -> None:
     stack, settings, up = own
     url = stack.edge_url
-    await eventually(lambda: asyncio.to_thread(ready, url), 60, "the edge admitting")
+    await until_ready(stack, 60, "the edge admitting")
     stack.stop("inference")  # a clean stop leaves the group at once
     try:
         await eventually(lambda: asyncio.to_thread(refusing, url), 20, "the edge noticing the inference group is empty")
@@ -152,4 +165,4 @@ async def test_a_stage_without_a_live_worker_gets_a_fast_503_naming_it(own: tupl
         assert answered_s < 5, f"the 503 took {answered_s:.1f} s"
     finally:
         spawn_scripted_inference(stack, up, MODEL, coalesce_ms=0, coalesce_tokens=1, output_rail=False)
-    await eventually(lambda: asyncio.to_thread(ready, url), 90, "the edge admitting once a worker is back")
+    await until_ready(stack, 90, "the edge admitting once a worker is back")
