@@ -29,6 +29,7 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.pii import mask_pii
+from core.tools import INVALID_TOOL_CALL
 from schemas.events import BatchCreated, BatchLineError, TurnCompleted
 from schemas.openai import completion_body
 
@@ -195,12 +196,14 @@ class BatchStore:
         assert ref is not None
         cid = done.correlation_id
         fields: dict[str, Any] = {"batch_id": ref.batch_id, "line": ref.line, "custom_id": ref.custom_id, "response": None, "error": None}
-        if done.finish_reason in ("stop", "length", "content_filter"):
+        if done.finish_reason in ("stop", "length", "content_filter", "tool_calls"):
             text = mask_pii(done.text)[0]  # what is stored is masked, as everywhere in chatbus
             body = completion_body(cid, done.model, text, done)
             fields.update(status="completed", response={"status_code": 200, "request_id": cid, "body": body})
         elif done.finish_reason == "cancelled":
             fields.update(status="cancelled", error={"code": "batch_cancelled", "message": "the batch was cancelled before this request completed"})
+        elif done.error and done.error.startswith(INVALID_TOOL_CALL):
+            fields.update(status="failed", error={"code": "invalid_tool_call", "message": done.error})
         else:
             fields.update(status="failed", error={"code": "generation_error", "message": "generation failed for this request"})
         await self._finish(cid, fields)

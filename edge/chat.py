@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute
 
 from edge.auth import owner_of, protected
 from edge.conversations import ConversationStore
-from edge.errors import APIError
+from edge.errors import APIError, generation_error
 from edge.http import ORJSONResponse, read_json
 from edge.keys import admit_key
 from edge.relay import TurnStream, TurnTimeout, parse_event_id
@@ -64,7 +64,7 @@ async def complete(service: ChatService, turn: ChatTurnRequest, stream: TurnStre
     assert done is not None
     parts = service.finished(turn, stream)
     if done.finish_reason == "error":
-        raise APIError(500, "generation failed", type="internal_error")
+        raise generation_error(done)
     # the completion's own text: for a redelivered turn it is the text of the attempt that finished
     return {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": timing_ms(parts)}, parts
 

@@ -27,8 +27,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from core.tools import INVALID_TOOL_CALL
 from edge.http import ORJSONResponse
 from schemas.errors import Conflict, InvalidRequest, NotFound, RequestError, TooLarge, UnsupportedMediaType
+from schemas.events import TurnCompleted
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,16 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def generation_error(done: TurnCompleted) -> APIError:
+    """The error of a turn that ended with ``finish_reason: "error"``: a model's unusable tool call says why
+    (500, ``code: "invalid_tool_call"``: the request was fine, the answer was not; chatbus does not retry
+    it), any other failure is a plain 500 (its detail stays in the worker's log and the DLQ)."""
+    if done.error and done.error.startswith(INVALID_TOOL_CALL):
+        why = done.error.removeprefix(INVALID_TOOL_CALL)
+        return APIError(500, f"The model made an invalid tool call: {why}", type="server_error", code="invalid_tool_call")
+    return APIError(500, "generation failed", type="internal_error")
 
 
 def http_status(err: RequestError) -> int:

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Histogram
 
 from core import metrics
-from edge.errors import APIError, error_body
+from edge.errors import APIError, error_body, generation_error
 from edge.relay import Draining, TurnStream, TurnTimeout, reply_event, sse_event_id
 from edge.turns import ChatService, TurnRef, timing_ms
 from schemas.events import ChatTurnRequest, TurnCompleted
@@ -47,8 +47,8 @@ def closing_events(
     """The SSE events that end a streamed turn: its finish chunk (plus ``finish_extra`` fields and an SSE
     ``id`` if given) and the usage chunk when asked for — or one error chunk if generation failed."""
     if done.finish_reason == "error":
-        return [data(error_body(APIError(500, "generation failed", type="internal_error")))]
-    out: list[Event] = []
+        return [data(error_body(generation_error(done)))]
+    out: list[Event] = [data(chunk) for chunk in chunks.tool_calls(done.tool_calls)]
     if done.retraction is not None:
         # the output rail withdrew the text streamed so far: the safety message follows it (a client that
         # reads ``chatbus_retraction`` on the finish chunk shows the message instead of the text)

@@ -132,6 +132,7 @@ class ChatService:
         if req.model != self.settings.model_name:
             raise NotFound(f"The model `{req.model}` does not exist.", type="NotFoundError", param="model", code="model_not_found")
         messages, pii = mask_messages(req.chat_messages())  # no topic holds a raw prompt (core.pii)
+        tools, tool_choice = req.offered_tools()
         turn = ChatTurnRequest(
             correlation_id=f"chatcmpl-{uuid.uuid4().hex}",
             conversation_id=req.conversation_id or f"conv-{uuid.uuid4().hex}",
@@ -142,6 +143,9 @@ class ChatService:
             user=pseudonym(req.user, self.settings.pseudonym_key_bytes()),
             pii=pii,
             owner=owner,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=req.parallel_tool_calls,
         )
         turn.mark("edge_received", received_at)
         return turn

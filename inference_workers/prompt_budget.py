@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from core.grounding import assemble
 from schemas.events import Citation, GroundedTurn
 
 log = logging.getLogger(__name__)
 
-Counter = Callable[[list[dict[str, str]]], int | None]
+Counter = Callable[[list[dict[str, Any]]], int | None]
 
 
 def prompt_budget(prefill_budget: int, max_model_len: int, max_tokens: int) -> int:
@@ -33,14 +34,14 @@ def prompt_budget(prefill_budget: int, max_model_len: int, max_tokens: int) -> i
     return min(prefill_budget, room) if prefill_budget > 0 else room
 
 
-def fit_grounded(turn: GroundedTurn, count: Counter, budget: int) -> tuple[list[dict[str, str]], list[Citation]]:
+def fit_grounded(turn: GroundedTurn, count: Counter, budget: int) -> tuple[list[dict[str, Any]], list[Citation]]:
     """The prompt messages and citations of ``turn`` with as many top-ranked passages as fit ``budget``.
 
     ``count(messages)`` is the templated prompt's length in tokens (``Engine.count_prompt_tokens``); when it
     returns ``None`` (an engine that cannot count) the turn's prompt is used as assembled. Renders at most
     ``len(passages)`` prompts. CPU-bound (chat template + tokenizer): run it off the event loop.
     """
-    messages = [m.model_dump() for m in turn.prompt_messages]
+    messages = [m.template_dict() for m in turn.prompt_messages]
     passages = turn.retrieval.passages
     total = count(messages)
     if total is None or total <= budget or len(passages) <= 1:
@@ -49,7 +50,7 @@ def fit_grounded(turn: GroundedTurn, count: Counter, budget: int) -> tuple[list[
     while kept > 1:
         kept -= 1
         prompt, _ = assemble(turn.request.messages, passages[:kept])
-        messages = [m.model_dump() for m in prompt]
+        messages = [m.template_dict() for m in prompt]
         n = count(messages)
         if n is not None and n <= budget:
             break

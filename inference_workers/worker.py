@@ -65,11 +65,12 @@ from consumers.runtime import ConsumerRuntime, OffsetTracker
 from core import metrics
 from core.config import Settings
 from core.safety.output import SAFETY_MESSAGE, OutputRail, OutputScreen, OutputVerdict
+from core.tools import INVALID_TOOL_CALL, InvalidToolCall, ToolCallStream, check_calls, forced_prefix
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
 from producers.bus import Outgoing
 from producers.replies import ReplySender, completion, produce_retrying, to_reply
-from schemas.events import DecodeError, EdgeHeartbeat, FinishReason, GroundedTurn, Retraction, ReviewItem, TurnCompleted, Usage, new_id
+from schemas.events import DecodeError, EdgeHeartbeat, FinishReason, GroundedTurn, Retraction, ReviewItem, ToolCall, TurnCompleted, Usage, new_id
 from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, INFERENCE, SAFETY_REVIEW, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
@@ -338,6 +339,10 @@ class InferenceWorker(ConsumerRuntime):
         rail = OutputRail(self.settings.output_rail_every_tokens, self.settings.output_rail_window_tokens) if screen is not None else None
         screening = OutputScreening(screen) if screen is not None else None
         violation: OutputVerdict | None = None
+        tools = [t.model_dump(exclude_none=True) for t in request.tools]
+        prefix = forced_prefix(request.tool_choice) if tools and self.engine.applies_prefix else ""
+        calling = ToolCallStream(prefix, [t.function.name for t in request.tools]) if tools else None  # tool calls are held back, never streamed as text
+        calls: list[ToolCall] = []
         try:
             try:
                 orphaned = None if cid in self.cancelled or request in self.cancelled_batches else self.orphaned(turn)
@@ -358,6 +363,9 @@ class InferenceWorker(ConsumerRuntime):
                         top_p=request.sampling.top_p,
                         stop=list(request.sampling.stop),
                         seed=request.sampling.seed if request.sampling.seed is not None else derived_seed(cid),
+                        tools=tools or None,
+                        tool_choice=request.tool_choice,
+                        assistant_prefix=prefix,
                     )
                     last_flush = time.monotonic()
                     flushed_tokens = 0
@@ -369,10 +377,11 @@ class InferenceWorker(ConsumerRuntime):
                             tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
                             if delta.finish_reason:
                                 finish = ENGINE_FINISH.get(delta.finish_reason, "stop")
+                            piece = delta.text if calling is None else calling.feed(delta.text)
                             if rail is None or screening is None:
-                                buffer += delta.text
+                                buffer += piece
                             else:
-                                rail.feed(delta.text, tokens)
+                                rail.feed(piece, tokens)
                                 violation = await screening.step(rail)
                                 if violation is not None:
                                     break
@@ -385,6 +394,16 @@ class InferenceWorker(ConsumerRuntime):
                         aclose = getattr(deltas, "aclose", None)
                         if aclose is not None:  # a break (a violation) aborts generation now, not at garbage collection
                             await aclose()
+                    if calling is not None and violation is None:
+                        rest, calls = calling.finish()
+                        if rail is None:
+                            buffer += rest
+                        else:
+                            rail.feed(rest, tokens)
+                        check_calls(calls, request.tools, request.tool_choice)
+                        calls = calls if request.parallel_tool_calls else calls[:1]
+                        if calls:
+                            finish = "tool_calls"
                     if rail is not None and screening is not None and violation is None:
                         violation = await screening.finish(rail)
                         if violation is None:
@@ -399,6 +418,10 @@ class InferenceWorker(ConsumerRuntime):
                 if running is None or running.cancel_reason is None:
                     raise  # shutdown or a lost partition: leave it uncommitted, another attempt will redo it
                 finish = "cancelled"
+                await flush()
+            except InvalidToolCall as exc:  # the model's call is unusable: the client is told why (not a poison message)
+                log.info("turn %s: %s", cid, exc)
+                finish, error, calls = "error", f"{INVALID_TOOL_CALL}{exc}"[:1000], []
                 await flush()
             except Exception as exc:  # the engine failed on this turn: answer with an error, keep serving
                 log.exception("generation failed for %s", cid)
@@ -455,6 +478,7 @@ class InferenceWorker(ConsumerRuntime):
                 retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
                 error=error,
                 retraction=retraction,
+                tool_calls=calls,
             )
             extra.append(to_reply(request, done.to_bytes()))
             observe_turn(done)

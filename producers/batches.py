@@ -37,6 +37,7 @@ class BatchProducer:
     def line_turn(self, correlation_id: str, batch_id: str, custom_id: str, line: int, request: ChatCompletionRequest) -> ChatTurnRequest:
         """The chat turn of one valid input line (stamped ``batch_submitted``)."""
         messages, pii = mask_messages(request.chat_messages())  # batch.requests holds no raw prompt either
+        tools, tool_choice = request.offered_tools()
         turn = ChatTurnRequest(
             correlation_id=correlation_id,
             conversation_id=correlation_id,
@@ -48,6 +49,9 @@ class BatchProducer:
             user=pseudonym(request.user, self.settings.pseudonym_key_bytes()),
             source="batch",
             batch=BatchRef(batch_id=batch_id, custom_id=custom_id, line=line),
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=request.parallel_tool_calls,
         )
         turn.mark("batch_submitted")
         return turn

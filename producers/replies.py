@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from producers.bus import Outgoing, is_outage, produce_all
-from schemas.events import ChatTurnRequest, Citation, FinishReason, Retraction, SafetyVerdict, TokenEvent, TurnCompleted, Usage, new_id
+from schemas.events import ChatTurnRequest, Citation, FinishReason, Retraction, SafetyVerdict, TokenEvent, ToolCall, TurnCompleted, Usage, new_id
 
 
 def to_reply(request: ChatTurnRequest, value: bytes) -> Outgoing:
@@ -88,6 +88,7 @@ def completion(
     error: str | None = None,
     retrieval_status: str = "",
     retraction: Retraction | None = None,
+    tool_calls: list[ToolCall] | None = None,
 ) -> TurnCompleted:
     """The turn's final event (``chat.turn.completed``): ``seq`` follows the attempt's last token event;
     ``stages`` (wall-clock seconds per stage, :mod:`schemas.timing`) is copied."""
@@ -107,6 +108,7 @@ def completion(
         retrieval_status=retrieval_status,
         batch=request.batch,
         retraction=retraction,
+        tool_calls=tool_calls or [],
     )
 
 

@@ -63,7 +63,7 @@ class SafetyStage:
         for m in request.messages:
             text, found = mask_pii(m.content)
             kinds.update(found)
-            masked.append(ChatMessage(role=m.role, content=text))
+            masked.append(m if text == m.content else m.model_copy(update={"content": text}))  # tool calls kept
         query = last_user_text(masked)
         texts = [query, *variants(query)]
         users = [m.content for m in masked if m.role == "user"]

@@ -43,9 +43,59 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=False)
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's format)
+
+
+class ToolCall(_Model):
+    """A call the model made (OpenAI's ``tool_calls[]``): ``id`` is what the ``role: "tool"`` reply names."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(_Model):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)  # a JSON Schema (https://json-schema.org) for the arguments
+    strict: bool | None = None
+
+
+class ToolSpec(_Model):
+    """A tool the client offers (OpenAI's ``tools[]``)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # an assistant message that called tools
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as Hugging Face chat templates take it: ``role`` and ``content``, plus ``tool_calls``
+        (arguments decoded to an object, as Qwen2.5's and Hermes' templates expect) and ``tool_call_id``
+        when set."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments_object(c.function.arguments)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return arguments
 
 
 def last_user_text(messages: list[ChatMessage]) -> str:
@@ -176,6 +226,9 @@ class ChatTurnRequest(_Event):
     batch: BatchRef | None = None  # set on the batch lane (``batch.*`` topics)
     pii: list[str] = Field(default_factory=list)  # kinds of PII masked in ``messages`` before publishing
     owner: str | None = None  # the API key's identity (edge.auth.key_owner: a hash), None on an edge without keys
+    tools: list[ToolSpec] = Field(default_factory=list)  # offered to the model (empty: none, or tool_choice "none")
+    parallel_tool_calls: bool = True  # False: at most one call per answer
+    tool_choice: str = "auto"  # with tools: "auto" (the model decides), "required" (some call), else the one function's name to call
 
 
 class ScreenedTurn(_Event):
@@ -213,7 +266,7 @@ class TokenEvent(_Event):
     completion_tokens: int = 0  # running total
 
 
-FinishReason = Literal["stop", "length", "content_filter", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "content_filter", "cancelled", "error", "tool_calls"]
 
 
 class Retraction(_Model):
@@ -249,6 +302,7 @@ class TurnCompleted(_Event):
     error: str | None = None
     batch: BatchRef | None = None  # copied from the request on the batch lane
     retraction: Retraction | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # finish_reason "tool_calls": the calls, arguments valid for their schemas
 
 
 ReviewKind = Literal["blocked", "flagged", "retracted"]

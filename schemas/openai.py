@@ -11,13 +11,15 @@ clients ignore.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from schemas.errors import InvalidRequest
-from schemas.events import ChatMessage, Citation, SamplingParams, TurnCompleted, Usage
+from schemas.events import ChatMessage, Citation, SamplingParams, ToolCall, ToolSpec, TurnCompleted, Usage
 
 
 class StreamOptions(BaseModel):
@@ -34,6 +36,16 @@ class RequestMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant message that called tools
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> RequestMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -41,6 +53,46 @@ class RequestMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class _Named(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: _Named
+
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+
+
+def check_tools(tools: list[ToolSpec], tool_choice: str | NamedToolChoice | None) -> None:
+    """Each tool's name unique and of OpenAI's form, its ``parameters`` a valid JSON Schema (checked against
+    its draft's metaschema, :func:`jsonschema.validators.validator_for`), and a named ``tool_choice`` one of
+    them. Raises :class:`InvalidRequest` naming the tool."""
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        name = tool.function.name
+        if not TOOL_NAME.match(name):
+            raise InvalidRequest(f"tools[{i}].function.name: {name!r} must be 1-64 letters, digits, '_' or '-'", param="tools")
+        if name in seen:
+            raise InvalidRequest(f"tools[{i}].function.name: {name!r} is given twice", param="tools")
+        seen.add(name)
+        schema = tool.function.parameters
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            where = "/".join(str(p) for p in exc.path)
+            at = f" at {where}" if where else ""
+            raise InvalidRequest(f"tools[{i}].function.parameters is not a valid JSON Schema{at}: {exc.message}", param="tools") from None
+        if schema and schema.get("type", "object") != "object":
+            raise InvalidRequest(f"tools[{i}].function.parameters: must describe an object (type 'object')", param="tools")
+    if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in seen:
+        raise InvalidRequest(f"tool_choice: no tool named {tool_choice.function.name!r} in tools", param="tool_choice")
+    if tool_choice in ("required",) or isinstance(tool_choice, NamedToolChoice):
+        if not tools:
+            raise InvalidRequest("tool_choice: needs tools", param="tool_choice")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -61,8 +113,10 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(default=None, ge=1, le=1)
     conversation_id: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    tools: list[ToolSpec] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
     # accepted by OpenAI but not implemented here: refused with a 400 rather than silently ignored
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
     logprobs: StrictBool | None = None
@@ -84,7 +138,17 @@ class ChatCompletionRequest(BaseModel):
         return self
 
     def chat_messages(self) -> list[ChatMessage]:
-        return [ChatMessage(role=m.role, content=m.text()) for m in self.messages]
+        return [ChatMessage(role=m.role, content=m.text(), tool_calls=m.tool_calls or [], tool_call_id=m.tool_call_id) for m in self.messages]
+
+    def offered_tools(self) -> tuple[list[ToolSpec], str]:
+        """The tools the model sees and the choice: ``([], "auto")`` without tools or with
+        ``tool_choice: "none"`` (the model is not told of them, so it answers in text); else the tools and
+        ``"auto"``, ``"required"`` or the named function."""
+        if not self.tools or self.tool_choice == "none":
+            return [], "auto"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return list(self.tools), self.tool_choice.function.name
+        return list(self.tools), self.tool_choice or "auto"
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -97,8 +161,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 UNSUPPORTED = {
-    "tools": "tool calling is not supported by chatbus",
-    "functions": "function calling is not supported by chatbus",
+    "functions": "the legacy 'functions' parameter is not supported: use 'tools'",
     "logprobs": "logprobs are not supported by chatbus",
 }
 
@@ -110,6 +173,7 @@ def check_supported(req: ChatCompletionRequest, max_model_len: int) -> None:
             raise InvalidRequest(message, param=param)
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise InvalidRequest("only response_format type 'text' is supported", param="response_format")
+    check_tools(req.tools or [], req.tool_choice)
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
     asked = req.max_completion_tokens or req.max_tokens
@@ -179,6 +243,16 @@ class ChunkBuilder:
     def content(self, text: str) -> dict[str, Any]:
         return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
 
+    def tool_calls(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        """The tool-call delta chunks of ``calls``: per call, one opening it (index, id, type, name, empty
+        arguments) and one with its arguments — the shape the ``openai`` client accumulates by ``index``."""
+        out: list[dict[str, Any]] = []
+        for i, c in enumerate(calls):
+            head = {"index": i, "id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": ""}}
+            for call in (head, {"index": i, "function": {"arguments": c.function.arguments}}):
+                out.append(self._chunk([{"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}]))
+        return out
+
     def finish(self, done: TurnCompleted) -> dict[str, Any]:
         return self._chunk(
             [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": public_finish_reason(done)}],
@@ -191,12 +265,15 @@ class ChunkBuilder:
 
 
 def completion_body(completion_id: str, model: str, text: str, done: TurnCompleted) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if done.tool_calls:  # OpenAI's shape: content null when the answer is only calls
+        message = {"role": "assistant", "content": text or None, "tool_calls": [c.model_dump() for c in done.tool_calls]}
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(done.created_at),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": public_finish_reason(done)}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": public_finish_reason(done)}],
         "usage": usage_dict(done.usage),
         "citations": citations_list(done.citations),
         **retraction_dict(done),

@@ -33,6 +33,7 @@ class Upstream:
         self.closed_early: list[str] = []
         self.finished: list[str] = []
         self.started: list[str] = []
+        self.requests: list[dict[str, Any]] = []  # each request body, as received
         app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -43,6 +44,7 @@ class Upstream:
 
     async def completions(self, request: Request) -> StreamingResponse:
         body = await request.json()
+        self.requests.append(body)
         prompt = body["messages"][-1]["content"]
         words = [w + " " for w in self.script(prompt).split()]
         marker = prompt[-12:]

@@ -38,13 +38,16 @@ class GenerationRequest:
     ``seed`` is honoured where the engine supports per-request seeds (see each engine)."""
 
     request_id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     max_tokens: int = 256
     temperature: float | None = 1.0
     top_p: float | None = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     max_prompt_tokens: int | None = None  # prefill budget: the templated prompt is cut to fit it (None: context only)
+    tools: list[dict[str, Any]] | None = None  # OpenAI-format tools, given to the chat template (``tools=``)
+    tool_choice: str = "auto"  # an engine that passes tools to an upstream passes this too
+    assistant_prefix: str = ""  # text the answer starts with (appended after the generation prompt; not streamed back)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Engine(ABC):
     """A text-generation backend. Start it once, then call :meth:`generate` concurrently."""
 
     model_name: str
+    applies_prefix = True  # renders the prompt itself, so ``assistant_prefix`` is honoured (an upstream's engine: False)
 
     @abstractmethod
     async def start(self) -> None:
@@ -80,7 +84,7 @@ class Engine(ABC):
     def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream the completion of ``req`` (an async generator; see the module docstring)."""
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int | None:
         """Token count of ``messages`` after the chat template, or ``None`` if this engine cannot tell."""
         return None
 
@@ -106,8 +110,8 @@ _FULL_RENDER_CHARS_PER_TOKEN = 4
 
 
 def fit_prompt(
-    messages: list[dict[str, str]],
-    render: Callable[[list[dict[str, str]]], list[int]],
+    messages: list[dict[str, Any]],
+    render: Callable[[list[dict[str, Any]]], list[int]],
     max_model_len: int,
     max_tokens: int,
     max_prompt_tokens: int | None = None,
@@ -239,7 +243,15 @@ def load_sampling_defaults(model_path: str) -> tuple[float, float]:
         return 1.0, 1.0
 
 
-def warm_up_render(render: Callable[[list[dict[str, str]]], list[int]]) -> None:
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, prefix: str = "") -> str:
+    """The prompt text: ``messages`` through the tokenizer's chat template with the generation prompt, the
+    ``tools`` given to it (Hugging Face's ``apply_chat_template(tools=...)``; a template that does not use
+    them ignores them), and ``prefix`` appended (the start of the answer the model continues)."""
+    kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)) + prefix
+
+
+def warm_up_render(render: Callable[[list[dict[str, Any]]], list[int]]) -> None:
     """Render a one-message prompt once, before any concurrent use (call it when the engine starts).
 
     Engines render prompts in worker threads, several at once. The first call of a Hugging Face fast

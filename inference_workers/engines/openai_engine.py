@@ -9,6 +9,11 @@ when it sends one (``include_usage``), else the chunk count. Finish reasons: ``"
 ``"length"`` pass through, ``"content_filter"`` too; ``"tool_calls"``/``"function_call"`` map to
 ``"stop"``.
 
+Tools: ``req.tools`` and ``req.tool_choice`` go to the upstream, which parses its model's calls; the calls it
+streams back (``delta.tool_calls``, accumulated by ``index``) are handed on as Hermes ``<tool_call>`` text in
+the last delta, so the worker treats every engine's calls alike (:mod:`core.tools`). ``assistant_prefix``
+is not applied (``applies_prefix`` False): the upstream enforces ``tool_choice`` itself.
+
 Cancellation: closing the generator (or cancelling its task) closes the HTTP stream, which a
 vLLM-style server takes as an abort of the request.
 
@@ -19,6 +24,7 @@ a stream that ends without a finish reason raises ``RuntimeError``.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,11 +42,38 @@ _FINISH_MAP = {
 }
 
 
+def hermes_calls(calls: dict[int, dict[str, str]]) -> str:
+    """Calls streamed by an upstream (``{index: {"name", "arguments"}}``) as Hermes ``<tool_call>`` blocks."""
+    out = []
+    for _, call in sorted(calls.items()):
+        try:
+            args: Any = json.loads(call["arguments"] or "{}")
+        except json.JSONDecodeError:
+            args = call["arguments"]  # left for the worker's check to refuse with its reason
+        out.append("<tool_call>\n" + json.dumps({"name": call["name"], "arguments": args}, ensure_ascii=False) + "\n</tool_call>")
+    return "\n".join(out)
+
+
+def openai_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A prompt message as the OpenAI API takes it: tool-call arguments as JSON text (chat templates take
+    them decoded, :meth:`schemas.events.ChatMessage.template_dict`)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    encoded = []
+    for c in calls:
+        args = c["function"]["arguments"]
+        encoded.append({**c, "function": {**c["function"], "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}})
+    return {**message, "tool_calls": encoded}
+
+
 class OpenAIEngine(Engine):
     """Args: ``base_url`` (e.g. ``http://host:8000/v1``), ``api_key`` (``None`` → ``"EMPTY"``, what local
     servers accept), ``model`` (the upstream's model name), ``model_name`` (reported to clients;
     default ``model``), ``timeout`` (seconds, per HTTP operation), ``max_retries`` (before the first
     byte; default 0: the worker's own redelivery decides)."""
+
+    applies_prefix = False
 
     def __init__(
         self,
@@ -84,7 +117,7 @@ class OpenAIEngine(Engine):
             raise RuntimeError("engine not started")
         kwargs: dict[str, Any] = {
             "model": self.model,
-            "messages": req.messages,
+            "messages": [openai_message(m) for m in req.messages],
             "max_tokens": req.max_tokens,
             **({} if req.temperature is None else {"temperature": req.temperature}),  # None: the upstream's default
             **({} if req.top_p is None else {"top_p": req.top_p}),
@@ -95,6 +128,9 @@ class OpenAIEngine(Engine):
             kwargs["stop"] = list(req.stop)
         if req.seed is not None:
             kwargs["seed"] = req.seed
+        if req.tools:
+            kwargs["tools"] = req.tools
+            kwargs["tool_choice"] = req.tool_choice if req.tool_choice in ("auto", "required") else {"type": "function", "function": {"name": req.tool_choice}}
         key = f"{req.request_id}#{next(self._ids)}"
         self._active.add(key)
         try:
@@ -103,6 +139,7 @@ class OpenAIEngine(Engine):
                 chunks = prompt_tokens = 0
                 finish: str | None = None
                 usage: Any = None
+                calls: dict[int, dict[str, str]] = {}
                 async for chunk in stream:
                     if getattr(chunk, "usage", None) is not None:
                         usage = chunk.usage
@@ -110,6 +147,11 @@ class OpenAIEngine(Engine):
                         if choice.index != 0:
                             continue
                         text = (choice.delta.content if choice.delta is not None else None) or ""
+                        for tc in (choice.delta.tool_calls if choice.delta is not None else None) or []:
+                            call = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                            if tc.function is not None:
+                                call["name"] += tc.function.name or ""
+                                call["arguments"] += tc.function.arguments or ""
                         if choice.finish_reason:
                             finish = choice.finish_reason
                         if text:
@@ -121,7 +163,7 @@ class OpenAIEngine(Engine):
                 if usage is not None:
                     completion_tokens = int(usage.completion_tokens or 0)
                     prompt_tokens = int(usage.prompt_tokens or 0)
-                yield GenerationDelta("", completion_tokens, prompt_tokens, _FINISH_MAP.get(finish, FINISH_STOP))
+                yield GenerationDelta(hermes_calls(calls), completion_tokens, prompt_tokens, _FINISH_MAP.get(finish, FINISH_STOP))
             finally:
                 await stream.close()
         finally:

@@ -42,6 +42,7 @@ path; a failed generation raises ``RuntimeError`` from the iteration.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -196,18 +197,19 @@ class TransformersEngine(Engine):
             if not cb_still_scheduled(manager, rid):
                 self._cb_cancelling.discard(rid)
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int | None:
         if self._tokenizer is None:
             return None
         return len(self._render(messages))
 
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, prefix: str = "") -> list[int]:
+        text = base.render_chat(self._tokenizer, messages, tools, prefix)
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _prepare(self, req: GenerationRequest) -> tuple[list[int], int]:
         """Prompt token ids and ``max_new_tokens`` for ``req`` (blocking: run it in a worker thread)."""
-        return base.fit_prompt(req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens)
+        render = functools.partial(self._render, tools=req.tools, prefix=req.assistant_prefix)
+        return base.fit_prompt(req.messages, render, self.max_model_len, req.max_tokens, req.max_prompt_tokens)
 
     # ----------------------------------------------------------------------------------- generation
 

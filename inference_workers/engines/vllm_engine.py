@@ -22,6 +22,7 @@ Errors: vLLM's ``EngineDeadError`` / ``EngineGenerateError`` propagate; a reques
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import json
@@ -112,11 +113,11 @@ class VllmEngine(Engine):
             await asyncio.to_thread(engine.shutdown)
             logger.info("vllm engine stopped")
 
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, prefix: str = "") -> list[int]:
+        text = base.render_chat(self._tokenizer, messages, tools, prefix)
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int | None:
         return len(self._render(messages)) if self._tokenizer is not None else None
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationDelta]:
@@ -124,7 +125,8 @@ class VllmEngine(Engine):
         if engine is None:
             raise RuntimeError("engine not started")
         # Chat template + tokenization + fitting is CPU-bound and grows with the request: off the event loop.
-        ids, max_new = await asyncio.to_thread(base.fit_prompt, req.messages, self._render, self.max_model_len, req.max_tokens, req.max_prompt_tokens)
+        render = functools.partial(self._render, tools=req.tools, prefix=req.assistant_prefix)
+        ids, max_new = await asyncio.to_thread(base.fit_prompt, req.messages, render, self.max_model_len, req.max_tokens, req.max_prompt_tokens)
         engine = self._engine
         if engine is None:
             raise RuntimeError("engine stopped")

@@ -144,6 +144,9 @@ async def _of_type(events: Any, kind: type) -> list[Any]:
     return [e for e in await events if isinstance(e, kind)]
 
 
+BAD_SCHEMA = {"type": "objekt"}  # not a JSON Schema type
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -159,7 +162,14 @@ async def _of_type(events: Any, kind: type) -> list[Any]:
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, "seed"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+            },
+            "tools",
+        ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
     ],
 )

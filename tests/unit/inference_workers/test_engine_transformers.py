@@ -161,10 +161,10 @@ async def test_long_history_keeps_the_event_loop_responsive(engine: Transformers
     real_render = engine._render
     renders: list[int] = []
 
-    def slow_render(messages: list[dict[str, str]]) -> list[int]:
+    def slow_render(messages: list[dict[str, Any]], tools: Any = None, prefix: str = "") -> list[int]:
         time.sleep(0.15)
         renders.append(len(messages))
-        return real_render(messages)
+        return real_render(messages, tools, prefix)
 
     monkeypatch.setattr(engine, "_render", slow_render)
     history = long_history()
