@@ -113,6 +113,11 @@ def turn_updates(event: AnyEvent, prices: Mapping[str, TokenPrice] | None = None
             retraction = event.retraction.model_dump()
             retraction["withdrawn_text"] = mask_pii(event.retraction.withdrawn_text)[0]
             fields["answer"]["retraction"] = retraction
+        if event.tool_calls:
+            calls = [c.model_dump() for c in event.tool_calls]
+            for call in calls:  # arguments masked like the text
+                call["function"]["arguments"] = mask_pii(call["function"]["arguments"])[0]
+            fields["answer"]["tool_calls"] = calls
         if event.verdict is not None:
             fields["verdict"] = event.verdict.model_dump()
         return fields

@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.db = mongo[settings.mongo_db]
         if settings.key_store:
             app.state.key_store = KeyStore(app.state.db)
+            app.state.service.charge = app.state.key_store.charge  # tokens per minute and budgets (edge.keys)
         log.info("edge %s ready: reply partition %d, model %s", settings.edge_id, settings.reply_partition, settings.model_name)
         watcher = asyncio.create_task(_drain_on_exit(app.state.service), name="drain-watcher")
         heartbeat = Heartbeat(app.state.service)

@@ -11,8 +11,17 @@ with a 6-character hint for people to tell keys apart; the key itself is printed
   number of edges with no error: the database serialises the increments. A request past the limit is
   refused (429) before anything is published, and still counts, as OpenAI's limits do. Fixed windows let a
   client send up to 2 x rpm across a window boundary (the known cost of fixed windows over sliding ones).
+* **Tokens per minute** (``tpm``) and a **token budget** per UTC day or month (``budget_tokens``): the
+  edge that streamed a turn to its end charges its prompt + completion tokens to the key (:meth:`KeyStore.charge`:
+  one ``$inc`` on the minute's window and on the day's and month's budget documents, ``key_budgets``). A
+  request is refused while what was charged already reaches the limit: 429 ``rate_limit_exceeded`` for
+  tokens per minute, 429 ``insufficient_quota`` (OpenAI's code for a spent quota) for the budget, with
+  ``Retry-After`` until the window or period ends. Error bound: turns admitted while under the limit are
+  charged when they end, so a key can pass its limit by the tokens of the turns it had in flight; the
+  tokens of a turn whose client left before its end are not charged.
 * Headers, as OpenAI's: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests`` and
-  ``x-ratelimit-reset-requests`` (``"12s"``) on every rate-limited answer, ``Retry-After`` on a 429.
+  ``x-ratelimit-reset-requests`` (``"12s"``), and the same three ``-tokens`` for ``tpm``, on every
+  rate-limited answer, ``Retry-After`` on a 429.
 
 The simple mode, ``CHATBUS_API_KEYS`` (a static list, no limits), still works beside the store.
 """
@@ -22,7 +31,8 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ReturnDocument
@@ -34,6 +44,7 @@ from edge.errors import APIError
 
 KEYS = "api_keys"
 WINDOWS = "rate_windows"
+BUDGETS = "key_budgets"
 WINDOW_S = 60
 KEY_PREFIX = "cb-"
 
@@ -45,6 +56,9 @@ class KeyLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)  # tokens (prompt + completion) per minute
+    budget_tokens: int | None = Field(default=None, ge=1)  # tokens per budget period
+    budget_period: Literal["day", "month"] = "month"  # UTC
     models: list[str] = Field(default_factory=list)
 
 
@@ -69,14 +83,26 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def rate_headers(limit: int, count: int, now: float) -> dict[str, str]:
-    """OpenAI's ``x-ratelimit-*-requests`` headers for the window holding ``now`` after ``count`` requests."""
+def rate_headers(limit: int, count: int, now: float, what: str = "requests") -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*-requests`` (or ``-tokens``) headers for the window holding ``now`` after ``count``."""
     reset = WINDOW_S - now % WINDOW_S
     return {
-        "x-ratelimit-limit-requests": str(limit),
-        "x-ratelimit-remaining-requests": str(max(0, limit - count)),
-        "x-ratelimit-reset-requests": f"{math.ceil(reset)}s",
+        f"x-ratelimit-limit-{what}": str(limit),
+        f"x-ratelimit-remaining-{what}": str(max(0, limit - count)),
+        f"x-ratelimit-reset-{what}": f"{math.ceil(reset)}s",
     }
+
+
+def budget_period(period: str, now: float) -> tuple[str, float]:
+    """The UTC budget period holding ``now``: its id (``2026-12-04`` for a day, ``2026-12`` for a month) and
+    when it ends (epoch seconds)."""
+    t = datetime.fromtimestamp(now, UTC)
+    if period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%d"), start.timestamp() + 86400
+    start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start.strftime("%Y-%m"), end.timestamp()
 
 
 class KeyStore:
@@ -120,9 +146,30 @@ class KeyStore:
             await self.db[WINDOWS].delete_many({"key": key_id, "window": {"$lt": window}})
         return count
 
+    async def charge(self, key_id: str, tokens: int, now: float) -> None:
+        """Charge ``tokens`` (a finished turn's prompt + completion) to ``key_id``: its minute window and its
+        day's and month's budgets."""
+        window = int(now // WINDOW_S)
+        await self.db[WINDOWS].update_one(
+            {"_id": f"{key_id}:{window}"}, {"$inc": {"tokens": tokens}, "$setOnInsert": {"key": key_id, "window": window}}, upsert=True
+        )
+        for period in ("day", "month"):
+            pid, _ = budget_period(period, now)
+            await self.db[BUDGETS].update_one({"_id": f"{key_id}:{pid}"}, {"$inc": {"tokens": tokens}, "$setOnInsert": {"key": key_id}}, upsert=True)
+
+    async def charged(self, key_id: str, period: str, now: float) -> int:
+        """Tokens charged to ``key_id`` in the budget ``period`` (``day`` or ``month``) holding ``now``."""
+        doc = await self.db[BUDGETS].find_one({"_id": f"{key_id}:{budget_period(period, now)[0]}"})
+        return int(doc.get("tokens", 0)) if doc else 0
+
+    async def _window_tokens(self, key_id: str, now: float) -> int:
+        doc = await self.db[WINDOWS].find_one({"_id": f"{key_id}:{int(now // WINDOW_S)}"})
+        return int(doc.get("tokens", 0)) if doc else 0
+
     async def admit(self, record: KeyRecord, model: str | None = None) -> dict[str, str]:
         """Check ``record``'s limits for one request (for ``model``): the rate-limit headers to send, or a
-        403 (model not allowed) or 429 (past the requests-per-minute limit, with ``Retry-After``)."""
+        403 (model not allowed) or 429 (past the requests- or tokens-per-minute limit, or the token budget
+        spent; with ``Retry-After``)."""
         if model is not None and record.limits.models and model not in record.limits.models:
             raise APIError(
                 403,
@@ -131,16 +178,43 @@ class KeyStore:
                 param="model",
                 code="model_not_allowed",
             )
-        if record.limits.rpm is None:
-            return {}
         now = time.time()
+        limits = record.limits
+        if limits.budget_tokens is not None:
+            spent = await self.charged(record.id, limits.budget_period, now)
+            if spent >= limits.budget_tokens:
+                pid, ends = budget_period(limits.budget_period, now)
+                raise APIError(
+                    429,
+                    f"You exceeded your current quota: this key's budget of {limits.budget_tokens} tokens for {pid} is spent "
+                    f"({spent} tokens used); it renews at {datetime.fromtimestamp(ends, UTC).isoformat()}.",
+                    type="insufficient_quota",
+                    code="insufficient_quota",
+                    headers={"Retry-After": str(max(1, math.ceil(ends - now)))},
+                )
+        headers: dict[str, str] = {}
+        if limits.tpm is not None:
+            used = await self._window_tokens(record.id, now)
+            headers = rate_headers(limits.tpm, used, now, "tokens")
+            if used >= limits.tpm:
+                headers["Retry-After"] = str(math.ceil(WINDOW_S - now % WINDOW_S))
+                raise APIError(
+                    429,
+                    f"Rate limit reached for tokens: limit {limits.tpm} per minute for this key, used {used}. "
+                    f"Try again in {headers['x-ratelimit-reset-tokens']}.",
+                    type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers=headers,
+                )
+        if limits.rpm is None:
+            return headers
         count = await self.count_request(record.id, now)
-        headers = rate_headers(record.limits.rpm, count, now)
-        if count > record.limits.rpm:
+        headers.update(rate_headers(limits.rpm, count, now))
+        if count > limits.rpm:
             headers["Retry-After"] = str(math.ceil(WINDOW_S - now % WINDOW_S))
             raise APIError(
                 429,
-                f"Rate limit reached for requests: limit {record.limits.rpm} per minute for this key. Try again in {headers['x-ratelimit-reset-requests']}.",
+                f"Rate limit reached for requests: limit {limits.rpm} per minute for this key. Try again in {headers['x-ratelimit-reset-requests']}.",
                 type="rate_limit_error",
                 code="rate_limit_exceeded",
                 headers=headers,

@@ -13,6 +13,7 @@ import collections
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -107,6 +108,7 @@ class ChatService:
         self.feedback = FeedbackProducer(settings, producer)
         self.reply_to = edge_reply_to(settings)
         self._background: set[asyncio.Task[None]] = set()
+        self.charge: Callable[[str, int, float], Awaitable[None]] | None = None  # a finished turn's tokens to its key (edge.keys)
         self.pending_cancels: dict[str, asyncio.TimerHandle] = {}  # disconnected turns a resume may still claim
         # correlation id -> conversation id of turns this edge published and not yet saw end (for Stop)
         self.open_turns: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -192,6 +194,8 @@ class ChatService:
             metrics.TURN_HOP.labels(name).observe(seconds)
         self.live.turn(done.finish_reason, parts, done.usage.completion_tokens)
         self.monitor.turn_finished()
+        if self.charge is not None and turn.owner and done.usage.total_tokens:
+            self._in_background(self._charged(turn.owner, done.usage.total_tokens))
         self.open_turns.pop(turn.correlation_id, None)
         self.recent[turn.correlation_id] = Finished(turn.conversation_id, turn.messages, done.model or turn.model, done.finish_reason, turn.owner)
         while len(self.recent) > RECENT_TURNS:
@@ -233,11 +237,21 @@ class ChatService:
         except Exception:
             log.exception("could not publish cancel for %s", turn.correlation_id)
 
-    def cancel_soon(self, turn: TurnKey, reason: str, stream: TurnStream) -> None:
-        """Publish a cancel from a context that cannot await (a closing generator); the task is kept alive."""
-        task = asyncio.get_running_loop().create_task(self.cancel(turn, reason, stream))
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _charged(self, owner: str, tokens: int) -> None:
+        assert self.charge is not None
+        try:
+            await self.charge(owner, tokens, time.time())
+        except Exception as exc:  # the database down: that turn goes uncharged (the README's error bound)
+            log.warning("could not charge %d tokens to %s: %s: %s", tokens, owner, type(exc).__name__, exc)
+
+    def cancel_soon(self, turn: TurnKey, reason: str, stream: TurnStream) -> None:
+        """Publish a cancel from a context that cannot await (a closing generator); the task is kept alive."""
+        self._in_background(self.cancel(turn, reason, stream))
 
     def cancel_unless_resumed(self, turn: TurnKey, stream: TurnStream) -> None:
         """A client left mid-turn: cancel it after ``resume_grace_s`` unless a client resumes it first

@@ -36,6 +36,7 @@ class AnswerDoc(TypedDict, total=False):
     citations: list[dict[str, Any]]  # Citation
     completed_at: float
     retraction: dict[str, Any]  # Retraction (its withdrawn_text PII-masked again); text is then the safety message
+    tool_calls: list[dict[str, Any]]  # ToolCall, with finish_reason "tool_calls"
 
 
 class RetrievalDoc(TypedDict, total=False):

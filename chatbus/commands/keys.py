@@ -39,11 +39,16 @@ def keys() -> None:
 @click.option("--tenant", required=True, help="Whose key it is (usage is reported per key and tenant).")
 @click.option("--name", default="", help="A label, e.g. what uses the key.")
 @click.option("--rpm", type=click.IntRange(1), default=None, help="Requests per minute (default: no limit).")
+@click.option("--tpm", type=click.IntRange(1), default=None, help="Tokens (prompt + completion) per minute (default: no limit).")
+@click.option("--budget-tokens", type=click.IntRange(1), default=None, help="Tokens per budget period (default: no budget).")
+@click.option("--budget-period", type=click.Choice(["day", "month"]), default="month", show_default=True, help="The budget's UTC period.")
 @click.option("--models", default="", help="Comma-separated model names the key may use (default: all).")
 @click.option("--json", "as_json", is_flag=True)
-def keys_create(tenant: str, name: str, rpm: int | None, models: str, as_json: bool) -> None:
+def keys_create(tenant: str, name: str, rpm: int | None, tpm: int | None, budget_tokens: int | None, budget_period: str, models: str, as_json: bool) -> None:
     """Create a key and print it: it is shown only this once (the database keeps its hash)."""
-    limits = KeyLimits(rpm=rpm, models=[m.strip() for m in models.split(",") if m.strip()])
+    limits = KeyLimits.model_validate(
+        {"rpm": rpm, "tpm": tpm, "budget_tokens": budget_tokens, "budget_period": budget_period, "models": [m.strip() for m in models.split(",") if m.strip()]}
+    )
     key, record = _with_store(get_settings(), lambda store: store.create(tenant, name, limits))
     if as_json:
         click.echo(json.dumps({"key": key, **record.model_dump()}))
@@ -61,8 +66,12 @@ def keys_list(tenant: str | None, as_json: bool) -> None:
             click.echo(json.dumps(r.model_dump()))
             continue
         state = "revoked" if not r.active else "active"
-        rpm = r.limits.rpm or "-"
-        click.echo(f"{r.id}  …{r.hint}  {r.tenant:12s} {r.name:16s} rpm {rpm!s:6s} models {','.join(r.limits.models) or 'all'}  {state}")
+        rpm, tpm = r.limits.rpm or "-", r.limits.tpm or "-"
+        budget = f"{r.limits.budget_tokens}/{r.limits.budget_period}" if r.limits.budget_tokens else "-"
+        click.echo(
+            f"{r.id}  …{r.hint}  {r.tenant:12s} {r.name:16s} rpm {rpm!s:6s} tpm {tpm!s:8s} budget {budget:14s} "
+            f"models {','.join(r.limits.models) or 'all'}  {state}"
+        )
 
 
 @keys.command("revoke")

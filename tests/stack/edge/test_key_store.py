@@ -1,6 +1,7 @@
 """Keys kept in the database (``CHATBUS_KEY_STORE``, ``chatbus keys``) on two edges: a key's requests per minute
 hold across both (the 429 carries OpenAI's ``x-ratelimit-*`` headers and nothing is published), a model the
-key may not use is a 403, and a revoked key stops working on both edges at its next request."""
+key may not use is a 403, a revoked key stops working on both edges at its next request, and tokens per
+minute and token budgets, charged from the answers' usage, refuse the next request on the other edge."""
 
 from __future__ import annotations
 
@@ -67,3 +68,46 @@ async def test_limits_and_revocation_hold_on_every_edge(stack: Stack, mongo: Any
     listed = [json.loads(line) for line in chatbus(stack, "list", "--tenant", "acme", "--json").splitlines()]
     assert [(k["id"], k["revoked_at"] is not None) for k in listed] == [(key_id, True)]
     assert MODEL in chatbus(stack, "usage", key_id)
+
+
+async def test_tokens_per_minute_and_budgets_hold_on_every_edge(stack: Stack, mongo: Any) -> None:
+    """Each finished turn's tokens are charged to its key (the minute's window, the day's and month's budget);
+    once what was charged reaches a limit, the next request on any edge is a 429, before anything is published."""
+    by_tpm = json.loads(chatbus(stack, "create", "--tenant", "acme", "--tpm", "1", "--json"))
+    by_budget = json.loads(chatbus(stack, "create", "--tenant", "acme", "--budget-tokens", "1", "--budget-period", "day", "--json"))
+    listed = chatbus(stack, "list", "--tenant", "acme")
+    assert "tpm 1 " in listed and "budget 1/day" in listed
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4}
+    with ExitStack() as edges:
+        urls = [edges.enter_context(edge_process(stack, p, key_store="true"))[0] for p in (6, 7)]
+        async with httpx.AsyncClient(timeout=90) as http:
+            if time.time() % 60 > 40:  # the tokens-per-minute turn and its refusal must fall in one window
+                await asyncio.sleep(61 - time.time() % 60)
+            for created in (by_tpm, by_budget):
+                auth = {"Authorization": f"Bearer {created['key']}"}
+                first = await http.post(f"{urls[0]}/v1/chat/completions", json=body, headers=auth)
+                assert first.status_code == 200, first.text
+                tokens = first.json()["usage"]["total_tokens"]
+                assert tokens > 0
+
+                async def charged(key_id: str = created["id"]) -> bool:
+                    doc = await mongo.key_budgets.find_one({"key": key_id, "_id": {"$regex": r":\d{4}-\d{2}-\d{2}$"}})
+                    return doc is not None and doc["tokens"] > 0
+
+                await eventually(charged, 30, "the turn's tokens charged to its key")
+                day = await mongo.key_budgets.find_one({"key": created["id"], "_id": {"$regex": r":\d{4}-\d{2}-\d{2}$"}})
+                month = await mongo.key_budgets.find_one({"key": created["id"], "_id": {"$regex": r":\d{4}-\d{2}$"}})
+                assert day["tokens"] == month["tokens"] == tokens  # exactly the answer's usage
+                before = await mongo.turns.count_documents({"owner": created["id"]})
+                refused = await http.post(f"{urls[1]}/v1/chat/completions", json=body, headers=auth)  # the other edge
+                assert refused.status_code == 429, refused.text
+                assert int(refused.headers["Retry-After"]) >= 1
+                if created is by_tpm:
+                    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "tokens" in refused.json()["error"]["message"]
+                    assert refused.headers["x-ratelimit-limit-tokens"] == "1" and refused.headers["x-ratelimit-remaining-tokens"] == "0"
+                else:
+                    err = refused.json()["error"]
+                    assert err["code"] == "insufficient_quota" and err["type"] == "insufficient_quota" and "budget of 1 tokens" in err["message"]
+                    assert int(refused.headers["Retry-After"]) <= 86400
+                await asyncio.sleep(1.0)
+                assert await mongo.turns.count_documents({"owner": created["id"]}) == before  # nothing published for the 429

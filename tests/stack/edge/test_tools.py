@@ -18,7 +18,7 @@ import pytest
 
 from chatbus.stack import Stack
 from core.config import Settings
-from tests.conftest import end_offsets, read_topic
+from tests.conftest import end_offsets, eventually, read_topic
 from tests.upstream import Upstream, spawn_scripted_inference
 
 pytestmark = pytest.mark.stack
@@ -84,7 +84,7 @@ def weather_of(city: str, unit: str = "celsius") -> str:
     return json.dumps({"temp_c": 18, "sky": "sunny", "city": city, "unit": unit})
 
 
-async def test_the_openai_clients_tool_loop_runs_unchanged(edge_url: str, upstream: Upstream) -> None:
+async def test_the_openai_clients_tool_loop_runs_unchanged(edge_url: str, upstream: Upstream, mongo: Any) -> None:
     c = client(edge_url)
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris? [weather]"}]
     first = await c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
@@ -108,6 +108,8 @@ async def test_the_openai_clients_tool_loop_runs_unchanged(edge_url: str, upstre
     assert seen[-2]["role"] == "assistant" and seen[-2]["tool_calls"][0]["id"] == tc.id
     assert json.loads(seen[-2]["tool_calls"][0]["function"]["arguments"]) == args  # JSON text, as OpenAI's API takes it
     assert seen[-1] == {"role": "tool", "content": weather_of(**args), "tool_call_id": tc.id}
+    turn = await eventually(lambda: mongo.turns.find_one({"_id": first.id, "answer": {"$exists": True}}), what="the tool-call turn recorded")
+    assert turn["answer"]["finish_reason"] == "tool_calls" and turn["answer"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
 async def test_tool_calls_stream_as_deltas_after_the_text_and_the_tags_never_show(edge_url: str, upstream: Upstream) -> None:

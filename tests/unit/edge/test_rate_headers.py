@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from edge.auth import key_owner
-from edge.keys import new_key, rate_headers
+from edge.keys import budget_period, new_key, rate_headers
 
 
 def test_a_new_key_is_random_and_its_identity_is_a_hash() -> None:
@@ -20,3 +22,15 @@ def test_headers_count_down_and_reset_at_the_minute() -> None:
         "x-ratelimit-reset-requests": "15s",
     }
     assert rate_headers(10, 12, now)["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_budget_periods_are_utc_days_and_months() -> None:
+    at = datetime(2026, 12, 31, 23, 59, 30, tzinfo=UTC).timestamp()
+    assert budget_period("day", at) == ("2026-12-31", datetime(2027, 1, 1, tzinfo=UTC).timestamp())
+    assert budget_period("month", at) == ("2026-12", datetime(2027, 1, 1, tzinfo=UTC).timestamp())
+    assert budget_period("month", datetime(2027, 2, 10, tzinfo=UTC).timestamp()) == ("2027-02", datetime(2027, 3, 1, tzinfo=UTC).timestamp())
+
+
+def test_token_headers_name_tokens() -> None:
+    h = rate_headers(1000, 1200, 30.0, "tokens")
+    assert h == {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "30s"}
