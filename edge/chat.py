@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pymongo.errors import ConnectionFailure
@@ -25,7 +26,7 @@ from edge.auth import owner_of, protected
 from edge.conversations import ConversationStore
 from edge.errors import APIError, generation_error
 from edge.http import ORJSONResponse, read_json
-from edge.keys import admit_key
+from edge.keys import admit_key, lease_key
 from edge.relay import TurnStream, TurnTimeout, parse_event_id
 from edge.streaming import live_events, on_client_close, resume_event_id, resumed_events
 from edge.turns import ChatService, timing_ms
@@ -38,6 +39,7 @@ from topics.registry import CHAT_REPLIES, spec
 CHAT_REPLIES_PARTITIONS = spec(CHAT_REPLIES).partitions
 MAX_DELIVERED = 1 << 40  # characters already received: far beyond any answer, well inside int64
 CLOCK_SKEW_MS = 60_000
+LEASE_MARGIN_S = 30.0  # a lease outlives the longest turn by this much (an edge crash frees it then)
 DRAIN_GRACE_S = 3.0  # how long sse-starlette lets a stream end itself on shutdown before cancelling it
 
 
@@ -98,24 +100,52 @@ async def chat_completions(request: Request) -> Response:
     if owner is not None and req.conversation_id:  # continuing a conversation: only its own key may
         await check_conversation(request, req.conversation_id, owner)
     limits = await admit_key(request, req.model)  # the key's own limits (edge.keys): 403 / 429 before anything else
-    turn = service.build_turn(req, received, owner)
-    headers = {"X-Correlation-Id": turn.correlation_id, **limits, **service.admit(turn)}
-    stream = await service.publish(turn)
-    if req.stream:
-        headers["X-Resume-Event-Id"] = resume_event_id(service, turn)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventSourceResponse(
-            live_events(service, turn, stream, include_usage),
-            ping=0,  # heartbeats come from the event loop of edge.streaming (one task less per open stream)
-            sep="\n",
-            send_timeout=30,  # a client that stops reading cannot hold the turn (and a worker slot) for ever
-            shutdown_grace_period=DRAIN_GRACE_S,  # on SIGTERM our generator ends the stream itself (edge_draining)
-            client_close_handler_callable=on_client_close(service, turn, stream),
-            headers=headers,
-        )
-    body, parts = await complete(service, turn, stream, request)
-    headers["Server-Timing"] = server_timing(parts)
-    return ORJSONResponse(body, headers=headers)
+    lease = await lease_key(request, service.settings.turn_timeout_s + LEASE_MARGIN_S)  # its concurrent-request cap
+    streaming = False
+    try:
+        turn = service.build_turn(req, received, owner)
+        headers = {"X-Correlation-Id": turn.correlation_id, **limits, **service.admit(turn)}
+        stream = await service.publish(turn)
+        if req.stream:
+            headers["X-Resume-Event-Id"] = resume_event_id(service, turn)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            response = EventSourceResponse(
+                releasing(live_events(service, turn, stream, include_usage), service, request, lease),
+                ping=0,  # heartbeats come from the event loop of edge.streaming (one task less per open stream)
+                sep="\n",
+                send_timeout=30,  # a client that stops reading cannot hold the turn (and a worker slot) for ever
+                shutdown_grace_period=DRAIN_GRACE_S,  # on SIGTERM our generator ends the stream itself (edge_draining)
+                client_close_handler_callable=on_client_close(service, turn, stream),
+                headers=headers,
+            )
+            streaming = True  # the stream's end gives the lease back
+            return response
+        try:
+            body, parts = await complete(service, turn, stream, request)
+        except APIError as exc:  # published: the error names the turn, as an answer would
+            exc.headers.setdefault("X-Correlation-Id", turn.correlation_id)
+            raise
+        headers["Server-Timing"] = server_timing(parts)
+        return ORJSONResponse(body, headers=headers)
+    finally:
+        if lease is not None and not streaming:
+            release_soon(service, request, lease)
+
+
+def release_soon(service: ChatService, request: Request, lease: str) -> None:
+    """Give a concurrent-request lease back (edge.keys), in the background: it may run from a closing stream."""
+    service.in_background(request.app.state.key_store.release(lease))
+
+
+async def releasing(events: AsyncIterator[Any], service: ChatService, request: Request, lease: str | None) -> AsyncIterator[Any]:
+    """``events``, then the lease given back however the stream ends (a client gone before the first event
+    never starts this generator: its lease expires after ``turn_timeout_s``)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        if lease is not None:
+            release_soon(service, request, lease)
 
 
 async def resume_chat_completion(request: Request) -> Response:

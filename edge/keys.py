@@ -19,6 +19,11 @@ with a 6-character hint for people to tell keys apart; the key itself is printed
   ``Retry-After`` until the window or period ends. Error bound: turns admitted while under the limit are
   charged when they end, so a key can pass its limit by the tokens of the turns it had in flight; the
   tokens of a turn whose client left before its end are not charged.
+* **Concurrent requests** (``max_parallel``, LiteLLM's ``max_parallel_requests``): each admitted chat request
+  holds a lease in ``key_leases`` until its answer ends (released then; on an edge crash it expires after
+  ``turn_timeout_s``). A request finding ``max_parallel`` live leases gets a 429; two requests racing for
+  the last slot on different edges each count again after taking theirs, and one past the cap gives its
+  lease back and is refused — so never more than ``max_parallel`` run (at worst both racers are refused).
 * Headers, as OpenAI's: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests`` and
   ``x-ratelimit-reset-requests`` (``"12s"``), and the same three ``-tokens`` for ``tpm``, on every
   rate-limited answer, ``Retry-After`` on a 429.
@@ -28,23 +33,29 @@ The simple mode, ``CHATBUS_API_KEYS`` (a static list, no limits), still works be
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 from starlette.requests import Request
 
 from edge.auth import key_owner
 from edge.errors import APIError
 
+log = logging.getLogger(__name__)
+
 KEYS = "api_keys"
 WINDOWS = "rate_windows"
 BUDGETS = "key_budgets"
+LEASES = "key_leases"
 WINDOW_S = 60
 KEY_PREFIX = "cb-"
 
@@ -59,6 +70,7 @@ class KeyLimits(BaseModel):
     tpm: int | None = Field(default=None, ge=1)  # tokens (prompt + completion) per minute
     budget_tokens: int | None = Field(default=None, ge=1)  # tokens per budget period
     budget_period: Literal["day", "month"] = "month"  # UTC
+    max_parallel: int | None = Field(default=None, ge=1)  # chat requests answering at once
     models: list[str] = Field(default_factory=list)
 
 
@@ -220,6 +232,46 @@ class KeyStore:
                 headers=headers,
             )
         return headers
+
+    async def lease(self, record: KeyRecord, now: float, ttl_s: float) -> str | None:
+        """Take one of ``record``'s ``max_parallel`` slots for a request: the lease id to :meth:`release`
+        (None without a cap), or a 429 (see the module docstring)."""
+        cap = record.limits.max_parallel
+        if cap is None:
+            return None
+        leases = self.db[LEASES]
+        await leases.delete_many({"key": record.id, "expires_at": {"$lt": now}})
+        running = await leases.count_documents({"key": record.id})
+        if running < cap:
+            lease_id = f"{record.id}:{uuid.uuid4().hex}"
+            await leases.insert_one({"_id": lease_id, "key": record.id, "expires_at": now + ttl_s, "taken_at": now})
+            running = await leases.count_documents({"key": record.id, "expires_at": {"$gte": now}})
+            if running <= cap:
+                return lease_id
+            await leases.delete_one({"_id": lease_id})  # lost a race for the last slot
+        raise APIError(
+            429,
+            f"Too many concurrent requests: this key may have {cap} at once and has {min(running, cap)} running. Retry when one ends.",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
+
+    async def release(self, lease_id: str) -> None:
+        """Give a lease back; with the database down it expires instead (logged)."""
+        try:
+            await self.db[LEASES].delete_one({"_id": lease_id})
+        except PyMongoError as exc:
+            log.warning("could not release lease %s (it expires on its own): %s", lease_id.split(":")[0], type(exc).__name__)
+
+
+async def lease_key(request: Request, ttl_s: float) -> str | None:
+    """:meth:`KeyStore.lease` for the request's stored key (None for a static key, an open edge, or no cap)."""
+    record = getattr(request.state, "key_record", None)
+    if not isinstance(record, KeyRecord):
+        return None
+    store: KeyStore = request.app.state.key_store
+    return await store.lease(record, time.time(), ttl_s)
 
 
 async def admit_key(request: Request, model: str | None = None) -> dict[str, str]:

@@ -195,7 +195,7 @@ class ChatService:
         self.live.turn(done.finish_reason, parts, done.usage.completion_tokens)
         self.monitor.turn_finished()
         if self.charge is not None and turn.owner and done.usage.total_tokens:
-            self._in_background(self._charged(turn.owner, done.usage.total_tokens))
+            self.in_background(self._charged(turn.owner, done.usage.total_tokens))
         self.open_turns.pop(turn.correlation_id, None)
         self.recent[turn.correlation_id] = Finished(turn.conversation_id, turn.messages, done.model or turn.model, done.finish_reason, turn.owner)
         while len(self.recent) > RECENT_TURNS:
@@ -237,7 +237,8 @@ class ChatService:
         except Exception:
             log.exception("could not publish cancel for %s", turn.correlation_id)
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task kept alive until it ends (from code that cannot await, e.g. a closing stream)."""
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -251,7 +252,7 @@ class ChatService:
 
     def cancel_soon(self, turn: TurnKey, reason: str, stream: TurnStream) -> None:
         """Publish a cancel from a context that cannot await (a closing generator); the task is kept alive."""
-        self._in_background(self.cancel(turn, reason, stream))
+        self.in_background(self.cancel(turn, reason, stream))
 
     def cancel_unless_resumed(self, turn: TurnKey, stream: TurnStream) -> None:
         """A client left mid-turn: cancel it after ``resume_grace_s`` unless a client resumes it first

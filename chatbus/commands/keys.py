@@ -42,12 +42,24 @@ def keys() -> None:
 @click.option("--tpm", type=click.IntRange(1), default=None, help="Tokens (prompt + completion) per minute (default: no limit).")
 @click.option("--budget-tokens", type=click.IntRange(1), default=None, help="Tokens per budget period (default: no budget).")
 @click.option("--budget-period", type=click.Choice(["day", "month"]), default="month", show_default=True, help="The budget's UTC period.")
+@click.option("--max-parallel", type=click.IntRange(1), default=None, help="Chat requests answering at once (default: no cap).")
 @click.option("--models", default="", help="Comma-separated model names the key may use (default: all).")
 @click.option("--json", "as_json", is_flag=True)
-def keys_create(tenant: str, name: str, rpm: int | None, tpm: int | None, budget_tokens: int | None, budget_period: str, models: str, as_json: bool) -> None:
+def keys_create(
+    tenant: str,
+    name: str,
+    rpm: int | None,
+    tpm: int | None,
+    budget_tokens: int | None,
+    budget_period: str,
+    max_parallel: int | None,
+    models: str,
+    as_json: bool,
+) -> None:
     """Create a key and print it: it is shown only this once (the database keeps its hash)."""
+    models_list = [m.strip() for m in models.split(",") if m.strip()]
     limits = KeyLimits.model_validate(
-        {"rpm": rpm, "tpm": tpm, "budget_tokens": budget_tokens, "budget_period": budget_period, "models": [m.strip() for m in models.split(",") if m.strip()]}
+        {"rpm": rpm, "tpm": tpm, "budget_tokens": budget_tokens, "budget_period": budget_period, "max_parallel": max_parallel, "models": models_list}
     )
     key, record = _with_store(get_settings(), lambda store: store.create(tenant, name, limits))
     if as_json:
@@ -70,7 +82,7 @@ def keys_list(tenant: str | None, as_json: bool) -> None:
         budget = f"{r.limits.budget_tokens}/{r.limits.budget_period}" if r.limits.budget_tokens else "-"
         click.echo(
             f"{r.id}  …{r.hint}  {r.tenant:12s} {r.name:16s} rpm {rpm!s:6s} tpm {tpm!s:8s} budget {budget:14s} "
-            f"models {','.join(r.limits.models) or 'all'}  {state}"
+            f"parallel {r.limits.max_parallel or '-'!s:4s} models {','.join(r.limits.models) or 'all'}  {state}"
         )
 
 

@@ -111,3 +111,35 @@ async def test_tokens_per_minute_and_budgets_hold_on_every_edge(stack: Stack, mo
                     assert int(refused.headers["Retry-After"]) <= 86400
                 await asyncio.sleep(1.0)
                 assert await mongo.turns.count_documents({"owner": created["id"]}) == before  # nothing published for the 429
+
+
+async def test_a_keys_concurrent_requests_are_capped_across_edges(stack: Stack, mongo: Any) -> None:
+    """``--max-parallel 1``: while one streamed answer runs, the key's next request on the other edge is a 429;
+    once it ends (its lease given back), the key is served again."""
+    created = json.loads(chatbus(stack, "create", "--tenant", "acme", "--max-parallel", "1", "--json"))
+    auth = {"Authorization": f"Bearer {created['key']}"}
+    long = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1500}
+    short = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4}
+    with ExitStack() as edges:
+        urls = [edges.enter_context(edge_process(stack, p, key_store="true"))[0] for p in (4, 5)]
+        async with httpx.AsyncClient(timeout=90) as http:
+            async with http.stream("POST", f"{urls[0]}/v1/chat/completions", json=long, headers=auth) as streamed:
+                assert streamed.status_code == 200
+                lines = streamed.aiter_lines()
+                async for line in lines:  # the answer has begun: its lease is held
+                    if line.startswith("data:") and '"content"' in line:
+                        break
+                refused = await http.post(f"{urls[1]}/v1/chat/completions", json=short, headers=auth)
+                assert refused.status_code == 429, refused.text
+                err = refused.json()["error"]
+                assert err["code"] == "rate_limit_exceeded" and "1 at once" in err["message"] and refused.headers["Retry-After"] == "1"
+                async for _ in lines:  # read it to its end
+                    pass
+
+            async def free() -> bool:
+                return await mongo.key_leases.count_documents({"key": created["id"]}) == 0
+
+            await eventually(free, 30, "the stream's lease given back")
+            again = await http.post(f"{urls[1]}/v1/chat/completions", json=short, headers=auth)
+            assert again.status_code == 200, again.text
+            await eventually(free, 30, "the non-streamed answer's lease given back")
