@@ -52,6 +52,7 @@ from schemas.events import (
     ReviewItem,
     ScreenedTurn,
     TokenEvent,
+    ToolCall,
     TurnCompleted,
     last_user_text,
 )
@@ -63,7 +64,23 @@ log = logging.getLogger(__name__)
 
 
 def masked_messages(messages: Sequence[ChatMessage]) -> list[MessageDoc]:
-    return [MessageDoc(role=m.role, content=mask_pii(m.content)[0]) for m in messages]
+    out: list[MessageDoc] = []
+    for m in messages:
+        doc = MessageDoc(role=m.role, content=mask_pii(m.content)[0])
+        if m.tool_calls:
+            doc["tool_calls"] = masked_calls(m.tool_calls)
+        if m.tool_call_id is not None:
+            doc["tool_call_id"] = m.tool_call_id
+        out.append(doc)
+    return out
+
+
+def masked_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Tool calls as stored: their arguments PII-masked like every stored text."""
+    out = [c.model_dump() for c in calls]
+    for call in out:
+        call["function"]["arguments"] = mask_pii(call["function"]["arguments"])[0]
+    return out
 
 
 def turn_updates(event: AnyEvent, prices: Mapping[str, TokenPrice] | None = None) -> TurnDoc | None:
@@ -114,10 +131,7 @@ def turn_updates(event: AnyEvent, prices: Mapping[str, TokenPrice] | None = None
             retraction["withdrawn_text"] = mask_pii(event.retraction.withdrawn_text)[0]
             fields["answer"]["retraction"] = retraction
         if event.tool_calls:
-            calls = [c.model_dump() for c in event.tool_calls]
-            for call in calls:  # arguments masked like the text
-                call["function"]["arguments"] = mask_pii(call["function"]["arguments"])[0]
-            fields["answer"]["tool_calls"] = calls
+            fields["answer"]["tool_calls"] = masked_calls(event.tool_calls)
         if event.verdict is not None:
             fields["verdict"] = event.verdict.model_dump()
         return fields

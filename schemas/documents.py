@@ -11,7 +11,7 @@ paths for queries). Values are what ``model_dump()`` of the event types gives; t
 
 from __future__ import annotations
 
-from typing import Any, Final, TypedDict
+from typing import Any, Final, NotRequired, TypedDict
 
 CONVERSATIONS: Final = "conversations"
 TURNS: Final = "turns"
@@ -23,6 +23,8 @@ ID: Final = "_id"
 class MessageDoc(TypedDict):
     role: str
     content: str  # masked
+    tool_calls: NotRequired[list[dict[str, Any]]]  # an assistant message's ToolCall s, arguments masked
+    tool_call_id: NotRequired[str]  # a tool message: the call it answers
 
 
 class AnswerDoc(TypedDict, total=False):

@@ -88,6 +88,41 @@ function drawRecords(r, bucket) {
   }, [r.t, r.dpo || [], r.kto || []]);
 }
 
+// GET /v1/usage (OpenAI's usage shape: a bucket per UTC day, results per model): a row per day and model, newest first
+async function refreshUsage() {
+  const note = document.getElementById("usage-note");
+  let d;
+  try {
+    const r = await fetch("/v1/usage?group_by=model", { cache: "no-store", headers: authHeaders() });
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    d = await r.json();
+  } catch (e) {
+    note.textContent = `cannot load usage: ${e.message}`;
+    return;
+  }
+  const body = document.querySelector("#usage tbody");
+  body.replaceChildren();
+  let tokens = 0;
+  let cost = 0;
+  for (const bucket of [...(d.data || [])].reverse()) {
+    const day = new Date(bucket.start_time * 1000).toISOString().slice(0, 10);
+    for (const u of bucket.results || []) {
+      tokens += (u.input_tokens || 0) + (u.output_tokens || 0);
+      cost += u.cost_usd || 0;
+      const row = document.createElement("tr");
+      for (const v of [day, u.model ?? "all", u.num_model_requests, u.input_tokens, u.output_tokens, (u.cost_usd || 0).toFixed(6)]) {
+        const cell = document.createElement("td");
+        cell.textContent = String(v ?? "");
+        row.appendChild(cell);
+      }
+      body.appendChild(row);
+    }
+  }
+  document.getElementById("k-tokens").textContent = String(tokens);
+  document.getElementById("k-cost").textContent = `$${cost.toFixed(4)}`;
+  document.body.dataset.usageUpdated = String(Date.now());
+}
+
 async function refresh() {
   const err = document.getElementById("error");
   const hours = document.getElementById("hours").value;
@@ -121,7 +156,9 @@ if (initialHours && [...document.getElementById("hours").options].some((o) => o.
 }
 document.getElementById("hours").addEventListener("change", refresh);
 refresh();
+refreshUsage();
 setInterval(refresh, 10000);
+setInterval(refreshUsage, 10000);
 window.addEventListener("resize", () => {
   for (const [id, p] of Object.entries(plots)) p.setSize({ width: width(document.getElementById(id)), height: HEIGHT });
 });

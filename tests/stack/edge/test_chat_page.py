@@ -416,6 +416,11 @@ async def test_dashboard_draws_its_plots(edge_url: str) -> None:
         assert await page.locator("div.uplot canvas").count() == 3  # outcomes, refusal rate, records
         assert int(await page.locator("#k-turns").text_content() or "0") >= 1
         await expect(page.locator("#thumbs-note")).not_to_be_empty()
+        # usage and cost (GET /v1/usage; the session stack prices the tiny model): a row once the turn is recorded
+        await expect(page.locator("#usage tbody tr").first).to_be_visible(timeout=30_000)
+        cells = await page.locator("#usage tbody tr").first.locator("td").all_text_contents()
+        assert cells[1] == "chatbus-tiny-random" and int(cells[2]) >= 1 and float(cells[5]) > 0, cells
+        assert (await page.locator("#k-cost").text_content() or "").startswith("$")
         await page.screenshot(path=str(artifact("dashboard.png")), full_page=True)
         assert not errors, errors
 

@@ -110,6 +110,9 @@ async def test_the_openai_clients_tool_loop_runs_unchanged(edge_url: str, upstre
     assert seen[-1] == {"role": "tool", "content": weather_of(**args), "tool_call_id": tc.id}
     turn = await eventually(lambda: mongo.turns.find_one({"_id": first.id, "answer": {"$exists": True}}), what="the tool-call turn recorded")
     assert turn["answer"]["finish_reason"] == "tool_calls" and turn["answer"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    follow_up = await eventually(lambda: mongo.turns.find_one({"_id": second.id, "answer": {"$exists": True}}), what="the follow-up recorded")
+    stored = follow_up["messages"]
+    assert stored[1]["tool_calls"][0]["id"] == tc.id and stored[2]["role"] == "tool" and stored[2]["tool_call_id"] == tc.id
 
 
 async def test_tool_calls_stream_as_deltas_after_the_text_and_the_tags_never_show(edge_url: str, upstream: Upstream) -> None:
