@@ -49,6 +49,7 @@ an interactive turn dequeued more than ``turn_timeout_s`` after it was published
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -353,7 +354,8 @@ class InferenceWorker(ConsumerRuntime):
                 else:
                     max_tokens = min(request.sampling.max_tokens, self.settings.max_model_len)
                     budget = prompt_budget(self.settings.prefill_budget_tokens, self.settings.max_model_len, max_tokens)
-                    messages, citations = await asyncio.to_thread(fit_grounded, turn, self.engine.count_prompt_tokens, budget)
+                    count = functools.partial(self.engine.count_prompt_tokens, tools=tools or None)  # the tools take prompt room too
+                    messages, citations = await asyncio.to_thread(fit_grounded, turn, count, budget)
                     gen = GenerationRequest(
                         request_id=f"{cid}:{attempt}",
                         messages=messages,

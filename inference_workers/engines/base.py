@@ -84,8 +84,9 @@ class Engine(ABC):
     def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream the completion of ``req`` (an async generator; see the module docstring)."""
 
-    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int | None:
-        """Token count of ``messages`` after the chat template, or ``None`` if this engine cannot tell."""
+    def count_prompt_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int | None:
+        """Token count of ``messages`` (and the ``tools`` the template describes) after the chat template, or
+        ``None`` if this engine cannot tell."""
         return None
 
     async def __aenter__(self) -> Engine:

@@ -197,10 +197,10 @@ class TransformersEngine(Engine):
             if not cb_still_scheduled(manager, rid):
                 self._cb_cancelling.discard(rid)
 
-    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int | None:
+    def count_prompt_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int | None:
         if self._tokenizer is None:
             return None
-        return len(self._render(messages))
+        return len(self._render(messages, tools))
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, prefix: str = "") -> list[int]:
         text = base.render_chat(self._tokenizer, messages, tools, prefix)

@@ -117,8 +117,8 @@ class VllmEngine(Engine):
         text = base.render_chat(self._tokenizer, messages, tools, prefix)
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int | None:
-        return len(self._render(messages)) if self._tokenizer is not None else None
+    def count_prompt_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int | None:
+        return len(self._render(messages, tools)) if self._tokenizer is not None else None
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         engine = self._engine
