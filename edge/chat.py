@@ -26,7 +26,7 @@ from edge.auth import owner_of, protected
 from edge.conversations import ConversationStore
 from edge.errors import APIError, generation_error
 from edge.http import ORJSONResponse, read_json
-from edge.keys import admit_key, lease_key
+from edge.keys import admit_key, lease_key, tenant_of
 from edge.relay import TurnStream, TurnTimeout, parse_event_id
 from edge.streaming import live_events, on_client_close, resume_event_id, resumed_events
 from edge.turns import ChatService, timing_ms
@@ -103,7 +103,7 @@ async def chat_completions(request: Request) -> Response:
     lease = await lease_key(request, service.settings.turn_timeout_s + LEASE_MARGIN_S)  # its concurrent-request cap
     streaming = False
     try:
-        turn = service.build_turn(req, received, owner)
+        turn = service.build_turn(req, received, owner, tenant_of(request))
         headers = {"X-Correlation-Id": turn.correlation_id, **limits, **service.admit(turn)}
         stream = await service.publish(turn)
         if req.stream:

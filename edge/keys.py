@@ -265,6 +265,12 @@ class KeyStore:
             log.warning("could not release lease %s (it expires on its own): %s", lease_id.split(":")[0], type(exc).__name__)
 
 
+def tenant_of(request: Request) -> str | None:
+    """The tenant of the request's stored key (None for a static key or an open edge)."""
+    record = getattr(request.state, "key_record", None)
+    return record.tenant if isinstance(record, KeyRecord) else None
+
+
 async def lease_key(request: Request, ttl_s: float) -> str | None:
     """:meth:`KeyStore.lease` for the request's stored key (None for a static key, an open edge, or no cap)."""
     record = getattr(request.state, "key_record", None)

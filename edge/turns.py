@@ -130,7 +130,7 @@ class ChatService:
         log.info("edge %s draining: %d open streams told to resume elsewhere", self.settings.edge_id, len(streams))
         return len(streams)
 
-    def build_turn(self, req: ChatCompletionRequest, received_at: float, owner: str | None = None) -> ChatTurnRequest:
+    def build_turn(self, req: ChatCompletionRequest, received_at: float, owner: str | None = None, tenant: str | None = None) -> ChatTurnRequest:
         if req.model != self.settings.model_name:
             raise NotFound(f"The model `{req.model}` does not exist.", type="NotFoundError", param="model", code="model_not_found")
         messages, pii = mask_messages(req.chat_messages())  # no topic holds a raw prompt (core.pii)
@@ -145,6 +145,7 @@ class ChatService:
             user=pseudonym(req.user, self.settings.pseudonym_key_bytes()),
             pii=pii,
             owner=owner,
+            tenant=tenant,
             tools=tools,
             tool_choice=tool_choice,
             parallel_tool_calls=req.parallel_tool_calls,

@@ -49,6 +49,7 @@ an interactive turn dequeued more than ``turn_timeout_s`` after it was published
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -56,6 +57,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -68,10 +70,23 @@ from core.config import Settings
 from core.safety.output import SAFETY_MESSAGE, OutputRail, OutputScreen, OutputVerdict
 from core.tools import INVALID_TOOL_CALL, InvalidToolCall, ToolCallStream, check_calls, forced_prefix
 from inference_workers.engines import Engine, GenerationRequest, make_engine
+from inference_workers.fair import FairSlots
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
 from producers.bus import Outgoing
 from producers.replies import ReplySender, completion, produce_retrying, to_reply
-from schemas.events import DecodeError, EdgeHeartbeat, FinishReason, GroundedTurn, Retraction, ReviewItem, ToolCall, TurnCompleted, Usage, new_id
+from schemas.events import (
+    ChatTurnRequest,
+    DecodeError,
+    EdgeHeartbeat,
+    FinishReason,
+    GroundedTurn,
+    Retraction,
+    ReviewItem,
+    ToolCall,
+    TurnCompleted,
+    Usage,
+    new_id,
+)
 from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, INFERENCE, SAFETY_REVIEW, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
@@ -138,8 +153,10 @@ class InferenceWorker(ConsumerRuntime):
             INFERENCE.group_id,
             INFERENCE.topics,
             companions=[self.engine, self.cancelled_batches, self.control],
-            max_poll_records=settings.max_inflight_turns,
+            max_poll_records=settings.max_inflight_turns + settings.fair_queue_turns,
         )
+        # with a fair queue, more turns are fetched than run; the engine's slots go round-robin over tenants
+        self.slots = FairSlots(settings.max_inflight_turns) if settings.fair_queue_turns > 0 else None
         self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.member = f"inference-{socket.gethostname()}-{os.getpid()}"
@@ -166,7 +183,12 @@ class InferenceWorker(ConsumerRuntime):
         return _Revoker(self)
 
     async def consume(self, stop: asyncio.Event) -> None:
-        log.info("inference: max %d turns in flight, batch at most %d", self.settings.max_inflight_turns, self.batch_limit)
+        log.info(
+            "inference: max %d turns generating, %d more waiting for a fair turn, batch at most %d",
+            self.settings.max_inflight_turns,
+            self.settings.fair_queue_turns,
+            self.batch_limit,
+        )
         next_check = next_beat = 0.0
         while not stop.is_set():
             for tp, records in (await self._fetch()).items():
@@ -218,7 +240,7 @@ class InferenceWorker(ConsumerRuntime):
 
     async def _fetch(self) -> dict[TopicPartition, list[ConsumerRecord]]:
         """Interactive records first; batch records only into the slots batch work may take."""
-        free = self.settings.max_inflight_turns - len(self.running)
+        free = self.settings.max_inflight_turns + self.settings.fair_queue_turns - len(self.running)
         batch_free = self.batch_limit - len(self.running)
         return await self.fetch_lanes({self.in_topic}, free, min(free, batch_free), idle_ms=100, full_ms=50)
 
@@ -371,31 +393,34 @@ class InferenceWorker(ConsumerRuntime):
                     )
                     last_flush = time.monotonic()
                     flushed_tokens = 0
-                    deltas = self.engine.generate(gen)
-                    try:
-                        async for delta in deltas:
-                            if "first_token" not in stages and (delta.text or delta.finish_reason):
-                                stages["first_token"] = time.time()
-                            tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
-                            if delta.finish_reason:
-                                finish = ENGINE_FINISH.get(delta.finish_reason, "stop")
-                            piece = delta.text if calling is None else calling.feed(delta.text)
-                            if rail is None or screening is None:
-                                buffer += piece
-                            else:
-                                rail.feed(piece, tokens)
-                                violation = await screening.step(rail)
-                                if violation is not None:
-                                    break
-                                buffer += rail.release()
-                            elapsed_ms = (time.monotonic() - last_flush) * 1000
-                            if buffer and (flushes == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens):
-                                await flush()
-                                last_flush, flushed_tokens = time.monotonic(), tokens
-                    finally:
-                        aclose = getattr(deltas, "aclose", None)
-                        if aclose is not None:  # a break (a violation) aborts generation now, not at garbage collection
-                            await aclose()
+                    async with self.generation_slot(request):  # fair share across tenants (inference_workers.fair)
+                        deltas = self.engine.generate(gen)
+                        try:
+                            async for delta in deltas:
+                                if "first_token" not in stages and (delta.text or delta.finish_reason):
+                                    stages["first_token"] = time.time()
+                                tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
+                                if delta.finish_reason:
+                                    finish = ENGINE_FINISH.get(delta.finish_reason, "stop")
+                                piece = delta.text if calling is None else calling.feed(delta.text)
+                                if rail is None or screening is None:
+                                    buffer += piece
+                                else:
+                                    rail.feed(piece, tokens)
+                                    violation = await screening.step(rail)
+                                    if violation is not None:
+                                        break
+                                    buffer += rail.release()
+                                elapsed_ms = (time.monotonic() - last_flush) * 1000
+                                if buffer and (
+                                    flushes == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens
+                                ):
+                                    await flush()
+                                    last_flush, flushed_tokens = time.monotonic(), tokens
+                        finally:
+                            aclose = getattr(deltas, "aclose", None)
+                            if aclose is not None:  # a break (a violation) aborts generation now, not at garbage collection
+                                await aclose()
                     if calling is not None and violation is None:
                         rest, calls = calling.finish()
                         if rail is None:
@@ -490,6 +515,20 @@ class InferenceWorker(ConsumerRuntime):
             await replies.close()
             self.running.pop(cid, None)
             metrics.RUNNING.labels(request.source).dec()
+
+    @contextlib.asynccontextmanager
+    async def generation_slot(self, request: ChatTurnRequest) -> AsyncIterator[None]:
+        """Hold one of the engine's slots while generating, taken round-robin over tenants when turns wait
+        (``fair_queue_turns`` > 0; otherwise every fetched turn runs at once)."""
+        if self.slots is None:
+            yield
+            return
+        tenant = request.tenant or request.owner or "anonymous"
+        await self.slots.acquire(tenant, request.source)
+        try:
+            yield
+        finally:
+            self.slots.release(tenant)
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()

@@ -226,6 +226,7 @@ class ChatTurnRequest(_Event):
     batch: BatchRef | None = None  # set on the batch lane (``batch.*`` topics)
     pii: list[str] = Field(default_factory=list)  # kinds of PII masked in ``messages`` before publishing
     owner: str | None = None  # the API key's identity (edge.auth.key_owner: a hash), None on an edge without keys
+    tenant: str | None = None  # whose share the inference worker counts it in: the stored key's tenant (None: the owner's)
     tools: list[ToolSpec] = Field(default_factory=list)  # offered to the model (empty: none, or tool_choice "none")
     parallel_tool_calls: bool = True  # False: at most one call per answer
     tool_choice: str = "auto"  # with tools: "auto" (the model decides), "required" (some call), else the one function's name to call
