@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
@@ -34,6 +35,8 @@ from topics.clients import make_consumer, make_producer
 from topics.registry import topic
 
 log = logging.getLogger(__name__)
+COMMIT_TIMEOUT_S = 5.0
+COMMIT_BACKOFF_S = 5.0
 
 
 class Companion(Protocol):
@@ -71,6 +74,8 @@ class ConsumerRuntime:
         self.consumer = consumer or make_consumer(settings, group_id=group_id, **consumer_options)
         self.companions = list(companions)
         self.dead_lettered = 0
+        self._owed_commits: dict[TopicPartition, int] = {}  # offsets to commit with the next commit
+        self._commits_paused_until = 0.0  # monotonic
 
     # --- life -----------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -92,6 +97,7 @@ class ConsumerRuntime:
                 await self.consume(stop)
             finally:
                 await self.wind_down()
+                await self.flush_commits()  # what a backoff left owed
                 await self.consumer.stop()
         finally:
             for companion in reversed(started):
@@ -129,12 +135,35 @@ class ConsumerRuntime:
         return dead_letter(self.settings, record, self.name, reason, correlation_id)
 
     async def commit(self, tp: TopicPartition, offset: int) -> None:
-        """Commit ``offset`` (the next one to read) on ``tp``; a failure (a rebalance moved the partition:
-        its new owner resumes from the last commit) is logged, not raised."""
+        """Commit ``offset`` (the next one to read) on ``tp``, with any earlier commit still owed; a failure
+        (a rebalance moved the partition: its new owner resumes from the last commit) is logged, not raised.
+
+        A commit waits at most ``COMMIT_TIMEOUT_S``, and after one that was not acknowledged the next
+        ``COMMIT_BACKOFF_S`` only note their offsets (sent with the next commit). aiokafka retries a
+        retriable commit for ever; a consumer whose loop sat in commits after a broker outage (one per
+        partition: the recorder reads ~30) never polled again, so it never rejoined its group."""
+        owed = self._owed_commits
+        owed[tp] = max(offset, owed.get(tp, offset))
+        if time.monotonic() < self._commits_paused_until:
+            return
+        await self.flush_commits()
+
+    async def flush_commits(self) -> None:
+        """Send the commits owed for the partitions still assigned (see :meth:`commit`)."""
+        assigned = self.consumer.assignment()
+        offsets = {tp: o for tp, o in self._owed_commits.items() if tp in assigned}
+        self._owed_commits.clear()
+        if not offsets:
+            return
         try:
-            await self.consumer.commit({tp: offset})
+            await asyncio.wait_for(self.consumer.commit(offsets), COMMIT_TIMEOUT_S)
+        except TimeoutError:
+            self._commits_paused_until = time.monotonic() + COMMIT_BACKOFF_S
+            for tp, o in offsets.items():  # owed still, unless a later commit passes them
+                self._owed_commits[tp] = max(o, self._owed_commits.get(tp, o))
+            log.warning("%s: a commit of %d partitions was not acknowledged in %.0f s; owed for now", self.name, len(offsets), COMMIT_TIMEOUT_S)
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-            log.warning("%s: commit of %s[%d]@%d failed: %s", self.name, tp.topic, tp.partition, offset, exc)
+            log.warning("%s: commit of %s failed: %s", self.name, ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in offsets.items()), exc)
 
     async def fetch_lanes(
         self,

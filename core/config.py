@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     # on two cores next to a busy process ran the tiny model at 70 tok/s, one thread at 165 tok/s.
     torch_threads: int = 0
     max_inflight_turns: int = 8
-    fair_queue_turns: int = 8  # inference: turns fetched beyond max_inflight_turns, started round-robin over tenants (inference_workers.fair)
+    fair_queue_turns: int = 0  # inference: turns fetched beyond max_inflight_turns, started round-robin over tenants (inference_workers.fair)
     interactive_reserve: int = 2  # in-flight slots batch turns never take (see inference_workers.worker)
     default_max_tokens: int = 512  # when a request sets none; the default model's answers mostly end by 300
     max_model_len: int = 2048

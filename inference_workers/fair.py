@@ -11,8 +11,9 @@ backlogged goes first instead of joining the end of the round: a light tenant's 
 to free, not for a turn of every flooding tenant. Interactive turns are served before batch turns (the
 lane's priority holds inside the engine too). A waiting turn that is cancelled leaves its queue.
 
-The worker fetches ``fair_queue_turns`` more turns than it runs (``CHATBUS_FAIR_QUEUE_TURNS``, default 8), so
-there are waiting turns to choose among; with 0 every fetched turn runs at once, in Kafka's order.
+The worker fetches ``fair_queue_turns`` more turns than it runs (``CHATBUS_FAIR_QUEUE_TURNS``; 0, the default,
+turns it off), so there are waiting turns to choose among; with 0 every fetched turn runs at once, in
+Kafka's order.
 """
 
 from __future__ import annotations
