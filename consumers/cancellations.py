@@ -27,6 +27,9 @@ from topics.registry import BATCH_JOBS, CHAT_CONTROL, topic
 log = logging.getLogger(__name__)
 
 
+TOPIC_WAIT_S = 60.0  # a worker starting with the stack waits this long for its topics' metadata (three loaded brokers took over 10 s)
+
+
 class _TopicTail(BackgroundService):
     """Every partition of one topic without a consumer group, from its beginning or its end; each record
     that decodes goes to :meth:`handle`, one that does not to :meth:`undecodable`.
@@ -52,7 +55,7 @@ class _TopicTail(BackgroundService):
         reset = "earliest" if self.from_beginning else "latest"
         self._consumer = consumer = make_consumer(self.settings, group_id=None, auto_offset_reset=reset)
         await consumer.start()
-        tps = await partitions_of(consumer, self.topic)
+        tps = await partitions_of(consumer, self.topic, timeout_s=TOPIC_WAIT_S)
         consumer.assign(tps)
         if self.from_beginning:
             await consumer.seek_to_beginning()
