@@ -59,9 +59,9 @@ async def ttft(http: httpx.AsyncClient, url: str, key: str) -> float:
     return first
 
 
-async def light_ttfts(url: str, turns: int, heavy: int) -> tuple[list[float], int]:
-    """The light tenant's TTFTs (seconds), with ``heavy`` heavy turns kept in flight meanwhile; and how many
-    heavy turns completed."""
+async def light_ttfts(url: str, turns: int, heavy: int) -> tuple[list[float], float]:
+    """The light tenant's TTFTs (seconds), with ``heavy`` heavy turns kept in flight meanwhile; and the heavy
+    tenant's throughput meanwhile (turns completed per second)."""
     done = 0
     stop = asyncio.Event()
     async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=300), limits=httpx.Limits(max_connections=heavy + 4)) as http:
@@ -75,10 +75,13 @@ async def light_ttfts(url: str, turns: int, heavy: int) -> tuple[list[float], in
         floods = [asyncio.create_task(flood()) for _ in range(heavy)]
         if heavy:
             await asyncio.sleep(3)  # the flood fills the worker first
+        started = time.perf_counter()
         out = [await ttft(http, url, LIGHT) for _ in range(turns)]
+        elapsed = time.perf_counter() - started
+        finished_before = done
         stop.set()
         await asyncio.gather(*floods, return_exceptions=True)
-    return out, done
+    return out, finished_before / elapsed
 
 
 def pct(values: list[float], q: float) -> float:
@@ -94,6 +97,7 @@ def main() -> None:
     ap.add_argument("--pace-ms", type=float, default=20.0)
     ap.add_argument("--turns", type=int, default=20, help="light turns per measurement")
     ap.add_argument("--queue", type=int, default=32, help="CHATBUS_FAIR_QUEUE_TURNS when the fair queue is on")
+    ap.add_argument("--reserve", type=int, default=1, help="CHATBUS_FAIR_RESERVE_SLOTS in the last configuration")
     args = ap.parse_args()
     settings = Settings(
         state_dir=Path(tempfile.mkdtemp(prefix="chatbus-bench-fair-")),
@@ -114,22 +118,25 @@ def main() -> None:
         stack = Stack(settings)
         stack.up(("kafka", "ferretdb", "safety", "retrieval", "recorder", "edge"), wait=False)
         try:
-            for name, queue in (("off (arrival order)", 0), ("on", args.queue)):
+            configs = (("off (arrival order)", 0, 0), ("on, no reserve", args.queue, 0), (f"on, {args.reserve} reserve slot", args.queue, args.reserve))
+            for name, queue, reserve in configs:
                 if stack.running("inference"):
                     stack.stop("inference")
-                spawn_scripted_inference(stack, up, MODEL, output_rail=False, max_inflight_turns=args.slots, fair_queue_turns=queue)
+                spawn_scripted_inference(stack, up, MODEL, output_rail=False, max_inflight_turns=args.slots, fair_queue_turns=queue, fair_reserve_slots=reserve)
                 stack.wait_ready(timeout_s=300)
                 asyncio.run(light_ttfts(stack.edge_url, 3, 0))  # warm-up
                 idle, _ = asyncio.run(light_ttfts(stack.edge_url, args.turns, 0))
-                loaded, heavy_done = asyncio.run(light_ttfts(stack.edge_url, args.turns, args.heavy))
+                loaded, heavy_rate = asyncio.run(light_ttfts(stack.edge_url, args.turns, args.heavy))
                 row = {
                     "fair_queue": name,
                     "fair_queue_turns": queue,
+                    "fair_reserve_slots": reserve,
                     "idle_ttft_p50_ms": round(statistics.median(idle) * 1000, 1),
                     "loaded_ttft_p50_ms": round(statistics.median(loaded) * 1000, 1),
                     "loaded_ttft_p90_ms": round(pct(loaded, 0.9) * 1000, 1),
                     "ratio_p50": round(statistics.median(loaded) / statistics.median(idle), 2),
-                    "heavy_turns_done": heavy_done,
+                    "ratio_p90": round(pct(loaded, 0.9) / pct(idle, 0.9), 2),
+                    "heavy_turns_per_s": round(heavy_rate, 2),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -143,12 +150,12 @@ def main() -> None:
         f"Light tenant's TTFT, alone and while a heavy tenant keeps {args.heavy} turns in flight against its 1 "
         f"({args.slots} generation slots, {args.words}-word answers at {args.pace_ms:g} ms a word: ~{answer_s:.1f} s each; {args.turns} light turns each):",
         "",
-        "| fair queue | light TTFT alone p50 | light TTFT under the flood p50 | p90 | ratio (p50) | heavy turns served meanwhile |",
-        "|---|---|---|---|---|---|",
+        "| fair queue | light TTFT alone p50 | light TTFT under the flood p50 | p90 | ratio p50 | ratio p90 (to idle p90) | heavy turns/s meanwhile |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['fair_queue']} | {r['idle_ttft_p50_ms']} ms | {r['loaded_ttft_p50_ms']} ms | {r['loaded_ttft_p90_ms']} ms | {r['ratio_p50']}x | {r['heavy_turns_done']} |"
+            f"| {r['fair_queue']} | {r['idle_ttft_p50_ms']} ms | {r['loaded_ttft_p50_ms']} ms | {r['loaded_ttft_p90_ms']} ms | {r['ratio_p50']}x | {r['ratio_p90']}x | {r['heavy_turns_per_s']} |"
         )
     (OUT / "fair_share.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

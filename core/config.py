@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     # on two cores next to a busy process ran the tiny model at 70 tok/s, one thread at 165 tok/s.
     torch_threads: int = 0
     max_inflight_turns: int = 8
-    fair_queue_turns: int = 0  # inference: turns fetched beyond max_inflight_turns, started round-robin over tenants (inference_workers.fair)
+    fair_queue_turns: int = 16  # inference: turns fetched beyond max_inflight_turns, started round-robin over tenants (inference_workers.fair); 0 = off
+    fair_reserve_slots: int = 1  # with the fair queue: slots beyond max_inflight_turns only a tenant with no turn generating may take
     interactive_reserve: int = 2  # in-flight slots batch turns never take (see inference_workers.worker)
     default_max_tokens: int = 512  # when a request sets none; the default model's answers mostly end by 300
     max_model_len: int = 2048
@@ -169,6 +170,11 @@ class Settings(BaseSettings):
     output_rail: bool = True
     output_rail_every_tokens: int = Field(default=16, ge=1)
     output_rail_window_tokens: int = Field(default=0, ge=0)
+
+    @property
+    def engine_slots(self) -> int:
+        """Turns the engine may run at once: ``max_inflight_turns``, plus the fair queue's reserve when it is on."""
+        return max(1, self.max_inflight_turns) + (self.fair_reserve_slots if self.fair_queue_turns > 0 else 0)
 
     @property
     def resolved_model(self) -> str:

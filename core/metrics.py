@@ -70,7 +70,7 @@ RETRIEVAL_SKIPPED = Counter("chatbus:retrieval_skipped_total", "Turns grounded w
 # --- inference ---------------------------------------------------------------------------------------------
 ENGINE_TTFT = Histogram(
     "chatbus:engine_time_to_first_token_seconds",
-    "Inference dequeued -> first token from the engine (queue in engine + prefill).",
+    "Generation slot granted -> first token from the engine (queue in engine + prefill).",
     ["model_name"],
     buckets=LATENCY_BUCKETS,
 )

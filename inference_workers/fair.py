@@ -11,9 +11,17 @@ backlogged goes first instead of joining the end of the round: a light tenant's 
 to free, not for a turn of every flooding tenant. Interactive turns are served before batch turns (the
 lane's priority holds inside the engine too). A waiting turn that is cancelled leaves its queue.
 
-The worker fetches ``fair_queue_turns`` more turns than it runs (``CHATBUS_FAIR_QUEUE_TURNS``; 0, the default,
-turns it off), so there are waiting turns to choose among; with 0 every fetched turn runs at once, in
-Kafka's order.
+A tenant that has no turn generating does not wait for a shared slot to free: ``reserve`` slots beyond
+``capacity`` (``CHATBUS_FAIR_RESERVE_SLOTS``, 1 by default) go only to an interactive tenant holding none, so
+its first turn starts at once however full the engine is (the place a preempting scheduler such as vLLM's
+priority policy would evict a running sequence; here nothing is evicted). The engine thus runs at most
+``capacity + reserve`` turns, one tenant at most ``capacity``, and a lone tenant uses every shared slot.
+
+The worker fetches ``fair_queue_turns`` more turns than it runs (``CHATBUS_FAIR_QUEUE_TURNS``, 16 by default;
+0 turns the fair queue off), so there are waiting turns to choose among; with 0 every fetched turn runs at
+once, in Kafka's order. Fairness holds among the fetched turns: a tenant with more than
+``max_inflight_turns + fair_queue_turns`` turns waiting on one worker's partitions still delays others'
+records behind it in Kafka.
 """
 
 from __future__ import annotations
@@ -26,10 +34,13 @@ LANES = ("interactive", "batch")
 
 
 class FairSlots:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, reserve: int = 0) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if reserve < 0:
+            raise ValueError(f"reserve must be at least 0, got {reserve}")
         self.capacity = capacity
+        self.reserve = reserve
         self.busy = 0
         self.holding: collections.Counter[str] = collections.Counter()  # tenant -> slots it holds
         self._served: dict[str, int] = {}  # tenant -> when it last got a slot (a sequence number)
@@ -43,13 +54,10 @@ class FairSlots:
 
     async def acquire(self, tenant: str, lane: str = "interactive") -> None:
         """Wait for a slot (see the module docstring). Cancelled while waiting: it leaves the queue."""
-        if self.busy < self.capacity and not self.waiting:
-            self.busy += 1
-            self._grant(tenant)
-            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queues = self._queues[lane]
         queues.setdefault(tenant, collections.deque()).append(future)
+        self._dispatch()
         try:
             await future
         except asyncio.CancelledError:
@@ -60,24 +68,32 @@ class FairSlots:
             raise
 
     def release(self, tenant: str) -> None:
-        """``tenant`` gives a slot back: to the waiting tenant holding fewest slots, then served longest ago
-        (interactive first), else the slot is free."""
+        """``tenant`` gives a slot back; it goes to the next waiting turn (:meth:`_dispatch`), else it is free."""
         self.holding[tenant] -= 1
         if self.holding[tenant] <= 0:
             del self.holding[tenant]
+        self.busy -= 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Grant slots while one may go: interactive lane first, in each lane to the waiting tenant holding
+        fewest slots, then served longest ago. A shared slot goes to anyone; a reserved one (beyond
+        ``capacity``) only to an interactive tenant holding none."""
         for lane in LANES:
             queues = self._queues[lane]
             while queues:
                 nxt = min(queues, key=lambda t: (self.holding[t], self._served.get(t, -1)))
+                reserved = lane == "interactive" and nxt not in self.holding and self.busy < self.capacity + self.reserve
+                if self.busy >= self.capacity and not reserved:
+                    break  # every other waiting tenant holds at least as many slots: none may take a reserved one
                 waiting = queues[nxt]
                 future = waiting.popleft()
                 if not waiting:
                     del queues[nxt]
                 if not future.done():
+                    self.busy += 1
                     self._grant(nxt)
-                    future.set_result(None)  # the slot passes over: busy stays the same
-                    return
-        self.busy -= 1
+                    future.set_result(None)
 
     def _grant(self, tenant: str) -> None:
         self.holding[tenant] += 1

@@ -153,10 +153,11 @@ class InferenceWorker(ConsumerRuntime):
             INFERENCE.group_id,
             INFERENCE.topics,
             companions=[self.engine, self.cancelled_batches, self.control],
-            max_poll_records=settings.max_inflight_turns + settings.fair_queue_turns,
+            max_poll_records=settings.engine_slots + settings.fair_queue_turns,
         )
         # with a fair queue, more turns are fetched than run; the engine's slots go round-robin over tenants
-        self.slots = FairSlots(settings.max_inflight_turns) if settings.fair_queue_turns > 0 else None
+        self.slots = FairSlots(settings.max_inflight_turns, settings.fair_reserve_slots) if settings.fair_queue_turns > 0 else None
+        self.fetch_limit = settings.engine_slots + (settings.fair_queue_turns if self.slots else 0)
         self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.member = f"inference-{socket.gethostname()}-{os.getpid()}"
@@ -184,9 +185,10 @@ class InferenceWorker(ConsumerRuntime):
 
     async def consume(self, stop: asyncio.Event) -> None:
         log.info(
-            "inference: max %d turns generating, %d more waiting for a fair turn, batch at most %d",
+            "inference: max %d turns generating (+%d for a tenant with none), %d more waiting for a fair turn, batch at most %d",
             self.settings.max_inflight_turns,
-            self.settings.fair_queue_turns,
+            self.slots.reserve if self.slots else 0,
+            self.settings.fair_queue_turns if self.slots else 0,
             self.batch_limit,
         )
         next_check = next_beat = 0.0
@@ -240,7 +242,7 @@ class InferenceWorker(ConsumerRuntime):
 
     async def _fetch(self) -> dict[TopicPartition, list[ConsumerRecord]]:
         """Interactive records first; batch records only into the slots batch work may take."""
-        free = self.settings.max_inflight_turns + self.settings.fair_queue_turns - len(self.running)
+        free = self.fetch_limit - len(self.running)
         batch_free = self.batch_limit - len(self.running)
         return await self.fetch_lanes({self.in_topic}, free, min(free, batch_free), idle_ms=100, full_ms=50)
 
@@ -393,7 +395,7 @@ class InferenceWorker(ConsumerRuntime):
                     )
                     last_flush = time.monotonic()
                     flushed_tokens = 0
-                    async with self.generation_slot(request):  # fair share across tenants (inference_workers.fair)
+                    async with self.generation_slot(request, stages):  # fair share across tenants (inference_workers.fair)
                         deltas = self.engine.generate(gen)
                         try:
                             async for delta in deltas:
@@ -517,14 +519,16 @@ class InferenceWorker(ConsumerRuntime):
             metrics.RUNNING.labels(request.source).dec()
 
     @contextlib.asynccontextmanager
-    async def generation_slot(self, request: ChatTurnRequest) -> AsyncIterator[None]:
+    async def generation_slot(self, request: ChatTurnRequest, stages: dict[str, float]) -> AsyncIterator[None]:
         """Hold one of the engine's slots while generating, taken round-robin over tenants when turns wait
         (``fair_queue_turns`` > 0; otherwise every fetched turn runs at once)."""
         if self.slots is None:
+            stages["inference_scheduled"] = time.time()
             yield
             return
         tenant = request.tenant or request.owner or "anonymous"
         await self.slots.acquire(tenant, request.source)
+        stages["inference_scheduled"] = time.time()
         try:
             yield
         finally:
@@ -611,8 +615,9 @@ def observe_turn(done: TurnCompleted) -> None:
     model, stages, usage = done.model, done.stages, done.usage
     metrics.PROMPT_TOKENS.labels(model).inc(usage.prompt_tokens)
     metrics.GENERATION_TOKENS.labels(model).inc(usage.completion_tokens)
-    if "first_token" in stages and "inference_dequeued" in stages:
-        metrics.ENGINE_TTFT.labels(model).observe(stages["first_token"] - stages["inference_dequeued"])
+    started = stages.get("inference_scheduled", stages.get("inference_dequeued"))
+    if "first_token" in stages and started is not None:
+        metrics.ENGINE_TTFT.labels(model).observe(stages["first_token"] - started)
     if usage.completion_tokens > 1 and "last_token" in stages and "first_token" in stages:
         metrics.TPOT.labels(model).observe((stages["last_token"] - stages["first_token"]) / (usage.completion_tokens - 1))
 

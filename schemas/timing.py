@@ -10,6 +10,7 @@ mark                  set by
 ``safety_start/end``  safety worker, around screening (PII masking, embedding)
 ``retrieval_start/end`` retrieval worker, around the vector search
 ``inference_dequeued`` inference worker, turn taken from ``chat.grounded``
+``inference_scheduled`` inference worker, generation slot granted (inference_workers.fair)
 ``first_token``       inference worker, first token out of the engine
 ``last_token``        inference worker, generation finished
 ``first_relayed``     edge, first content chunk handed to the client's stream
@@ -32,7 +33,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "edge": ("edge_received", "edge_published"),
     "safety": ("safety_start", "safety_end"),
     "retrieval": ("retrieval_start", "retrieval_end"),
-    "prefill": ("inference_dequeued", "first_token"),  # the engine's own TTFT: its queue + prefill + first step
+    "queue": ("inference_dequeued", "inference_scheduled"),  # waiting for a generation slot (the fair queue)
+    "prefill": ("inference_scheduled", "first_token"),  # the engine's own TTFT: its queue + prefill + first step
     "decode": ("first_token", "last_token"),
 }
 HOPS: dict[str, tuple[str, str]] = {
@@ -57,7 +59,9 @@ def breakdown(stages: Mapping[str, float]) -> dict[str, dict[str, float]]:
     """``{"stages": {name: s}, "hops": {name: s}, "totals": {...}}`` — seconds, only spans whose two marks exist.
 
     ``totals`` also holds ``hops`` (the sum of the three forward hops, when all are known) and
-    ``bus_overhead`` (TTFT − the engine's own TTFT, i.e. what the bus and the other stages add).
+    ``bus_overhead`` (TTFT − the inference worker's time to first token, queue included, i.e. what the bus and
+    the other stages add). Marks from before ``inference_scheduled`` existed give ``prefill`` from
+    ``inference_dequeued``.
     """
     out: dict[str, dict[str, float]] = {"stages": {}, "hops": {}, "totals": {}}
     for group, spans in (("stages", STAGES), ("hops", HOPS), ("totals", TOTALS)):
@@ -68,8 +72,11 @@ def breakdown(stages: Mapping[str, float]) -> dict[str, dict[str, float]]:
     forward = [out["hops"].get(h) for h in ("edge→safety", "safety→retrieval", "retrieval→inference")]
     if all(v is not None for v in forward):
         out["totals"]["hops"] = sum(v for v in forward if v is not None)
-    if "ttft" in out["totals"] and "prefill" in out["stages"]:
-        out["totals"]["bus_overhead"] = out["totals"]["ttft"] - out["stages"]["prefill"]
+    worker_ttft = span(stages, "inference_dequeued", "first_token")
+    if "prefill" not in out["stages"] and "inference_scheduled" not in stages and worker_ttft is not None:
+        out["stages"]["prefill"] = worker_ttft
+    if "ttft" in out["totals"] and worker_ttft is not None:
+        out["totals"]["bus_overhead"] = out["totals"]["ttft"] - worker_ttft
     return out
 
 

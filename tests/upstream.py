@@ -33,6 +33,7 @@ class Upstream:
         self.closed_early: list[str] = []
         self.finished: list[str] = []
         self.started: list[str] = []
+        self.log: list[tuple[str, str]] = []  # ("start" | "end", marker), in the order they happened
         self.requests: list[dict[str, Any]] = []  # each request body, as received
         app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -49,6 +50,7 @@ class Upstream:
         words = [w + " " for w in self.script(prompt).split()]
         marker = prompt[-12:]
         self.started.append(marker)
+        self.log.append(("start", marker))
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -64,6 +66,7 @@ class Upstream:
                 end = {"id": "up", "object": "chat.completion.chunk", "model": "scripted", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
                 yield b"data: " + orjson.dumps(end) + b"\n\ndata: [DONE]\n\n"
                 self.finished.append(marker)
+                self.log.append(("end", marker))
             except (asyncio.CancelledError, GeneratorExit):
                 self.closed_early.append(marker)
                 raise

@@ -27,7 +27,7 @@ def make_engine(settings: Settings) -> Engine:
     """Build (not start) the engine named by ``settings.engine``.
 
     * ``transformers``: ``settings.resolved_model`` on ``settings.device`` in ``settings.dtype``, up to
-      ``settings.max_inflight_turns`` requests generating at once. The tiny random model must be built
+      ``settings.engine_slots`` requests generating at once. The tiny random model must be built
       (``chatbus make-tiny-model``; ``chatbus worker inference`` builds it when missing); a packaged model
       that was not provisioned raises ``RuntimeError`` naming ``make setup`` (provisioning downloads ~0.5 GB, never done behind a worker's back).
     * ``vllm``: ``settings.resolved_model`` with the ``vllm_*`` settings (needs a GPU and vLLM).
@@ -55,7 +55,7 @@ def make_engine(settings: Settings) -> Engine:
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
             model_name=settings.model_name,
-            max_concurrency=max(1, settings.max_inflight_turns),
+            max_concurrency=settings.engine_slots,
         )
     if kind == "vllm":
         from inference_workers.engines.vllm_engine import VllmEngine

@@ -64,7 +64,16 @@ async def test_streamed_turn_through_every_stage(edge_url: str, settings: Settin
     assert len(grounded) == 1 and isinstance(grounded[0], GroundedTurn)
     done = [e for e in await read_topic(settings, "chat.replies", cid) if isinstance(e, TurnCompleted)]
     assert len(done) == 1 and done[0].text == text
-    for stage in ("edge_received", "safety_start", "safety_end", "retrieval_start", "retrieval_end", "inference_dequeued", "first_token"):
+    for stage in (
+        "edge_received",
+        "safety_start",
+        "safety_end",
+        "retrieval_start",
+        "retrieval_end",
+        "inference_dequeued",
+        "inference_scheduled",
+        "first_token",
+    ):
         assert stage in done[0].stages, stage
 
 
@@ -298,7 +307,7 @@ async def test_inflight_cap_holds_under_a_burst(edge_url: str, settings: Setting
         return [d["stages"] for d in docs] if all(docs) else []
 
     spans = await eventually(stages, what="stage marks of the burst")
-    events = sorted([(s["inference_dequeued"], 1) for s in spans] + [(s["last_token"], -1) for s in spans])
+    events = sorted([(s["inference_scheduled"], 1) for s in spans] + [(s["last_token"], -1) for s in spans])
     running = peak = 0
     for _, step in events:
         running += step

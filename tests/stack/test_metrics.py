@@ -46,12 +46,13 @@ async def test_each_turn_reports_its_split_into_stages_and_hops(edge_url: str) -
     async with httpx.AsyncClient(timeout=60) as http:
         finish = await streamed_turn(http, edge_url, "How do I define a function in Python?")
         timing = finish["timing"]
-        assert set(timing["stages"]) >= {"edge", "safety", "retrieval", "prefill"}
+        assert set(timing["stages"]) >= {"edge", "safety", "retrieval", "queue", "prefill"}
         assert set(timing["hops"]) == {"edge→safety", "safety→retrieval", "retrieval→inference", "inference→edge"}
         # the split is exact: TTFT = the edge's work + every stage before the first token + every hop
-        parts = sum(timing["stages"][s] for s in ("edge", "safety", "retrieval", "prefill")) + sum(timing["hops"].values())
+        parts = sum(timing["stages"][s] for s in ("edge", "safety", "retrieval", "queue", "prefill")) + sum(timing["hops"].values())
         assert timing["totals"]["ttft"] == pytest.approx(parts, abs=0.1)
-        assert timing["totals"]["bus_overhead"] == pytest.approx(timing["totals"]["ttft"] - timing["stages"]["prefill"], abs=0.05)
+        worker = timing["stages"]["queue"] + timing["stages"]["prefill"]
+        assert timing["totals"]["bus_overhead"] == pytest.approx(timing["totals"]["ttft"] - worker, abs=0.05)
         assert all(v >= 0 for v in timing["stages"].values())
 
         plain = await http.post(
@@ -134,3 +135,6 @@ def test_breakdown_of_marks() -> None:
     assert parts["totals"]["bus_overhead"] == pytest.approx(0.043 - 0.017)
     assert "e2e" not in parts["totals"]  # no last_relayed mark: not reported, not guessed
     assert server_timing(parts).startswith("edge;dur=1.0, safety;dur=10.0")
+    scheduled = breakdown({**marks, "inference_scheduled": 0.030})  # 7 ms waiting for a generation slot
+    assert scheduled["stages"]["queue"] == pytest.approx(0.007) and scheduled["stages"]["prefill"] == pytest.approx(0.010)
+    assert scheduled["totals"]["bus_overhead"] == pytest.approx(0.043 - 0.017)  # the worker's queue is not the bus's

@@ -107,3 +107,43 @@ async def test_a_tenant_that_just_started_waiting_goes_before_one_that_floods() 
     for task in flood:
         task.cancel()
     await asyncio.gather(*flood, light, return_exceptions=True)
+
+
+async def test_a_reserve_slot_goes_only_to_a_tenant_with_none() -> None:
+    slots = FairSlots(2, reserve=1)
+    await slots.acquire("heavy")
+    await slots.acquire("heavy")
+    heavy = asyncio.create_task(slots.acquire("heavy"))  # the flooding tenant never takes the reserve
+    await asyncio.sleep(0.01)
+    assert not heavy.done() and slots.busy == 2
+    await asyncio.wait_for(slots.acquire("light"), 1)  # a tenant with nothing running starts at once
+    assert slots.busy == 3 and slots.holding["light"] == 1
+    second = asyncio.create_task(slots.acquire("light"))  # its second turn waits like anyone else's
+    batch = asyncio.create_task(slots.acquire("other", "batch"))  # and batch turns never take the reserve
+    await asyncio.sleep(0.01)
+    assert not second.done() and not batch.done()
+    slots.release("light")  # light holds none again: its second turn takes the reserve at once
+    await asyncio.wait_for(second, 1)
+    assert slots.busy == 3 and not heavy.done()
+    slots.release("heavy")  # the engine is at its shared capacity again (heavy 1 + light 1): heavy waits
+    await asyncio.sleep(0.01)
+    assert slots.busy == 2 and not heavy.done() and not batch.done()
+    slots.release("light")  # now a shared slot is free: the interactive heavy turn before the batch one
+    await asyncio.wait_for(heavy, 1)
+    assert not batch.done() and slots.holding["heavy"] == 2
+    batch.cancel()
+    await asyncio.gather(batch, return_exceptions=True)
+    assert slots.waiting == 0
+
+
+async def test_a_lone_tenant_uses_every_shared_slot() -> None:
+    slots = FairSlots(3, reserve=1)
+    for _ in range(3):
+        await asyncio.wait_for(slots.acquire("only"), 1)
+    assert slots.busy == 3
+    waiter = asyncio.create_task(slots.acquire("only"))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # the reserve is for someone else
+    slots.release("only")
+    await asyncio.wait_for(waiter, 1)
+    assert slots.busy == 3
