@@ -61,11 +61,17 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
 	  else echo "note: install Debian's chromium for the browser tests"; fi; }
 
+# Both packaged models, each with inference workers of its own (topics.pools): Qwen2.5-Coder-0.5B (primary)
+# and SmolLM2-135M; "auto" sends simple requests to SmolLM2, and each falls back to the other (edge.routing).
+# Set CHATBUS_EXTRA_MODELS= (empty) to serve one model.
+STACK_MODELS = CHATBUS_EXTRA_MODELS="$${CHATBUS_EXTRA_MODELS-smollm2-135m}" \
+  CHATBUS_MODEL_FALLBACKS="$${CHATBUS_MODEL_FALLBACKS-qwen2.5-coder-0.5b-instruct=smollm2-135m-instruct,smollm2-135m-instruct=qwen2.5-coder-0.5b-instruct}"
+
 run: setup
-	$(PY) -m chatbus.cli stack run
+	$(STACK_MODELS) $(PY) -m chatbus.cli stack run
 
 up: setup
-	$(PY) -m chatbus.cli stack up
+	$(STACK_MODELS) $(PY) -m chatbus.cli stack up
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m chatbus.cli stack down; fi

@@ -21,8 +21,10 @@ import orjson
 
 from batches.errors import InvalidRequest, NotFound, RequestError, TooLarge
 from core.config import Settings
+from core.routing import AUTO, classify
 from schemas.events import BatchLineError
 from schemas.openai import ChatCompletionRequest, check_supported, parse_request
+from topics.pools import pool_named, pools
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 
@@ -76,7 +78,11 @@ def parse_line(raw: bytes, number: int, settings: Settings) -> BatchLine:
     if request.stream:
         raise InvalidRequest("stream: streaming is not available in a batch", param="stream")
     check_supported(request, settings.max_model_len)
-    if request.model != settings.model_name:
+    if request.model == AUTO:  # no live health here: a batch line waits for its pool (topics.pools)
+        needs_primary, _ = classify(request.chat_messages())
+        pool = pools(settings)[0] if needs_primary else pool_named(settings, settings.auto_small_model) or pools(settings)[-1]
+        request = request.model_copy(update={"model": pool.name})
+    if pool_named(settings, request.model) is None:
         raise NotFound(f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
     if len(raw) > settings.max_request_bytes:
         raise TooLarge(f"line longer than {settings.max_request_bytes} bytes", code="request_too_large")

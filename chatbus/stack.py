@@ -39,6 +39,7 @@ from chatbus.infra import kafka_nodes, start_ferretdb, start_kafka, start_milvus
 from chatbus.proc import StackError, free_port, host_port, is_ours, mongo_host_port, pid_alive, port_open, proc_start_time, read_pid, read_pidfile, wait_port
 from chatbus.supervisor import Paths, Supervisor, setting_env_keys
 from core.config import Settings
+from topics.pools import pools
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,18 @@ def replica_name(kind: str, number: int) -> str:
 
 
 def kind_of(service: str) -> str:
-    """``inference-2`` -> ``inference``; ``kafka-3`` -> ``kafka``; a plain name is its own kind."""
+    """``inference-2`` -> ``inference``; ``kafka-3`` -> ``kafka``; an extra model pool's worker
+    ``inference.<pool>`` (topics.pools) -> ``inference``; a plain name is its own kind."""
     base, _, number = service.rpartition("-")
-    return base if base and number.isdigit() else service
+    kind = base if base and number.isdigit() else service
+    return "inference" if kind.startswith("inference.") else kind
+
+
+def pool_of_service(service: str) -> str:
+    """``inference.smollm2-135m-instruct-2`` -> ``smollm2-135m-instruct`` (a pool's slug); ``""`` for the primary's workers."""
+    base, _, number = service.rpartition("-")
+    name = base if base and number.isdigit() else service
+    return name.removeprefix("inference.") if name.startswith("inference.") else ""
 
 
 def replica_number(service: str) -> int:
@@ -93,6 +103,8 @@ class Stack(Supervisor):
         kafka = tuple(node.service for node in kafka_nodes(self.settings))
         milvus = ("milvus",) if self.serves_milvus else ()
         workers = tuple(replica_name(kind, j) for kind in WORKERS for j in range(1, n + 1))
+        # one inference worker (per replica) for each extra model's pool, after the primary's (topics.pools)
+        workers += tuple(replica_name(pool.service, j) for pool in pools(self.settings)[1:] for j in range(1, n + 1))
         return (*kafka, "ferretdb", *milvus, *workers, *(replica_name("edge", j) for j in range(1, n + 1)))
 
     @property
@@ -121,10 +133,14 @@ class Stack(Supervisor):
         if existing:
             return existing
         kind = kind_of(name)
+        slug = pool_of_service(name)
         offset = WORKERS.index(kind) + len(WORKERS) * (replica_number(name) - 1)
-        port = self.settings.metrics_base_port + offset if self.settings.metrics_base_port else free_port(self.settings.metrics_host)
+        based = self.settings.metrics_base_port and not slug  # an extra pool's worker takes a free port
+        port = self.settings.metrics_base_port + offset if based else free_port(self.settings.metrics_host)
         env = self.env()
         env["CHATBUS_METRICS_PORT"] = str(port)
+        if slug:
+            env["CHATBUS_POOL"] = next(p.name for p in pools(self.settings) if p.slug == slug)
         if kind == "inference" and self.settings.torch_threads == 0:
             # generation is where the time goes; the other stages are idle while a turn prefills and decodes.
             # Every core: Qwen2.5-0.5B bf16 prefills 1.7x and decodes 1.5x faster on 2 threads than on 1 (README)

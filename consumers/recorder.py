@@ -56,6 +56,7 @@ from schemas.events import (
     TurnCompleted,
     last_user_text,
 )
+from topics.pools import pools
 from topics.registry import RECORDER
 
 T = TypeVar("T")
@@ -229,7 +230,7 @@ def recorder_worker(settings: Settings, recorder: Recorder, bulk: bool = True) -
         settings,
         "recorder",
         RECORDER.group_id,
-        RECORDER.topics,
+        (*RECORDER.topics, *(p.grounded() for p in pools(settings)[1:])),  # and each extra model's chat.grounded.<pool>
         recorder.handle,
         max_records=256,
         batch_handler=recorder.handle_batch if bulk else None,

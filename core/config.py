@@ -99,6 +99,21 @@ class Settings(BaseSettings):
     # Face id or a local path; empty = the default packaged model, Qwen2.5-Coder-0.5B-Instruct
     model: str = ""
     served_model_name: str = ""
+    # more models served beside it, each by inference workers of its own (topics.pools): a comma list of
+    # packaged short names / Hugging Face ids / paths, each optionally ``served-name=model``
+    # (e.g. ``smollm2-135m`` or ``chatbus-tiny-small=tiny``); an inference worker serves the pool whose
+    # name is its served model name (the primary one, ``model``, when none matches)
+    extra_models: str = ""
+    pool: str = ""  # an inference worker of an extra model's pool: that model's served name (empty: the primary model)
+    # where a model's new turns go when its pool is down or overloaded (edge.routing): ``from=to`` pairs
+    # of served names, comma separated; a model without one gets a 503 instead
+    model_fallbacks: str = ""
+    # ``model: "auto"`` (edge.routing): simple requests go to this served model (default: the last extra
+    # model), the rest to the primary one
+    auto_small_model: str = ""
+    breaker_max_lag: int = 24  # a pool with more interactive turns waiting than this is overloaded: new turns fall back
+    breaker_failures: int = 3  # failed turns in a row that open a pool's breaker ...
+    breaker_cooldown_s: float = 30.0  # ... for this long (then one turn tries it again)
     # weights' dtype: auto = the checkpoint's own on CPU (bf16 for the packaged models: prefill ~3x faster
     # than fp32 on 2 cores, see README), float16/bfloat16 on CUDA; or float32 | bfloat16 | float16
     dtype: str = "auto"

@@ -50,6 +50,11 @@ OPEN_STREAMS = Gauge("chatbus:edge_open_turns", "Turns this edge is waiting on (
 CONSUMER_LAG = Gauge("chatbus:consumer_lag", "Records not yet committed by a consumer group (end offset - committed), per topic.", ["group", "topic"])
 ADMISSION_REJECTED = Counter("chatbus:admission_rejected_total", "Requests answered 429 by admission control.", ["lane", "reason"])
 UNAVAILABLE = Counter("chatbus:unavailable_total", "Requests answered 503 because the broker or a stage's workers were unavailable.", ["lane", "reason"])
+ROUTED = Counter(
+    "chatbus:routed_total",
+    "Turns by the model chosen to answer, why (requested, auto, fallback) and whether it stood in for another.",
+    ["model_name", "reason", "fallback"],
+)
 BROWNOUT_CAPPED = Counter("chatbus:brownout_capped_total", "Turns admitted with max_tokens capped by the brownout setting.")
 
 # --- every stage worker -----------------------------------------------------------------------------------

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core import metrics
@@ -45,6 +47,7 @@ from core.background import PeriodicService
 from core.config import Settings
 from edge.errors import APIError
 from topics.lag import LagReader
+from topics.pools import pools
 from topics.registry import (
     BATCH_GROUNDED,
     BATCH_REQUESTS,
@@ -135,12 +138,17 @@ class LoadMonitor(PeriodicService):
         self.settings = settings
         self.every_s = settings.admit_poll_s
         p = settings.topic_prefix
-        self.groups = {g.group_id: tuple(topic(t, p) for t in g.topics) for g in GROUPS}
-        self.interactive = {(g, topic(t, p)) for g, t in INTERACTIVE.items()}
-        self.batch = {(g, topic(t, p)) for g, t in BATCH.items()}
+        extra = pools(settings)[1:]  # the extra models' inference groups (topics.pools)
+        self.groups = {g.group_id: tuple(topic(t, p) for t in g.topics) for g in (*GROUPS, *(pool.group for pool in extra))}
+        self.interactive = {(g, topic(t, p)) for g, t in INTERACTIVE.items()} | {(pool.group.group_id, topic(pool.grounded(), p)) for pool in extra}
+        self.batch = {(g, topic(t, p)) for g, t in BATCH.items()} | {(pool.group.group_id, topic(pool.grounded("batch"), p)) for pool in extra}
+        self.pool_groups = {pool.group.group_id for pool in extra}
+        self.watched = [*PIPELINE_GROUPS, *self.pool_groups]  # whose live members are read
+        self.listeners: list[Callable[[], None]] = []  # called after each good reading (edge.turns: reroute stranded turns)
         self.lag_by: dict[tuple[str, str], int] = {}
         self.read_at = 0.0  # monotonic time of the last good read
-        self.admitted_since_read = 0
+        self.admits: collections.deque[float] = collections.deque(maxlen=4096)  # when this edge admitted turns (monotonic)
+        self.read_started = 0.0  # when the last good reading began: turns admitted after it are not in it
         self.finished: collections.deque[float] = collections.deque(maxlen=4096)
         self.members: dict[str, int] = {}  # live members per interactive stage group, at the last good reading
         self._reader = LagReader(settings)
@@ -156,45 +164,56 @@ class LoadMonitor(PeriodicService):
         await self._reader.stop()
 
     async def tick(self) -> None:  # a failed read is logged; the reading then ages out (LAG_MAX_AGE_S)
-        admitted = self.admitted_since_read
+        started = time.monotonic()
         async with asyncio.timeout(self.settings.bus_timeout_s):  # a broker that does not answer (SIGSTOP, a partition)
             # concurrently: on a cluster the groups' coordinators are on different brokers
-            lag, members = await asyncio.gather(self._reader.read(self.groups), self._reader.members(list(PIPELINE_GROUPS)))
+            lag, members = await asyncio.gather(self._reader.read(self.groups), self._reader.members(self.watched))
         self.lag_by, self.read_at, self.members = lag, time.monotonic(), members
-        self.admitted_since_read -= admitted  # those are in the reading now
+        self.read_started = started
         for (group, name), value in lag.items():
             metrics.CONSUMER_LAG.labels(group, name).set(value)
+        for listener in self.listeners:
+            listener()
 
     def snapshot(self, inflight: int) -> Load:
         fresh = time.monotonic() - self.read_at < LAG_MAX_AGE_S
-        lag = sum(v for k, v in self.lag_by.items() if k in self.interactive) + self.admitted_since_read if fresh else 0
+        # an extra model's pool with no live worker takes no turns (edge.routing): what waits there is not queued for anyone
+        counted = [v for k, v in self.lag_by.items() if k in self.interactive and (k[0] not in self.pool_groups or self.members.get(k[0], 0) > 0)]
+        lag = sum(counted) + self.admitted_since_read if fresh else 0
         backlog = sum(v for k, v in self.lag_by.items() if k in self.batch) if fresh else 0
         now = time.monotonic()
         recent = sum(1 for t in self.finished if now - t < 10.0)
         return Load(inflight=inflight, lag=lag, batch_backlog=backlog, drain_per_s=recent / 10.0)
 
-    def availability(self, lane: str = "interactive") -> tuple[str, str] | None:
+    def availability(self, lane: str = "interactive", inference: str = INFERENCE.group_id) -> tuple[str, str] | None:
         """Why turns of ``lane`` cannot be taken now — ``(reason, message)``, reason ``broker`` or
-        ``no_worker`` — or None (see the module docstring)."""
+        ``no_worker`` — or None (see the module docstring). ``inference``: the consumer group of the model
+        pool the turn goes to (:mod:`topics.pools`; the primary model's by default)."""
         stale_s = time.monotonic() - self.read_at
         if stale_s > self.settings.bus_stale_s:
             return "broker", f"the message bus has not answered for {stale_s:.0f} s"
         if lane == "interactive":
-            missing = [g.removeprefix("chatbus-") for g in PIPELINE_GROUPS if self.members.get(g, 0) < 1]
+            groups = (SAFETY.group_id, RETRIEVAL.group_id, inference)
+            missing = [g.removeprefix("chatbus-") for g in groups if self.members.get(g, 0) < 1]
             if missing:
                 return "no_worker", f"no {' or '.join(missing)} worker is running"
         return None
 
-    def unavailable(self, lane: str = "interactive") -> APIError | None:
+    def unavailable(self, lane: str = "interactive", inference: str = INFERENCE.group_id) -> APIError | None:
         """The 503 to answer instead of admitting (counted), or None."""
-        why = self.availability(lane)
+        why = self.availability(lane, inference)
         if why is None:
             return None
         metrics.UNAVAILABLE.labels(lane, why[0]).inc()
         return unavailable_error(why[1], 5)
 
+    @property
+    def admitted_since_read(self) -> int:
+        """Turns this edge admitted since the last good reading began (not in its lag yet)."""
+        return sum(1 for _ in itertools.takewhile(lambda t: t > self.read_started, reversed(self.admits)))
+
     def admitted(self) -> None:
-        self.admitted_since_read += 1
+        self.admits.append(time.monotonic())
 
     def turn_finished(self) -> None:
         self.finished.append(time.monotonic())
@@ -211,8 +230,11 @@ def unavailable_error(why: str, retry_after_s: int) -> APIError:
     )
 
 
-def refuse(decision: Decision, lane: str, load: Load, settings: Settings) -> APIError:
+def refuse(decision: Decision, lane: str, load: Load, settings: Settings, monitor: LoadMonitor | None = None) -> APIError:
     """Count a refusal and build its 429."""
     metrics.ADMISSION_REJECTED.labels(lane, decision.reason).inc()
     log.info("admission: %s request refused (%s): inflight=%d lag=%d batch_backlog=%d", lane, decision.reason, load.inflight, load.lag, load.batch_backlog)
+    if monitor is not None:
+        queued = {f"{g}:{t}": v for (g, t), v in monitor.lag_by.items() if v}
+        log.info("admission: queued by group and topic %s, admitted since the last reading %d", queued, monitor.admitted_since_read)
     return decision.error(lane, load, settings)

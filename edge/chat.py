@@ -68,7 +68,10 @@ async def complete(service: ChatService, turn: ChatTurnRequest, stream: TurnStre
     if done.finish_reason == "error":
         raise generation_error(done)
     # the completion's own text: for a redelivered turn it is the text of the attempt that finished
-    return {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": timing_ms(parts)}, parts
+    body = {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": timing_ms(parts)}
+    if turn.route is not None:
+        body["route"] = turn.route.model_dump()
+    return body, parts
 
 
 async def check_conversation(request: Request, conversation_id: str, owner: str) -> None:
@@ -99,12 +102,15 @@ async def chat_completions(request: Request) -> Response:
     owner = owner_of(request)
     if owner is not None and req.conversation_id:  # continuing a conversation: only its own key may
         await check_conversation(request, req.conversation_id, owner)
-    limits = await admit_key(request, req.model)  # the key's own limits (edge.keys): 403 / 429 before anything else
+    route = service.route(req)  # the model that answers: "auto", fallbacks (edge.routing)
+    limits = await admit_key(request, route.pool.name)  # the key's own limits (edge.keys): 403 / 429 before anything else
     lease = await lease_key(request, service.settings.turn_timeout_s + LEASE_MARGIN_S)  # its concurrent-request cap
     streaming = False
     try:
-        turn = service.build_turn(req, received, owner, tenant_of(request))
+        turn = service.build_turn(req, received, owner, tenant_of(request), route)
         headers = {"X-Correlation-Id": turn.correlation_id, **limits, **service.admit(turn)}
+        if turn.route is not None:
+            headers["X-Chatbus-Route"] = route.header
         stream = await service.publish(turn)
         if req.stream:
             headers["X-Resume-Event-Id"] = resume_event_id(service, turn)

@@ -20,6 +20,8 @@ from starlette.staticfiles import StaticFiles
 
 from core import metrics
 from core.config import Settings
+from core.embeddings import PACKAGED_NAME as EMBEDDING_PACKAGED_NAME
+from core.routing import AUTO
 from edge.admission import LoadMonitor
 from edge.auth import is_operator, operator_only, protected
 from edge.http import ORJSONResponse
@@ -27,6 +29,7 @@ from edge.relay import ReplyRelay
 from edge.turns import ChatService
 from topics.clients import make_admin
 from topics.compat import describe_groups
+from topics.pools import pools
 from topics.registry import GROUPS
 
 STAGE_GROUPS = tuple(g.group_id for g in GROUPS if g.stage)
@@ -41,15 +44,22 @@ def page(name: str) -> Callable[[Request], Awaitable[Response]]:
 
 
 async def list_models(request: Request) -> Response:
+    """The chat models with a live inference worker at the last reading (each model's pool, topics.pools),
+    ``auto`` when one is live (edge.routing), and the embedding model (``POST /v1/embeddings``)."""
     settings: Settings = request.app.state.settings
-    model = {
-        "id": settings.model_name,
-        "object": "model",
-        "created": request.app.state.started,
-        "owned_by": "chatbus",
-        "max_model_len": settings.max_model_len,  # the served context in tokens (prompt + completion), as vLLM's card
-    }
-    return ORJSONResponse({"object": "list", "data": [model]})
+    service: ChatService = request.app.state.service
+    created = request.app.state.started
+
+    def card(name: str, **extra: Any) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "chatbus", **extra}
+
+    live = service.router.live()
+    # max_model_len: the served context in tokens (prompt + completion), as vLLM's card
+    data = [card(p.name, max_model_len=settings.max_model_len) for p in live]
+    if live:
+        data.append(card(AUTO, max_model_len=settings.max_model_len, routes_to=[p.name for p in service.router.pools]))
+    data.append(card(settings.embedding_model or EMBEDDING_PACKAGED_NAME, type="embedding"))
+    return ORJSONResponse({"object": "list", "data": data})
 
 
 async def prometheus_metrics(request: Request) -> Response:
@@ -89,7 +99,8 @@ async def readiness(settings: Settings, relay: ReplyRelay, monitor: LoadMonitor 
     admin = make_admin(settings)
     try:
         await asyncio.wait_for(admin.start(), 5)
-        groups = await asyncio.wait_for(describe_groups(admin, list(STAGE_GROUPS)), 5)
+        wanted = [*STAGE_GROUPS, *(p.group.group_id for p in pools(settings)[1:])]  # and every extra model's pool
+        groups = await asyncio.wait_for(describe_groups(admin, wanted), 5)
         checks["broker"] = True
         for group_id, g in groups.items():
             checks[group_id] = g["state"] == "Stable" and g["members"] > 0
@@ -99,7 +110,7 @@ async def readiness(settings: Settings, relay: ReplyRelay, monitor: LoadMonitor 
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
-    for group_id in STAGE_GROUPS:
+    for group_id in (*STAGE_GROUPS, *(p.group.group_id for p in pools(settings)[1:])):
         checks.setdefault(group_id, False)
     checks["ready"] = all(v is True for k, v in checks.items() if k not in ("error", "ready"))
     if db is not None:

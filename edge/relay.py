@@ -68,6 +68,11 @@ class TurnStream:
         self.first_relayed: float | None = None  # wall time the first text was handed out (schemas.timing)
         self.interrupted = False  # the edge is draining: the next wait raises Draining
 
+    @property
+    def started(self) -> bool:
+        """An event of the turn has arrived (a worker is generating it, or it ended)."""
+        return bool(self._events) or self.delivered > 0 or self.done is not None
+
     def interrupt(self) -> None:
         """End the stream's wait now with :class:`Draining` (the edge is shutting down)."""
         self.interrupted = True
@@ -159,6 +164,7 @@ class ReplyRelay(BackgroundService):
         self.tp = TopicPartition(topic(CHAT_REPLIES, settings.topic_prefix), settings.reply_partition)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None, auto_offset_reset="latest", fetch_max_wait_ms=5)
         self.turns: dict[str, TurnStream] = {}
+        self.aliases: dict[str, str] = {}  # a rerouted turn's first correlation id -> the one it was published again as
         self.relayed = 0
 
     async def on_start(self) -> None:
@@ -175,8 +181,19 @@ class ReplyRelay(BackgroundService):
         self.turns[correlation_id] = stream
         return stream
 
+    def reroute(self, correlation_id: str, new_id: str) -> None:
+        """The turn ``correlation_id`` was published again as ``new_id`` (edge.routing): its stream takes the
+        new turn's events, the old turn's are dropped; :meth:`close` of either id closes both."""
+        stream = self.turns.pop(correlation_id, None)
+        if stream is not None:
+            self.turns[new_id] = stream
+            self.aliases[correlation_id] = new_id
+
     def close(self, correlation_id: str) -> None:
         self.turns.pop(correlation_id, None)
+        new_id = self.aliases.pop(correlation_id, None)
+        if new_id is not None:
+            self.turns.pop(new_id, None)
 
     async def loop(self) -> None:
         async for record in records_forever(self.consumer, "reply relay"):

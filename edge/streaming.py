@@ -128,7 +128,10 @@ def live_events(service: ChatService, turn: ChatTurnRequest, stream: TurnStream,
         return [{**data(chunks.role()), "id": sid()}]
 
     def closing(done: TurnCompleted) -> list[Event]:
-        return closing_events(chunks, done, include_usage, finish_extra={"timing": timing_ms(service.finished(turn, stream))})
+        extra: dict[str, Any] = {"timing": timing_ms(service.finished(turn, stream))}
+        if turn.route is not None:  # how the model was chosen (edge.routing)
+            extra["route"] = turn.route.model_dump()
+        return closing_events(chunks, done, include_usage, finish_extra=extra)
 
     async def on_timeout() -> None:
         await service.cancel(turn, "timeout", stream)

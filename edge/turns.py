@@ -25,9 +25,11 @@ from core.config import Settings
 from core.pii import mask_messages, mask_pii, pseudonym
 from edge.admission import LoadMonitor, decide, refuse, unavailable_error
 from edge.conversations import ConversationStore, TurnInfo
+from edge.errors import APIError
 from edge.live import LiveStats
 from edge.relay import ReplyRelay, TurnStream
 from edge.resume import TurnFinder
+from edge.routing import Route, Router
 from producers.feedback import FeedbackProducer
 from producers.turns import TurnProducer, edge_reply_to
 from schemas.errors import NotFound
@@ -35,6 +37,7 @@ from schemas.events import ChatMessage, ChatTurnRequest
 from schemas.feedback import prompt_group
 from schemas.openai import ChatCompletionRequest
 from schemas.timing import breakdown
+from topics.pools import pool_named, primary
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,10 @@ class ChatService:
         self.relay = relay
         self.monitor = monitor
         self.live = live
+        self.router = Router(settings, monitor)  # which model pool answers (edge.routing)
+        # published turns of a model with a fallback that no worker has started yet: rerouted if its pool dies
+        self.unstarted: collections.OrderedDict[str, tuple[ChatTurnRequest, TurnStream]] = collections.OrderedDict()
+        monitor.listeners.append(self.reroute_stranded)
         self.bus = TurnProducer(settings, producer)
         self.feedback = FeedbackProducer(settings, producer)
         self.reply_to = edge_reply_to(settings)
@@ -130,15 +137,22 @@ class ChatService:
         log.info("edge %s draining: %d open streams told to resume elsewhere", self.settings.edge_id, len(streams))
         return len(streams)
 
-    def build_turn(self, req: ChatCompletionRequest, received_at: float, owner: str | None = None, tenant: str | None = None) -> ChatTurnRequest:
-        if req.model != self.settings.model_name:
-            raise NotFound(f"The model `{req.model}` does not exist.", type="NotFoundError", param="model", code="model_not_found")
+    def route(self, req: ChatCompletionRequest) -> Route:
+        """The model pool that answers ``req`` (:mod:`edge.routing`): 404 for a model not served, 503 when
+        neither it nor its fallback can take turns."""
+        return self.router.route(req.model, req.chat_messages())
+
+    def build_turn(
+        self, req: ChatCompletionRequest, received_at: float, owner: str | None = None, tenant: str | None = None, route: Route | None = None
+    ) -> ChatTurnRequest:
+        route = route or self.route(req)
         messages, pii = mask_messages(req.chat_messages())  # no topic holds a raw prompt (core.pii)
         tools, tool_choice = req.offered_tools()
         turn = ChatTurnRequest(
             correlation_id=f"chatcmpl-{uuid.uuid4().hex}",
             conversation_id=req.conversation_id or f"conv-{uuid.uuid4().hex}",
-            model=req.model,
+            model=route.pool.name,
+            route=route.info,
             messages=messages,
             sampling=req.sampling(self.settings.default_max_tokens),
             reply_to=self.reply_to,
@@ -158,14 +172,15 @@ class ChatService:
         (``X-Chatbus-Brownout`` when ``max_tokens`` was capped)."""
         if self.draining:
             raise unavailable_error(f"{self.settings.edge_id} is shutting down; send the request to another edge", 1)
-        down = self.monitor.unavailable("interactive")
+        pool = pool_named(self.settings, turn.model) or primary(self.settings)
+        down = self.monitor.unavailable("interactive", pool.group.group_id)
         if down is not None:
             raise down
         load = self.monitor.snapshot(len(self.relay.turns))
         decision = decide(load, self.settings, "interactive", turn.sampling.max_tokens)
         if not decision.admit:
             self.live.rejected("interactive")
-            raise refuse(decision, "interactive", load, self.settings)
+            raise refuse(decision, "interactive", load, self.settings, self.monitor)
         self.monitor.admitted()
         if decision.max_tokens is not None and decision.max_tokens < turn.sampling.max_tokens:
             turn.sampling.max_tokens = decision.max_tokens
@@ -182,6 +197,7 @@ class ChatService:
             stages["first_relayed"] = stream.first_relayed
         parts = breakdown(stages)
         model = turn.model
+        self.router.record(model, done.finish_reason != "error")
         metrics.REQUEST_SUCCESS.labels(model, done.finish_reason).inc()
         metrics.EDGE_GENERATION_TOKENS.labels(model).inc(done.usage.completion_tokens)
         totals = parts["totals"]
@@ -224,7 +240,44 @@ class ChatService:
                 # the request may still reach the bus once the broker answers: make sure it is not generated
                 self.cancel_soon(TurnRef(turn.correlation_id, turn.conversation_id), "publish_timeout", stream)
             raise unavailable_error("the message bus did not acknowledge the turn", 5) from exc
+        if turn.source == "interactive" and turn.model in self.router.fallbacks:
+            self.unstarted[turn.correlation_id] = (turn, stream)
+            while len(self.unstarted) > RECENT_TURNS:
+                self.unstarted.popitem(last=False)
         return stream
+
+    def reroute_stranded(self) -> None:
+        """After each load reading: the turns this edge published to a pool that now has no live worker,
+        and that no worker started, are published again to the pool's fallback (a new correlation id; the
+        client's stream follows it) and the first is cancelled, so a worker of the pool coming back skips it
+        (cancels are durable). Without this they would wait in the dead pool's topic until the turn timeout."""
+        for cid, (turn, stream) in list(self.unstarted.items()):
+            if stream.started or cid not in self.relay.turns:
+                del self.unstarted[cid]
+                continue
+            pool = pool_named(self.settings, turn.model)
+            if pool is None or self.router.why_not(pool) != "no live worker":
+                continue
+            try:
+                route = self.router.route(turn.model, turn.messages)
+            except APIError:
+                continue  # no fallback can take it now: it waits (or times out) where it is
+            del self.unstarted[cid]
+            self.in_background(self._republish(turn, stream, route))
+
+    async def _republish(self, turn: ChatTurnRequest, stream: TurnStream, route: Route) -> None:
+        first = TurnRef(turn.correlation_id, turn.conversation_id)
+        again = turn.model_copy(deep=True, update={"correlation_id": f"chatcmpl-{uuid.uuid4().hex}", "model": route.pool.name, "route": route.info})
+        record = self.bus.request(again)
+        self.relay.reroute(turn.correlation_id, again.correlation_id)
+        turn.model, turn.route = again.model, again.route  # the answer names the model that gave it
+        try:
+            async with asyncio.timeout(self.settings.publish_timeout_s):
+                await self.bus.send(record)
+            log.info("turn %s rerouted to %s as %s: %s", first.correlation_id, route.pool.name, again.correlation_id, route.reason)
+        except Exception as exc:
+            log.warning("rerouting turn %s failed: %s", first.correlation_id, type(exc).__name__)
+        await self.cancel(first, "rerouted")
 
     async def cancel(self, turn: TurnKey, reason: str, stream: TurnStream | None = None) -> None:
         """Publish ``chat.turn.cancel`` for the turn (once per stream)."""
@@ -235,6 +288,9 @@ class ChatService:
         try:
             await self.bus.cancel(turn.correlation_id, turn.conversation_id, reason)
             log.info("turn %s cancelled: %s", turn.correlation_id, reason)
+            rerouted = self.relay.aliases.get(turn.correlation_id) if reason != "rerouted" else None
+            if rerouted is not None:  # the turn was published again (reroute_stranded): stop that one too
+                await self.bus.cancel(rerouted, turn.conversation_id, reason)
         except Exception:
             log.exception("could not publish cancel for %s", turn.correlation_id)
 

@@ -87,7 +87,8 @@ from schemas.events import (
     Usage,
     new_id,
 )
-from topics.registry import CHAT_CONTROL, CHAT_GROUNDED, INFERENCE, SAFETY_REVIEW, topic
+from topics.pools import ModelPool, pool_named, primary
+from topics.registry import CHAT_CONTROL, SAFETY_REVIEW, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
 
@@ -141,24 +142,47 @@ def build_output_screen(settings: Settings) -> OutputScreen:
     return OutputScreen(screener)
 
 
+def served_pool(settings: Settings) -> ModelPool:
+    """The model pool this worker serves (:mod:`topics.pools`): ``CHATBUS_POOL``, else the primary model's.
+    Raises ValueError for a pool that ``CHATBUS_EXTRA_MODELS`` does not name."""
+    if not settings.pool:
+        return primary(settings)
+    pool = pool_named(settings, settings.pool)
+    if pool is None:
+        raise ValueError(f"CHATBUS_POOL={settings.pool!r} is not one of CHATBUS_EXTRA_MODELS")
+    return pool
+
+
+def pool_settings(settings: Settings, pool: ModelPool) -> Settings:
+    """The settings the engine of ``pool`` is built from: its model and served name (an ``openai`` engine
+    keeps its upstream's model name, ``CHATBUS_MODEL``)."""
+    if pool.primary:
+        return settings
+    update: dict[str, object] = {"served_model_name": pool.name}
+    if settings.engine != "openai":
+        update["model"] = pool.model
+    return settings.model_copy(update=update)
+
+
 class InferenceWorker(ConsumerRuntime):
     def __init__(self, settings: Settings, engine: Engine | None = None, output_screen: OutputScreen | None = None) -> None:
-        self.engine = engine or make_engine(settings)
+        self.pool = served_pool(settings)
+        self.engine = engine or make_engine(pool_settings(settings, self.pool))
         self.output_screen = output_screen
         self.cancelled_batches = CancelledBatches(settings, on_cancel=self.cancel_batch)
         self.control = ControlTail(settings, on_cancel=self.cancel)
         super().__init__(
             settings,
             "inference",
-            INFERENCE.group_id,
-            INFERENCE.topics,
+            self.pool.group.group_id,
+            self.pool.group.topics,
             companions=[self.engine, self.cancelled_batches, self.control],
             max_poll_records=settings.engine_slots + settings.fair_queue_turns,
         )
         # with a fair queue, more turns are fetched than run; the engine's slots go round-robin over tenants
         self.slots = FairSlots(settings.max_inflight_turns, settings.fair_reserve_slots) if settings.fair_queue_turns > 0 else None
         self.fetch_limit = settings.engine_slots + (settings.fair_queue_turns if self.slots else 0)
-        self.in_topic = topic(CHAT_GROUNDED, settings.topic_prefix)
+        self.in_topic = topic(self.pool.grounded(), settings.topic_prefix)
         self.control_topic = topic(CHAT_CONTROL, settings.topic_prefix)
         self.member = f"inference-{socket.gethostname()}-{os.getpid()}"
         self.batch_limit = max(1, settings.max_inflight_turns - settings.interactive_reserve)

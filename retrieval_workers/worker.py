@@ -39,7 +39,8 @@ from producers.replies import whole_reply
 from retrieval_workers.query import load_reranker, standalone_query
 from retrieval_workers.store import KnowledgeBase
 from schemas.events import AnyEvent, GroundedTurn, KbIngest, KbSource, RetrievalResult, ScreenedTurn, last_user_text
-from topics.registry import BATCH_GROUNDED, CHAT_GROUNDED, CHAT_SCREENED, INFERENCE, KB_SOURCES, RETRIEVAL, RETRIEVAL_INGEST, lane, topic
+from topics.pools import pool_named, primary
+from topics.registry import BATCH_GROUNDED, CHAT_SCREENED, INFERENCE, KB_SOURCES, RETRIEVAL, RETRIEVAL_INGEST, topic
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ class RetrievalStage:
             prompt_messages=prompt,
             citations=citations,
         )
-        out_topic = topic(lane(CHAT_GROUNDED, event.request.source), self.settings.topic_prefix)
+        pool = pool_named(self.settings, event.request.model) or primary(self.settings)  # the model the edge chose (topics.pools)
+        out_topic = topic(pool.grounded(event.request.source), self.settings.topic_prefix)
         return [Outgoing(out_topic, grounded.to_bytes(), key=grounded.key)]
 
     async def handle_ingest(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:

@@ -213,6 +213,14 @@ class _Event(_Envelope):
         return self.conversation_id.encode()
 
 
+class RouteInfo(_Model):
+    """How the edge chose the model that answers a turn (edge.routing)."""
+
+    requested: str  # the ``model`` the client sent ("auto", or a served model's name)
+    reason: str  # why this model, e.g. "requested", "auto: code", "fallback: no live worker"
+    fallback_from: str | None = None  # the model that should have answered, when this one stands in for it
+
+
 class ChatTurnRequest(_Event):
     """``chat.requests``: a chat turn as the edge (or a batch job) received it, PII already masked."""
 
@@ -230,6 +238,7 @@ class ChatTurnRequest(_Event):
     tools: list[ToolSpec] = Field(default_factory=list)  # offered to the model (empty: none, or tool_choice "none")
     parallel_tool_calls: bool = True  # False: at most one call per answer
     tool_choice: str = "auto"  # with tools: "auto" (the model decides), "required" (some call), else the one function's name to call
+    route: RouteInfo | None = None  # set when the edge routed the turn ("auto") or fell back; ``model`` is the one chosen
 
 
 class ScreenedTurn(_Event):

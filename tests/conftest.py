@@ -99,6 +99,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
         mongo_db="chatbus_test",
         model=str(tiny_model_dir),
         served_model_name="chatbus-tiny-random",
+        # a second model pool (topics.pools): the same tiny model under another name, with its own worker;
+        # its new turns fall back to the primary when its pool is down (tests/stack/edge/test_model_pools.py)
+        extra_models=f"chatbus-tiny-small={tiny_model_dir}",
+        model_fallbacks="chatbus-tiny-small=chatbus-tiny-random",
         prices={"chatbus-tiny-random": {"prompt": 1.5, "completion": 4.0}},  # USD per million tokens (GET /v1/usage)
         turn_timeout_s=90,
         max_inflight_turns=4,

@@ -87,8 +87,11 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
 
 
 async def ensure_topics(settings: Settings, attempts: int = 30) -> list[str]:
-    """Create every registry topic that does not exist yet (idempotent). Returns the names created."""
-    wanted = {topic(s.name, settings.topic_prefix): (s.partitions, s.config()) for s in REGISTRY}
+    """Create every registry topic, and the extra model pools' grounded topics (:mod:`topics.pools`), that
+    does not exist yet (idempotent). Returns the names created."""
+    from topics.pools import pool_topic_specs
+
+    wanted = {topic(s.name, settings.topic_prefix): (s.partitions, s.config()) for s in (*REGISTRY, *pool_topic_specs(settings))}
     return await create_missing_topics(settings, wanted, attempts)
 
 
