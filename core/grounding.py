@@ -30,17 +30,38 @@ GROUNDING = (
 )
 
 
+# the same instruction when the excerpts travel with the question (placement "last_user")
+GROUNDING_WITH_QUESTION = GROUNDING.replace("excerpts from the documentation follow", "excerpts from the documentation come with the question")
+PLACEMENTS = ("system", "last_user")
+
+
 def _label(source: str) -> str:
     return source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or source
 
 
-def assemble(messages: list[ChatMessage], passages: list[Passage]) -> tuple[list[ChatMessage], list[Citation]]:
-    """The prompt messages (a system message carrying the sources, then the conversation) and the citations."""
+def assemble(messages: list[ChatMessage], passages: list[Passage], placement: str = "system") -> tuple[list[ChatMessage], list[Citation]]:
+    """The prompt messages and the citations. ``placement`` ``system`` (the default, the wording measured
+    above): a system message carrying the instruction and the sources, then the conversation. ``last_user``:
+    the system message carries only the instruction and the sources open the last user message, so the
+    prompt up to that message is the same on every turn of a conversation and an engine's prefix cache can
+    reuse it (``CHATBUS_GROUNDING_PLACEMENT``, ``bench/prefix_affinity.py``). Raises ValueError for another
+    placement."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if not passages:
         return list(messages), []
     blocks = [f"[{i}] {p.title or _label(p.source)}\n{p.text}" for i, p in enumerate(passages, 1)]
-    system = GROUNDING + "\n\n" + "\n\n".join(blocks)
     rest = list(messages)
+    if placement == "system":
+        system = GROUNDING + "\n\n" + "\n\n".join(blocks)
+    else:
+        system = GROUNDING_WITH_QUESTION
+        last = max((i for i, m in enumerate(rest) if m.role == "user"), default=None)
+        if last is None:
+            rest.append(ChatMessage(role="user", content="Sources:\n\n" + "\n\n".join(blocks)))
+        else:
+            question = rest[last]
+            rest[last] = question.model_copy(update={"content": "Sources:\n\n" + "\n\n".join(blocks) + "\n\nQuestion: " + (question.content or "")})
     if rest and rest[0].role in ("system", "developer"):
         system = rest.pop(0).content + "\n\n" + system
     citations = [

@@ -102,7 +102,7 @@ async def chat_completions(request: Request) -> Response:
     owner = owner_of(request)
     if owner is not None and req.conversation_id:  # continuing a conversation: only its own key may
         await check_conversation(request, req.conversation_id, owner)
-    route = service.route(req)  # the model that answers: "auto", fallbacks (edge.routing)
+    route = await service.route(req)  # the model that answers: "auto", fallbacks (edge.routing)
     limits = await admit_key(request, route.pool.name)  # the key's own limits (edge.keys): 403 / 429 before anything else
     lease = await lease_key(request, service.settings.turn_timeout_s + LEASE_MARGIN_S)  # its concurrent-request cap
     streaming = False

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 from core import metrics
 from core.config import Settings
-from core.routing import AUTO, classify
+from core.embeddings import TextEmbedder, get_embedder
+from core.routing import AUTO, classify, last_user_text, load_classifier
 from edge.admission import LoadMonitor, unavailable_error
 from edge.errors import APIError
 from schemas.errors import NotFound
@@ -89,6 +90,7 @@ class Router:
             raise ValueError(f"CHATBUS_AUTO_SMALL_MODEL: {small!r} is not a served model")
         self.small = small_pool
         self.breakers: dict[str, Breaker] = {p.name: Breaker() for p in self.pools}
+        self._embedder: TextEmbedder | None = None
 
     # --- health ------------------------------------------------------------------------------------------
     def why_not(self, pool: ModelPool) -> str | None:
@@ -123,12 +125,28 @@ class Router:
             cooldown = self.settings.breaker_cooldown_s
             log.warning("routing: %s failed %d turns in a row: breaker open for %.0f s", model, self.settings.breaker_failures, cooldown)
 
+    def p_primary(self, messages: list[ChatMessage]) -> float | None:
+        """The embedding classifier's P(primary) for the last user message (blocking: ~10 ms on CPU), or
+        None without a classifier. Always the packaged all-MiniLM-L6-v2, the embedder it was trained on."""
+        classifier = load_classifier()
+        text = last_user_text(messages)
+        if classifier is None or not text.strip():
+            return None
+        if self._embedder is None:
+            self._embedder = get_embedder()
+        return classifier.probability(self._embedder.encode([text])[0])
+
     # --- routing -----------------------------------------------------------------------------------------
-    def route(self, requested: str, messages: list[ChatMessage]) -> Route:
-        """The pool for a turn asking for ``requested``. Raises a 404 for a model not served, a 503 when it
-        (and its fallback) cannot take turns."""
+    def route(self, requested: str, messages: list[ChatMessage], p_primary: float | None = None) -> Route:
+        """The pool for a turn asking for ``requested``; for ``auto``, ``p_primary`` is the embedding
+        classifier's P(primary) of the request (None: the heuristic alone). Raises a 404 for a model not
+        served, a 503 when it (and its fallback) cannot take turns."""
         if requested == AUTO:
             big, signal = classify(messages)
+            classifier = load_classifier()
+            if not big and p_primary is not None and classifier is not None:
+                big = p_primary >= classifier.threshold
+                signal = f"classifier {p_primary:.2f}"
             want = self.pools[0] if big else self.small
             why = self.why_not(want)
             if why is None:

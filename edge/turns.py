@@ -23,6 +23,7 @@ from core import metrics
 from core.background import PeriodicService
 from core.config import Settings
 from core.pii import mask_messages, mask_pii, pseudonym
+from core.routing import AUTO
 from edge.admission import LoadMonitor, decide, refuse, unavailable_error
 from edge.conversations import ConversationStore, TurnInfo
 from edge.errors import APIError
@@ -137,15 +138,20 @@ class ChatService:
         log.info("edge %s draining: %d open streams told to resume elsewhere", self.settings.edge_id, len(streams))
         return len(streams)
 
-    def route(self, req: ChatCompletionRequest) -> Route:
+    async def route(self, req: ChatCompletionRequest) -> Route:
         """The model pool that answers ``req`` (:mod:`edge.routing`): 404 for a model not served, 503 when
-        neither it nor its fallback can take turns."""
-        return self.router.route(req.model, req.chat_messages())
+        neither it nor its fallback can take turns. ``auto`` embeds the last user message (in a thread) for
+        the router's classifier."""
+        messages = req.chat_messages()
+        p_primary = None
+        if req.model == AUTO and len(self.router.pools) > 1:
+            p_primary = await asyncio.to_thread(self.router.p_primary, messages)
+        return self.router.route(req.model, messages, p_primary)
 
     def build_turn(
         self, req: ChatCompletionRequest, received_at: float, owner: str | None = None, tenant: str | None = None, route: Route | None = None
     ) -> ChatTurnRequest:
-        route = route or self.route(req)
+        route = route or self.router.route(req.model, req.chat_messages())
         messages, pii = mask_messages(req.chat_messages())  # no topic holds a raw prompt (core.pii)
         tools, tool_choice = req.offered_tools()
         turn = ChatTurnRequest(

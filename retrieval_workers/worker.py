@@ -108,7 +108,7 @@ class RetrievalStage:
             return whole_reply(event.request, "", "cancelled", event.request.model, stages=event.stages, verdict=event.verdict)
         event.mark("retrieval_start")
         result = await self.retrieve(event)
-        prompt, citations = assemble(event.request.messages, result.passages)
+        prompt, citations = assemble(event.request.messages, result.passages, self.settings.grounding_placement)
         event.mark("retrieval_end")
         grounded = GroundedTurn(
             correlation_id=event.correlation_id,
@@ -122,7 +122,8 @@ class RetrievalStage:
         )
         pool = pool_named(self.settings, event.request.model) or primary(self.settings)  # the model the edge chose (topics.pools)
         out_topic = topic(pool.grounded(event.request.source), self.settings.topic_prefix)
-        return [Outgoing(out_topic, grounded.to_bytes(), key=grounded.key)]
+        key = grounded.key if self.settings.conversation_affinity else grounded.correlation_id.encode()  # prefix-cache affinity
+        return [Outgoing(out_topic, grounded.to_bytes(), key=key)]
 
     async def handle_ingest(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         if not isinstance(event, KbIngest):

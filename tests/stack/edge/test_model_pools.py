@@ -20,6 +20,14 @@ from topics.pools import pool_named
 pytestmark = pytest.mark.stack
 
 PRIMARY, SMALL = "chatbus-tiny-random", "chatbus-tiny-small"
+QUESTIONS = [  # plain requests the input screen lets through ("Client 0 asks question 3" reads as an injection to it)
+    "What is a good name for a pet cat?",
+    "Any tips for a relaxing weekend?",
+    "Which fruit has the most vitamin C?",
+    "Tell me a fun fact about octopuses.",
+    "What should I cook for dinner tonight?",
+    "How many legs does a spider have?",
+]
 
 
 async def listed(http: httpx.AsyncClient) -> list[str]:
@@ -74,7 +82,7 @@ async def test_a_stopped_pool_falls_back_with_nothing_lost_and_comes_back(edge_u
             i = 0
             while not stop.is_set():
                 started = time.monotonic()
-                r = await ask(http, SMALL, f"Client {n} asks question {i}")
+                r = await ask(http, SMALL, QUESTIONS[(n + 2 * i) % len(QUESTIONS)])
                 if r.status_code == 429:  # backpressure, as any client: wait as told and ask again
                     refused.append(r.json()["error"]["message"])
                     await asyncio.sleep(float(r.headers["Retry-After"]))
@@ -101,7 +109,7 @@ async def test_a_stopped_pool_falls_back_with_nothing_lost_and_comes_back(edge_u
     assert fallbacks and all(a.get("route", {}).get("fallback_from") == SMALL and a["route"]["reason"] == "fallback: no live worker" for a in fallbacks), [
         (a["model"], a.get("route")) for a in fallbacks
     ]
-    assert all(a["choices"][0]["finish_reason"] in ("stop", "length", "content_filter") for a in answers), [
+    assert all(a["choices"][0]["finish_reason"] in ("stop", "length") for a in answers), [
         (a["model"], a["choices"][0]["finish_reason"], a.get("route")) for a in answers
     ]
     assert any(a["model"] == SMALL for a in answers[back:])

@@ -101,3 +101,18 @@ def test_failures_in_a_row_open_the_breaker_until_its_cooldown_ends() -> None:
     assert route.pool.name == BIG and route.reason == "fallback: failing" and r.breakers[SMALL].opened == 1
     r.breakers[SMALL].open_until = time.monotonic() - 1  # the cooldown is over: half-open, the next turn tries it
     assert r.route(SMALL, user("hello")).pool.name == SMALL
+
+
+def test_the_embedding_classifier_catches_technical_requests_the_heuristic_misses() -> None:
+    """The committed classifier (core/models/route_classifier.npz) over the packaged embedder."""
+    r = router(settings())
+    question = user("How do distributed databases keep replicas in agreement?")  # no code or maths words
+    assert classify(question) == (False, "simple")
+    p = r.p_primary(question)
+    assert p is not None and p >= 0.5
+    route = r.route("auto", question, p)
+    assert route.pool.name == BIG and route.reason.startswith("auto: classifier ")
+    chat = user("Could you suggest a cheerful name for a sunflower farm?")
+    p_chat = r.p_primary(chat)
+    assert p_chat is not None and p_chat < 0.5
+    assert r.route("auto", chat, p_chat).pool.name == SMALL
