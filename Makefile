@@ -67,9 +67,10 @@ browser:
 
 # Both packaged models, each with inference workers of its own (topics.pools): Qwen2.5-Coder-0.5B (primary)
 # and SmolLM2-135M; "auto" sends simple requests to SmolLM2, and each falls back to the other (edge.routing).
-# Set CHATBUS_EXTRA_MODELS= (empty) to serve one model.
+# Set CHATBUS_EXTRA_MODELS= (empty) to serve one model. Temperature-0 answers are cached (inference_workers.response_cache).
 STACK_MODELS = CHATBUS_EXTRA_MODELS="$${CHATBUS_EXTRA_MODELS-smollm2-135m}" \
-  CHATBUS_MODEL_FALLBACKS="$${CHATBUS_MODEL_FALLBACKS-qwen2.5-coder-0.5b-instruct=smollm2-135m-instruct,smollm2-135m-instruct=qwen2.5-coder-0.5b-instruct}"
+  CHATBUS_MODEL_FALLBACKS="$${CHATBUS_MODEL_FALLBACKS-qwen2.5-coder-0.5b-instruct=smollm2-135m-instruct,smollm2-135m-instruct=qwen2.5-coder-0.5b-instruct}" \
+  CHATBUS_RESPONSE_CACHE_MODELS="$${CHATBUS_RESPONSE_CACHE_MODELS-*}"
 
 run: setup
 	$(STACK_MODELS) $(PY) -m chatbus.cli stack run

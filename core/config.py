@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     # ``model: "auto"`` (edge.routing): simple requests go to this served model (default: the last extra
     # model), the rest to the primary one
     auto_small_model: str = ""
+    # the exact response cache (inference_workers.response_cache): served model names it is on for, or "*"
+    response_cache_models: str = ""
+    response_cache_ttl_s: float = 24 * 3600.0
     breaker_max_lag: int = 24  # a pool with more interactive turns waiting than this is overloaded: new turns fall back
     breaker_failures: int = 3  # failed turns in a row that open a pool's breaker ...
     breaker_cooldown_s: float = 30.0  # ... for this long (then one turn tries it again)
@@ -185,6 +188,9 @@ class Settings(BaseSettings):
     safety_classifier: str = ""
     safety_policy: Path | None = None  # YAML; default: core/safety/policy.yaml
     safety_similarity_threshold: float = 0.48  # with the policy allow_margin; see core/safety/policy.yaml
+    # tool results (role "tool") are data: text in them scoring this much on the injection head blocks the turn
+    # (a stricter bar than for the user's own words; safety_workers.worker.SafetyStage.tool_injection)
+    tool_injection_threshold: float = Field(default=0.2, ge=0.0, le=1.0)
     # the inference worker's streaming output rail (core.safety.output): screen every N tokens (sooner at a
     # sentence end); release at most `window` tokens before a screen covers them (0: nothing unscreened)
     review_margin: float = 0.1  # a block whose deciding score is within this of its threshold goes to safety.review

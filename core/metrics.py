@@ -55,6 +55,7 @@ ROUTED = Counter(
     "Turns by the model chosen to answer, why (requested, auto, fallback) and whether it stood in for another.",
     ["model_name", "reason", "fallback"],
 )
+RESPONSE_CACHE = Counter("chatbus:response_cache_total", "Response cache lookups and stores, by cache and result.", ["cache", "result"])
 BROWNOUT_CAPPED = Counter("chatbus:brownout_capped_total", "Turns admitted with max_tokens capped by the brownout setting.")
 
 # --- every stage worker -----------------------------------------------------------------------------------

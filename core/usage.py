@@ -57,7 +57,7 @@ def usage_buckets(turns: Iterable[Mapping[str, Any]], start: int, end: int, grou
     are split by the fields in ``group_by`` (``model``, ``api_key_id``); the others are None. Every day in
     the range has a bucket, empty or not."""
     sums: dict[tuple[int, str | None, str | None], dict[str, Any]] = defaultdict(
-        lambda: {"input_tokens": 0, "output_tokens": 0, "num_model_requests": 0, "cost_usd": 0.0}
+        lambda: {"input_tokens": 0, "input_cached_tokens": 0, "output_tokens": 0, "num_model_requests": 0, "cost_usd": 0.0}
     )
     for turn in turns:
         answer = turn.get("answer") or {}
@@ -69,6 +69,7 @@ def usage_buckets(turns: Iterable[Mapping[str, Any]], start: int, end: int, grou
         key = turn.get("owner") if "api_key_id" in group_by else None
         row = sums[(day_start(done), model, key)]
         row["input_tokens"] += int(usage.get("prompt_tokens", 0))
+        row["input_cached_tokens"] += int(usage.get("cached_tokens", 0))  # OpenAI's usage API field name
         row["output_tokens"] += int(usage.get("completion_tokens", 0))
         row["num_model_requests"] += 1
         row["cost_usd"] += float(answer.get("cost_usd", 0.0))

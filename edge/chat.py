@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from core.routing import AUTO
 from edge.auth import owner_of, protected
 from edge.conversations import ConversationStore
 from edge.errors import APIError, generation_error
@@ -71,6 +72,8 @@ async def complete(service: ChatService, turn: ChatTurnRequest, stream: TurnStre
     body = {**completion_body(turn.correlation_id, turn.model, done.text, done), "timing": timing_ms(parts)}
     if turn.route is not None:
         body["route"] = turn.route.model_dump()
+    if done.cache is not None:  # served from a response cache (inference_workers.response_cache)
+        body["cache"] = done.cache
     return body, parts
 
 
@@ -102,8 +105,12 @@ async def chat_completions(request: Request) -> Response:
     owner = owner_of(request)
     if owner is not None and req.conversation_id:  # continuing a conversation: only its own key may
         await check_conversation(request, req.conversation_id, owner)
-    route = await service.route(req)  # the model that answers: "auto", fallbacks (edge.routing)
-    limits = await admit_key(request, route.pool.name)  # the key's own limits (edge.keys): 403 / 429 before anything else
+    if req.model == AUTO:  # the model that answers: "auto", fallbacks (edge.routing)
+        route = await service.route(req)
+        limits = await admit_key(request, route.pool.name)  # the key's own limits (edge.keys): 403 / 429 before anything else
+    else:
+        limits = await admit_key(request, req.model)  # a model the key may not use is a 403 before any 404
+        route = await service.route(req)
     lease = await lease_key(request, service.settings.turn_timeout_s + LEASE_MARGIN_S)  # its concurrent-request cap
     streaming = False
     try:
@@ -132,6 +139,8 @@ async def chat_completions(request: Request) -> Response:
             exc.headers.setdefault("X-Correlation-Id", turn.correlation_id)
             raise
         headers["Server-Timing"] = server_timing(parts)
+        if "cache" in body:
+            headers["X-Chatbus-Cache"] = body["cache"]
         return ORJSONResponse(body, headers=headers)
     finally:
         if lease is not None and not streaming:

@@ -56,7 +56,7 @@ async def list_models(request: Request) -> Response:
     live = service.router.live()
     # max_model_len: the served context in tokens (prompt + completion), as vLLM's card
     data = [card(p.name, max_model_len=settings.max_model_len) for p in live]
-    if live:
+    if live and len(service.router.pools) > 1:  # "auto" chooses among several models
         data.append(card(AUTO, max_model_len=settings.max_model_len, routes_to=[p.name for p in service.router.pools]))
     data.append(card(settings.embedding_model or EMBEDDING_PACKAGED_NAME, type="embedding"))
     return ORJSONResponse({"object": "list", "data": data})

@@ -11,8 +11,10 @@ pool before it publishes a turn, so the retrieval worker sends the grounded turn
   ``CHATBUS_BREAKER_MAX_LAG`` interactive turns wait in its topic, and failing when its last
   ``CHATBUS_BREAKER_FAILURES`` turns ended in errors (then its breaker stays open for
   ``CHATBUS_BREAKER_COOLDOWN_S``, after which the next turn tries it again: half-open, as LiteLLM's
-  cooldowns). A turn for such a pool goes to its ``CHATBUS_MODEL_FALLBACKS`` model when that one is
-  healthy, else it gets a 503 with ``Retry-After``. ``auto`` takes any healthy pool.
+  cooldowns; only engine errors count, not an invalid tool call). A turn for such a pool goes to its
+  ``CHATBUS_MODEL_FALLBACKS`` model when that one is healthy. Otherwise a pool with no live worker answers
+  a 503 with ``Retry-After``, and an overloaded or failing one still takes the turn (admission's 429s bound
+  the overload). ``auto`` takes any healthy pool.
 
 The choice is recorded on the turn (:class:`schemas.events.RouteInfo`), so the recorder stores it, and the
 response says it: ``model`` is the model that answered, ``route`` (and the ``X-Chatbus-Route`` header) says
@@ -39,6 +41,8 @@ from topics.pools import ModelPool, parse_pairs, pool_named, pools
 from topics.registry import topic
 
 log = logging.getLogger(__name__)
+
+NO_WORKER = "no live worker"
 
 
 @dataclass
@@ -97,7 +101,7 @@ class Router:
         """Why ``pool`` should take no new turns now (``no live worker``, ``overloaded``, ``failing``), or None."""
         group = pool.group.group_id
         if self.monitor.members.get(group, 0) < 1:
-            return "no live worker"
+            return NO_WORKER
         waiting = self.monitor.lag_by.get((group, topic(pool.grounded(), self.settings.topic_prefix)), 0)
         if waiting > self.settings.breaker_max_lag:
             return "overloaded"
@@ -110,7 +114,9 @@ class Router:
         return [p for p in self.pools if self.monitor.members.get(p.group.group_id, 0) >= 1]
 
     def record(self, model: str, ok: bool) -> None:
-        """A turn of ``model`` ended: a success closes its breaker, ``breaker_failures`` errors in a row open it."""
+        """A turn of ``model`` ended: a success closes its breaker, ``breaker_failures`` engine errors in a row
+        open it (the caller leaves out errors that are the request's or the model's answer's, such as an
+        invalid tool call)."""
         breaker = self.breakers.get(model)
         if breaker is None:
             return
@@ -152,6 +158,8 @@ class Router:
             if why is None:
                 return self._counted(Route(want, AUTO, f"auto: {signal}"))
             other = next((p for p in self.pools if p is not want and self.why_not(p) is None), None)
+            if other is None and why != NO_WORKER:
+                return self._counted(Route(want, AUTO, f"auto: {signal}"))
             if other is None:
                 raise self._unavailable(want, why)
             return self._counted(Route(other, AUTO, f"auto: {signal}; {want.name} {why}", fallback_from=want.name))
@@ -162,14 +170,16 @@ class Router:
         if why is None:
             return self._counted(Route(pool, requested, "requested"))
         fallback = pool_named(self.settings, self.fallbacks.get(pool.name, ""))
-        if fallback is None or self.why_not(fallback) is not None:
-            raise self._unavailable(pool, why)
-        return self._counted(Route(fallback, requested, f"fallback: {why}", fallback_from=pool.name))
+        if fallback is not None and self.why_not(fallback) is None:
+            return self._counted(Route(fallback, requested, f"fallback: {why}", fallback_from=pool.name))
+        if why != NO_WORKER:  # overloaded or failing, with nowhere else to go: it still takes the turn
+            return self._counted(Route(pool, requested, "requested"))  # (admission's 429s bound the overload)
+        raise self._unavailable(pool, why)
 
     def _counted(self, route: Route) -> Route:
         metrics.ROUTED.labels(route.pool.name, route.reason.split(":")[0], "yes" if route.fallback_from else "no").inc()
         return route
 
     def _unavailable(self, pool: ModelPool, why: str) -> APIError:
-        metrics.UNAVAILABLE.labels("interactive", "no_model").inc()
-        return unavailable_error(f"model {pool.name}: {why}, and no fallback can take it", 5)
+        metrics.UNAVAILABLE.labels("interactive", "no_worker").inc()
+        return unavailable_error(f"no inference worker of model {pool.name} is running, and no fallback can take its turns", 5)

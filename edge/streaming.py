@@ -131,6 +131,8 @@ def live_events(service: ChatService, turn: ChatTurnRequest, stream: TurnStream,
         extra: dict[str, Any] = {"timing": timing_ms(service.finished(turn, stream))}
         if turn.route is not None:  # how the model was chosen (edge.routing)
             extra["route"] = turn.route.model_dump()
+        if done.cache is not None:  # served from a response cache (inference_workers.response_cache)
+            extra["cache"] = done.cache
         return closing_events(chunks, done, include_usage, finish_extra=extra)
 
     async def on_timeout() -> None:

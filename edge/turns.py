@@ -24,13 +24,14 @@ from core.background import PeriodicService
 from core.config import Settings
 from core.pii import mask_messages, mask_pii, pseudonym
 from core.routing import AUTO
+from core.tools import INVALID_TOOL_CALL
 from edge.admission import LoadMonitor, decide, refuse, unavailable_error
 from edge.conversations import ConversationStore, TurnInfo
 from edge.errors import APIError
 from edge.live import LiveStats
 from edge.relay import ReplyRelay, TurnStream
 from edge.resume import TurnFinder
-from edge.routing import Route, Router
+from edge.routing import NO_WORKER, Route, Router
 from producers.feedback import FeedbackProducer
 from producers.turns import TurnProducer, edge_reply_to
 from schemas.errors import NotFound
@@ -203,7 +204,7 @@ class ChatService:
             stages["first_relayed"] = stream.first_relayed
         parts = breakdown(stages)
         model = turn.model
-        self.router.record(model, done.finish_reason != "error")
+        self.router.record(model, done.finish_reason != "error" or (done.error or "").startswith(INVALID_TOOL_CALL))  # a bad call is no pool failure
         metrics.REQUEST_SUCCESS.labels(model, done.finish_reason).inc()
         metrics.EDGE_GENERATION_TOKENS.labels(model).inc(done.usage.completion_tokens)
         totals = parts["totals"]
@@ -262,7 +263,7 @@ class ChatService:
                 del self.unstarted[cid]
                 continue
             pool = pool_named(self.settings, turn.model)
-            if pool is None or self.router.why_not(pool) != "no live worker":
+            if pool is None or self.router.why_not(pool) != NO_WORKER:
                 continue
             try:
                 route = self.router.route(turn.model, turn.messages)

@@ -54,11 +54,13 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -72,6 +74,7 @@ from core.tools import INVALID_TOOL_CALL, InvalidToolCall, ToolCallStream, check
 from inference_workers.engines import Engine, GenerationRequest, make_engine
 from inference_workers.fair import FairSlots
 from inference_workers.prompt_budget import fit_grounded, prompt_budget
+from inference_workers.response_cache import CachedAnswer, ResponseCache, cache_key, cacheable
 from producers.bus import Outgoing
 from producers.replies import ReplySender, completion, produce_retrying, to_reply
 from schemas.events import (
@@ -142,6 +145,12 @@ def build_output_screen(settings: Settings) -> OutputScreen:
     return OutputScreen(screener)
 
 
+def cached_pieces(text: str, words: int = 8) -> list[str]:
+    """A cached answer in pieces of about ``words`` words (whitespace kept), as a generation would stream it."""
+    parts = re.split(r"(?<=\s)(?=\S)", text)
+    return ["".join(parts[i : i + words]) for i in range(0, len(parts), words)] or [text]
+
+
 def served_pool(settings: Settings) -> ModelPool:
     """The model pool this worker serves (:mod:`topics.pools`): ``CHATBUS_POOL``, else the primary model's.
     Raises ValueError for a pool that ``CHATBUS_EXTRA_MODELS`` does not name."""
@@ -169,6 +178,8 @@ class InferenceWorker(ConsumerRuntime):
         self.pool = served_pool(settings)
         self.engine = engine or make_engine(pool_settings(settings, self.pool))
         self.output_screen = output_screen
+        models = {m.strip() for m in settings.response_cache_models.split(",") if m.strip()}
+        self.cache = ResponseCache(settings) if "*" in models or self.pool.name in models else None
         self.cancelled_batches = CancelledBatches(settings, on_cancel=self.cancel_batch)
         self.control = ControlTail(settings, on_cancel=self.cancel)
         super().__init__(
@@ -176,7 +187,7 @@ class InferenceWorker(ConsumerRuntime):
             "inference",
             self.pool.group.group_id,
             self.pool.group.topics,
-            companions=[self.engine, self.cancelled_batches, self.control],
+            companions=[self.engine, self.cancelled_batches, self.control, *([self.cache] if self.cache is not None else [])],
             max_poll_records=settings.engine_slots + settings.fair_queue_turns,
         )
         # with a fair queue, more turns are fetched than run; the engine's slots go round-robin over tenants
@@ -367,7 +378,7 @@ class InferenceWorker(ConsumerRuntime):
         if begun is not None:
             begun.started = True
         attempt = new_id()
-        text, buffer, flushes, tokens, prompt_tokens = "", "", 0, 0, 0
+        text, buffer, flushes, tokens, prompt_tokens, cached_tokens = "", "", 0, 0, 0, 0
         finish: FinishReason = "stop"
         error: str | None = None
         stages = turn.stages
@@ -392,6 +403,8 @@ class InferenceWorker(ConsumerRuntime):
         prefix = forced_prefix(request.tool_choice) if tools and self.engine.applies_prefix else ""
         calling = ToolCallStream(prefix, [t.function.name for t in request.tools]) if tools else None  # tool calls are held back, never streamed as text
         calls: list[ToolCall] = []
+        key: str | None = None  # the exact response cache's key, when the turn may use it
+        cached: Literal["exact"] | None = None
         try:
             try:
                 orphaned = None if cid in self.cancelled or request in self.cancelled_batches else self.orphaned(turn)
@@ -417,54 +430,65 @@ class InferenceWorker(ConsumerRuntime):
                         tool_choice=request.tool_choice,
                         assistant_prefix=prefix,
                     )
-                    last_flush = time.monotonic()
-                    flushed_tokens = 0
-                    async with self.generation_slot(request, stages):  # fair share across tenants (inference_workers.fair)
-                        deltas = self.engine.generate(gen)
-                        try:
-                            async for delta in deltas:
-                                if "first_token" not in stages and (delta.text or delta.finish_reason):
-                                    stages["first_token"] = time.time()
-                                tokens, prompt_tokens = delta.completion_tokens, delta.prompt_tokens
-                                if delta.finish_reason:
-                                    finish = ENGINE_FINISH.get(delta.finish_reason, "stop")
-                                piece = delta.text if calling is None else calling.feed(delta.text)
-                                if rail is None or screening is None:
-                                    buffer += piece
-                                else:
-                                    rail.feed(piece, tokens)
-                                    violation = await screening.step(rail)
-                                    if violation is not None:
-                                        break
-                                    buffer += rail.release()
-                                elapsed_ms = (time.monotonic() - last_flush) * 1000
-                                if buffer and (
-                                    flushes == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens
-                                ):
-                                    await flush()
-                                    last_flush, flushed_tokens = time.monotonic(), tokens
-                        finally:
-                            aclose = getattr(deltas, "aclose", None)
-                            if aclose is not None:  # a break (a violation) aborts generation now, not at garbage collection
-                                await aclose()
-                    if calling is not None and violation is None:
-                        rest, calls = calling.finish()
-                        if rail is None:
-                            buffer += rest
-                        else:
-                            rail.feed(rest, tokens)
-                        check_calls(calls, request.tools, request.tool_choice)
-                        calls = calls if request.parallel_tool_calls else calls[:1]
-                        if calls:
-                            finish = "tool_calls"
-                    if rail is not None and screening is not None and violation is None:
-                        violation = await screening.finish(rail)
-                        if violation is None:
-                            buffer += rail.release(final=True)
-                    if violation is None:
-                        await flush()
+                    key = None
+                    if self.cache is not None and cacheable(turn) is None:
+                        key = cache_key(self.engine.model_name, messages, max_tokens, list(request.sampling.stop))
+                    hit = await self.cache.get(key) if self.cache is not None and key is not None else None
+                    if hit is not None:  # streamed on the bus like a generated answer (inference_workers.response_cache)
+                        stages["inference_scheduled"] = stages["first_token"] = time.time()
+                        finish, prompt_tokens, tokens, cached = hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, "exact"
+                        for piece in cached_pieces(hit.text):
+                            buffer += piece
+                            await flush()
                     else:
-                        finish, buffer = "content_filter", ""  # what was not sent yet is simply dropped
+                        last_flush = time.monotonic()
+                        flushed_tokens = 0
+                        async with self.generation_slot(request, stages):  # fair share across tenants (inference_workers.fair)
+                            deltas = self.engine.generate(gen)
+                            try:
+                                async for delta in deltas:
+                                    if "first_token" not in stages and (delta.text or delta.finish_reason):
+                                        stages["first_token"] = time.time()
+                                    tokens, prompt_tokens, cached_tokens = delta.completion_tokens, delta.prompt_tokens, delta.cached_tokens
+                                    if delta.finish_reason:
+                                        finish = ENGINE_FINISH.get(delta.finish_reason, "stop")
+                                    piece = delta.text if calling is None else calling.feed(delta.text)
+                                    if rail is None or screening is None:
+                                        buffer += piece
+                                    else:
+                                        rail.feed(piece, tokens)
+                                        violation = await screening.step(rail)
+                                        if violation is not None:
+                                            break
+                                        buffer += rail.release()
+                                    elapsed_ms = (time.monotonic() - last_flush) * 1000
+                                    if buffer and (
+                                        flushes == 0 or elapsed_ms >= self.settings.coalesce_ms or tokens - flushed_tokens >= self.settings.coalesce_tokens
+                                    ):
+                                        await flush()
+                                        last_flush, flushed_tokens = time.monotonic(), tokens
+                            finally:
+                                aclose = getattr(deltas, "aclose", None)
+                                if aclose is not None:  # a break (a violation) aborts generation now, not at garbage collection
+                                    await aclose()
+                        if calling is not None and violation is None:
+                            rest, calls = calling.finish()
+                            if rail is None:
+                                buffer += rest
+                            else:
+                                rail.feed(rest, tokens)
+                            check_calls(calls, request.tools, request.tool_choice)
+                            calls = calls if request.parallel_tool_calls else calls[:1]
+                            if calls:
+                                finish = "tool_calls"
+                        if rail is not None and screening is not None and violation is None:
+                            violation = await screening.finish(rail)
+                            if violation is None:
+                                buffer += rail.release(final=True)
+                        if violation is None:
+                            await flush()
+                        else:
+                            finish, buffer = "content_filter", ""  # what was not sent yet is simply dropped
                     stages["last_token"] = time.time()
             except asyncio.CancelledError:
                 running = self.running.get(cid)
@@ -525,14 +549,18 @@ class InferenceWorker(ConsumerRuntime):
                 text=SAFETY_MESSAGE if retraction is not None else text,
                 model=self.engine.model_name,
                 stages=stages,
-                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens),
+                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens, cached_tokens=cached_tokens),
                 citations=citations,
                 verdict=turn.verdict,
                 retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",
                 error=error,
                 retraction=retraction,
                 tool_calls=calls,
+                cache=cached,
             )
+            if self.cache is not None and key is not None and cached is None and error is None and retraction is None and not calls:
+                if finish in ("stop", "length") and not (rail is not None and rail.pii):
+                    self.cache.put_soon(key, CachedAnswer(text, finish, prompt_tokens, tokens), self.engine.model_name)
             extra.append(to_reply(request, done.to_bytes()))
             observe_turn(done)
             # delivering the completion and committing must not be cut short by a late cancel

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -89,6 +90,7 @@ def completion(
     retrieval_status: str = "",
     retraction: Retraction | None = None,
     tool_calls: list[ToolCall] | None = None,
+    cache: Literal["exact"] | None = None,
 ) -> TurnCompleted:
     """The turn's final event (``chat.turn.completed``): ``seq`` follows the attempt's last token event;
     ``stages`` (wall-clock seconds per stage, :mod:`schemas.timing`) is copied."""
@@ -109,6 +111,7 @@ def completion(
         batch=request.batch,
         retraction=retraction,
         tool_calls=tool_calls or [],
+        cache=cache,
     )
 
 

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
 from aiokafka import ConsumerRecord
 
 from consumers.cancellations import CancelledBatches
@@ -69,8 +70,10 @@ class SafetyStage:
         users = [m.content for m in masked if m.role == "user"]
         if len(users) > 1:
             texts.append("\n".join(users[-RECENT_TURNS:]))
+        tool_results = pending_tool_results(masked)  # what tools returned since the last user message: data, never instructions
         t_embed = time.perf_counter()
-        vectors = self.embedder.encode(texts)
+        vectors = self.embedder.encode(texts + tool_results)
+        vectors, tool_vectors = vectors[: len(texts)], vectors[len(texts) :]
         metrics.EMBEDDING_SECONDS.observe(time.perf_counter() - t_embed)
         embedding = vectors[0]
         result = self.screener.screen(query, embedding)
@@ -88,6 +91,12 @@ class SafetyStage:
                     other.scores,
                     other.margin,
                 )
+        for text, vector in zip(tool_results, tool_vectors, strict=True):
+            if not result.allowed:
+                break
+            injected = self.tool_injection(text, vector)
+            if injected is not None:
+                result = injected
         verdict = SafetyVerdict(
             allowed=result.allowed,
             category=result.category,
@@ -102,6 +111,27 @@ class SafetyStage:
             margin=None if result.allowed else result.margin,
         )
         return request.model_copy(update={"messages": masked}), verdict, embedding.tolist()
+
+    def tool_injection(self, text: str, vector: np.ndarray) -> ScreenResult | None:
+        """A tool result carrying instructions for the model (indirect prompt injection, OWASP LLM01): the
+        block, or None. Only the injection signal counts here (a tool may fetch text about any subject), at
+        ``tool_injection_threshold`` (0.2): data has no business addressing the model, and indirect
+        injections that do not say "ignore previous instructions" score 0.21-0.26 on the injection head,
+        under the 0.38 the user's own words are held to (README, *Tools*)."""
+        other = self.screener.screen(text, vector)
+        threshold = self.settings.tool_injection_threshold
+        if other.category != "prompt_injection" and other.scores.get("injection", 0.0) < threshold:
+            return None
+        score = max(other.scores.get("injection", 0.0), other.score if other.category == "prompt_injection" else 0.0)
+        return ScreenResult(
+            False,
+            "prompt_injection",
+            score,
+            list(other.flags),
+            f"a tool result carries instructions for the model (indirect prompt injection, {score:.2f})",
+            other.scores,
+            other.margin,
+        )
 
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         if not isinstance(event, ChatTurnRequest):
@@ -158,6 +188,12 @@ class SafetyStage:
             prompt=masked.messages,
             model=masked.model,
         )
+
+
+def pending_tool_results(messages: list[ChatMessage]) -> list[str]:
+    """The non-empty ``role: "tool"`` contents after the last user message (the results the model is about to read)."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    return [m.content for m in messages[last_user + 1 :] if m.role == "tool" and m.content and m.content.strip()]
 
 
 def build_worker(settings: Settings) -> StageWorker:

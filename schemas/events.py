@@ -171,6 +171,7 @@ class RetrievalResult(_Model):
 class Usage(_Model):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache served (OpenAI's prompt_tokens_details.cached_tokens)
 
     @property
     def total_tokens(self) -> int:
@@ -313,6 +314,7 @@ class TurnCompleted(_Event):
     batch: BatchRef | None = None  # copied from the request on the batch lane
     retraction: Retraction | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)  # finish_reason "tool_calls": the calls, arguments valid for their schemas
+    cache: Literal["exact"] | None = None  # the answer came from a response cache (inference_workers.response_cache)
 
 
 ReviewKind = Literal["blocked", "flagged", "retracted"]

@@ -200,8 +200,14 @@ def parse_request(payload: object) -> ChatCompletionRequest:
 # --- responses ---------------------------------------------------------------------------------------
 
 
-def usage_dict(u: Usage) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+def usage_dict(u: Usage) -> dict[str, Any]:
+    """OpenAI's ``usage`` object, ``prompt_tokens_details.cached_tokens`` included."""
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
 
 
 def citations_list(cs: list[Citation]) -> list[dict[str, Any]]:

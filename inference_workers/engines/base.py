@@ -57,13 +57,16 @@ class GenerationDelta:
     ``text``: text generated since the previous delta (may be ``""``); ``completion_tokens``: running
     total of generated tokens (the end-of-sequence token included, as vLLM counts it);
     ``prompt_tokens``: length of the templated (possibly truncated) prompt in tokens;
-    ``finish_reason``: ``None`` while running, then ``"stop"`` or ``"length"`` on the last delta.
+    ``finish_reason``: ``None`` while running, then ``"stop"`` or ``"length"`` on the last delta;
+    ``cached_tokens``: on the last delta, how many of the prompt's tokens the engine's prefix cache served
+    (vLLM's ``num_cached_tokens``; 0 where the engine does not say).
     """
 
     text: str
     completion_tokens: int
     prompt_tokens: int
     finish_reason: str | None = None
+    cached_tokens: int = 0
 
 
 class Engine(ABC):

@@ -117,6 +117,8 @@ class TransformersEngine(Engine):
         self._manager: Any = None
         self._cb_live: set[str] = set()  # submitted, not finished, not cancelled
         self._cb_cancelling: set[str] = set()  # cancelled, not yet confirmed gone from the manager
+        self._prefix_hits: dict[str, int] = {}  # request id -> prompt tokens prefix sharing served (transformers_streams)
+        self._prefix_watched = False
         # threads
         self._executor: ThreadPoolExecutor | None = None
         self._threads_lock = threading.Lock()
@@ -237,14 +239,14 @@ class TransformersEngine(Engine):
                     generated += len(update.new_ids)
                     text, hit = stopper.feed(detok.add(update.new_ids))
                     if hit:
-                        yield GenerationDelta(text, generated, prompt_tokens, FINISH_STOP)
+                        yield GenerationDelta(text, generated, prompt_tokens, FINISH_STOP, stream.cached_tokens)
                         return
                     if update.done:
                         tail, hit = stopper.feed(detok.flush())
                         text += tail if hit else tail + stopper.flush()
                         last = detok.ids[-1] if detok.ids else None
                         reason = FINISH_STOP if hit or last in self._eos_ids else FINISH_LENGTH
-                        yield GenerationDelta(text, generated, prompt_tokens, reason)
+                        yield GenerationDelta(text, generated, prompt_tokens, reason, stream.cached_tokens)
                         return
                     if text:
                         yield GenerationDelta(text, generated, prompt_tokens, None)

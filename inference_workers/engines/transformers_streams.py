@@ -75,6 +75,31 @@ def start_manager(engine: TransformersEngine) -> Any:
     return manager
 
 
+def watch_prefix_hits(manager: Any, hits: dict[str, int]) -> bool:
+    """Record, per request id, the prompt tokens the paged cache's prefix sharing served (``hits``), by
+    wrapping ``PagedAttentionCache.search_prefix_match`` of the manager's batch processor — transformers'
+    internals (5.x), best effort: returns False (nothing recorded, cached tokens reported as 0) when they
+    are not there yet or not as expected. Idempotent."""
+    cache = getattr(getattr(manager, "batch_processor", None), "cache", None)
+    search = getattr(cache, "search_prefix_match", None)
+    if cache is None or search is None or not getattr(cache, "use_prefix_sharing", False):
+        return False
+    if getattr(search, "_chatbus_wrapped", False):
+        return True
+
+    def recorded(request_id: str, prompt_ids: list[int]) -> int:
+        length = int(search(request_id, prompt_ids))
+        if length > 0:
+            hits[request_id] = min(length, max(0, len(prompt_ids) - 1))  # the scheduler keeps one token to prefill
+            while len(hits) > 10_000:  # requests whose stream never read theirs
+                hits.pop(next(iter(hits)))
+        return length
+
+    recorded._chatbus_wrapped = True  # type: ignore[attr-defined]
+    cache.search_prefix_match = recorded
+    return True
+
+
 def cb_still_scheduled(manager: Any, rid: str) -> bool:
     """Best effort, reading the manager's internals: is ``rid`` queued, scheduled or being cancelled?"""
     try:
@@ -115,6 +140,8 @@ class CbStream:
         else:
             kwargs = {"temperature": temperature, "top_k": engine._vocab_size, "top_p": top_p}
         manager.register_result_handler(rid, self._queue.put_nowait)
+        if not engine._prefix_watched:
+            engine._prefix_watched = watch_prefix_hits(manager, engine._prefix_hits)
         accepted = manager.add_request(
             input_ids=ids,
             request_id=rid,
@@ -142,6 +169,11 @@ class CbStream:
             return Update(new_ids, done=True)
         return Update(new_ids)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the paged cache's prefix sharing served for this request (0: none, or unknown)."""
+        return self._engine._prefix_hits.get(self.rid, 0)
+
     def _finish(self) -> None:
         self._done = True
         self._engine._cb_live.discard(self.rid)
@@ -154,6 +186,7 @@ class CbStream:
 
     def close(self) -> None:
         """Abort if still running (consumer gone, or stop string hit). Idempotent, never blocks."""
+        self._engine._prefix_hits.pop(self.rid, None)  # the engine read it with the last delta
         if self._done:
             return
         self._done = True
@@ -169,6 +202,8 @@ class CbStream:
 
 class ThreadStream:
     """One request running ``model.generate`` in a worker thread, bridged to asyncio."""
+
+    cached_tokens = 0  # model.generate shares no cache across requests
 
     def __init__(self, engine: TransformersEngine, rid: str, req: GenerationRequest, ids: list[int], max_new: int):
         if engine._executor is None:

@@ -153,7 +153,7 @@ class VllmEngine(Engine):
                     reason = choice.finish_reason
                     if reason not in (FINISH_STOP, FINISH_LENGTH):
                         raise RuntimeError(f"vLLM ended request {rid} with finish_reason={reason!r}")
-                    yield GenerationDelta(choice.text, completion_tokens, len(ids), reason)
+                    yield GenerationDelta(choice.text, completion_tokens, len(ids), reason, int(getattr(out, "num_cached_tokens", 0) or 0))
                     return
                 if choice.text:
                     yield GenerationDelta(choice.text, completion_tokens, len(ids), None)

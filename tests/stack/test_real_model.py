@@ -120,8 +120,9 @@ async def answers(real_stack: Stack, knowledge_base: list[Path]) -> dict[str, tu
 async def test_models_lists_the_default_model_with_its_context(real_stack: Stack, real_settings: Settings) -> None:
     async with httpx.AsyncClient() as http:
         listing = (await http.get(f"{real_stack.edge_url}/v1/models")).json()
-    [card] = listing["data"]
-    assert card["id"] == DEFAULT_MODEL and card["max_model_len"] == real_settings.max_model_len
+    chat = [m for m in listing["data"] if m.get("type") != "embedding"]
+    assert [m["id"] for m in chat] == [DEFAULT_MODEL] and chat[0]["max_model_len"] == real_settings.max_model_len  # one pool: no "auto"
+    assert [m["id"] for m in listing["data"] if m.get("type") == "embedding"] == ["sentence-transformers/all-MiniLM-L6-v2"]
 
 
 @pytest.mark.parametrize("question", list(QUESTIONS))

@@ -62,7 +62,7 @@ async def test_auto_routes_by_the_request_and_says_why(edge_url: str) -> None:
         assert code.json()["model"] == PRIMARY and code.json()["route"] == {"requested": "auto", "reason": "auto: code", "fallback_from": None}
         assert code.headers["x-chatbus-route"].startswith(f"model={PRIMARY}; requested=auto; reason=auto: code")
         chat = await ask(http, "auto", "Good evening! How are you?")
-        assert chat.json()["model"] == SMALL and chat.json()["route"]["reason"] == "auto: simple"
+        assert chat.json()["model"] == SMALL and chat.json()["route"]["reason"].startswith("auto: classifier 0.")  # P(primary) < 0.5
         bad = await ask(http, "no-such-model", "hi")
         assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
 

@@ -88,6 +88,8 @@ def test_an_overloaded_pool_falls_back_and_a_fallback_naming_no_model_is_skipped
     assert r.fallbacks == {SMALL: BIG, BIG: SMALL}  # BIG=unknown-model skipped (logged)
     route = r.route(SMALL, user("hello"))
     assert route.pool.name == BIG and route.reason == "fallback: overloaded"
+    alone = router(settings(breaker_max_lag=5, model_fallbacks=""), lag={SMALL: 6})
+    assert alone.route(SMALL, user("hello")).pool.name == SMALL  # nowhere else to go: it still takes the turn
 
 
 def test_failures_in_a_row_open_the_breaker_until_its_cooldown_ends() -> None:

@@ -460,3 +460,24 @@ async def test_vllm_engine_without_vllm_says_so(tmp_path: Path) -> None:
     assert eng.speculative_config == {"method": "ngram"}  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="'vllm' package"):
         await eng.start()
+
+
+async def test_a_repeated_prefix_is_reported_as_cached_tokens(tiny_model_dir: Path) -> None:
+    """Continuous batching shares full KV blocks of a prompt prefix it has seen (transformers' prefix
+    sharing); the engine reports how many prompt tokens that served (usage.prompt_tokens_details.cached_tokens)."""
+    eng = TransformersEngine(str(tiny_model_dir), device="cpu", max_model_len=2048, mode="continuous_batching")
+    await eng.start()
+    try:
+        history = [{"role": "user", "content": " ".join(f"word{i}" for i in range(300))}, {"role": "assistant", "content": "noted"}]
+
+        async def last(question: str) -> GenerationDelta:
+            req = GenerationRequest(request_id=question, messages=[*history, {"role": "user", "content": question}], max_tokens=4, temperature=0)
+            deltas = [d async for d in eng.generate(req)]
+            return deltas[-1]
+
+        first = await last("first question?")
+        second = await last("second question?")
+    finally:
+        await eng.stop()
+    assert first.cached_tokens == 0
+    assert second.prompt_tokens > 300 and 0 < second.cached_tokens < second.prompt_tokens  # whole blocks of the shared history

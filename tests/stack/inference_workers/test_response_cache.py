@@ -1,0 +1,63 @@
+"""The exact response cache (inference_workers.response_cache) on the real stack: the session's small
+model pool (``chatbus-tiny-small``, the tiny random model: noise, deterministic at temperature 0) has it on."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.stack
+
+SMALL = "chatbus-tiny-small"
+
+
+def body(content: str, **extra: Any) -> dict[str, Any]:
+    return {"model": SMALL, "messages": [{"role": "user", "content": content}], "max_tokens": 12, "temperature": 0, **extra}
+
+
+async def test_a_repeated_temperature_0_question_is_answered_from_the_cache(edge_url: str, mongo: Any) -> None:
+    question = f"What is a good name for a garden gnome number {uuid.uuid4().int % 10_000}?"
+    async with httpx.AsyncClient(base_url=edge_url, timeout=60) as http:
+        first = await http.post("/v1/chat/completions", json=body(question))
+        assert first.status_code == 200, first.text
+        assert "cache" not in first.json() and "x-chatbus-cache" not in first.headers
+
+        async def stored() -> int:
+            return await mongo.response_cache.count_documents({"model": SMALL})
+
+        await eventually(stored, 20, "the answer stored")
+
+        second = await http.post("/v1/chat/completions", json=body(f"  {question}  "))  # the same after normalising
+        assert second.status_code == 200, second.text
+        assert second.json()["cache"] == "exact" and second.headers["x-chatbus-cache"] == "exact"
+        a, b = first.json(), second.json()
+        assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
+        assert [b["usage"][k] for k in ("prompt_tokens", "completion_tokens")] == [a["usage"][k] for k in ("prompt_tokens", "completion_tokens")]
+        assert b["id"] != a["id"]
+
+        chunks: list[dict[str, Any]] = []  # streamed like any answer, on the bus
+        async with http.stream("POST", "/v1/chat/completions", json=body(question, stream=True)) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                    chunks.append(orjson.loads(line[5:]))
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+        assert text == a["choices"][0]["message"]["content"]
+        assert chunks[-1].get("cache") == "exact" or any(c.get("cache") == "exact" for c in chunks)
+
+
+async def test_sampled_answers_and_turns_with_pii_are_never_cached(edge_url: str, mongo: Any) -> None:
+    marker = uuid.uuid4().hex[:8]
+    async with httpx.AsyncClient(base_url=edge_url, timeout=60) as http:
+        for _ in range(2):
+            sampled = await http.post("/v1/chat/completions", json=body(f"Suggest a holiday spot {marker}", temperature=0.8))
+            assert sampled.status_code == 200 and "cache" not in sampled.json()
+            private = await http.post("/v1/chat/completions", json=body(f"Write to jane.doe.{marker}@example.com about lunch"))
+            assert private.status_code == 200 and "cache" not in private.json()
+    docs = [d async for d in mongo.response_cache.find({})]
+    assert not any(marker in str(d) for d in docs)  # neither stored (nor any PII)
