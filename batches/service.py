@@ -116,6 +116,7 @@ class BatchService:
         batch_key: str | None = None,
         progress: bool = False,
         owner: str | None = None,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
         """Validate the input file and publish its lines; returns the OpenAI batch object."""
         if endpoint != CHAT_COMPLETIONS:
@@ -170,7 +171,8 @@ class BatchService:
             cid = request_id(batch_id, line.line)
             if cid in done:
                 continue
-            futures.append(await self.bus.send_line(self.bus.line_turn(cid, batch_id, line.custom_id, line.line, line.request)))
+            turn = self.bus.line_turn(cid, batch_id, line.custom_id, line.line, line.request, owner=owner, tenant=tenant)
+            futures.append(await self.bus.send_line(turn))
         await asyncio.gather(*futures)
         if parsed.lines:
             await self.store.set_status(batch_id, "in_progress", only_from=("validating",))

@@ -98,6 +98,8 @@ def turn_updates(event: AnyEvent, prices: Mapping[str, TokenPrice] | None = None
         )
         if event.owner:
             doc["owner"] = event.owner
+        if event.route is not None:
+            doc["route"] = event.route.model_dump()
         return doc
     if isinstance(event, ScreenedTurn):
         return TurnDoc(conversation_id=event.conversation_id, verdict=event.verdict.model_dump(), messages=masked_messages(event.request.messages))
@@ -133,6 +135,8 @@ def turn_updates(event: AnyEvent, prices: Mapping[str, TokenPrice] | None = None
             fields["answer"]["retraction"] = retraction
         if event.tool_calls:
             fields["answer"]["tool_calls"] = masked_calls(event.tool_calls)
+        if event.cache is not None:
+            fields["answer"]["cache"] = event.cache
         if event.verdict is not None:
             fields["verdict"] = event.verdict.model_dump()
         return fields

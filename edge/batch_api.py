@@ -18,6 +18,7 @@ from batches.service import BatchService
 from edge.admission import decide, refuse
 from edge.auth import owner_of, protected
 from edge.http import ORJSONResponse, ascii_int, limit_param, read_json
+from edge.keys import tenant_of
 from edge.turns import ChatService
 
 
@@ -79,6 +80,7 @@ async def create_batch(request: Request) -> Response:
         metadata=metadata,
         batch_key=request.headers.get("idempotency-key"),
         owner=owner_of(request),
+        tenant=tenant_of(request),  # the fair queue counts its lines as the key's tenant's (inference_workers.fair)
     )
     return ORJSONResponse(batch)
 

@@ -34,8 +34,11 @@ class BatchProducer:
         await self.producer.send_and_wait(self.jobs_topic, event.to_bytes(), key=event.key)
         return event
 
-    def line_turn(self, correlation_id: str, batch_id: str, custom_id: str, line: int, request: ChatCompletionRequest) -> ChatTurnRequest:
-        """The chat turn of one valid input line (stamped ``batch_submitted``)."""
+    def line_turn(
+        self, correlation_id: str, batch_id: str, custom_id: str, line: int, request: ChatCompletionRequest, owner: str | None = None, tenant: str | None = None
+    ) -> ChatTurnRequest:
+        """The chat turn of one valid input line (stamped ``batch_submitted``), with its key's identity
+        (``owner``) and tenant, so the fair queue counts it as theirs."""
         messages, pii = mask_messages(request.chat_messages())  # batch.requests holds no raw prompt either
         tools, tool_choice = request.offered_tools()
         turn = ChatTurnRequest(
@@ -52,6 +55,8 @@ class BatchProducer:
             tools=tools,
             tool_choice=tool_choice,
             parallel_tool_calls=request.parallel_tool_calls,
+            owner=owner,
+            tenant=tenant,
         )
         turn.mark("batch_submitted")
         return turn

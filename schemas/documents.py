@@ -39,6 +39,7 @@ class AnswerDoc(TypedDict, total=False):
     completed_at: float
     retraction: dict[str, Any]  # Retraction (its withdrawn_text PII-masked again); text is then the safety message
     tool_calls: list[dict[str, Any]]  # ToolCall, with finish_reason "tool_calls"
+    cache: str  # "exact": served from the response cache (inference_workers.response_cache)
 
 
 class RetrievalDoc(TypedDict, total=False):
@@ -56,6 +57,7 @@ class TurnDoc(TypedDict, total=False):
     sampling: dict[str, Any]  # SamplingParams
     source: str
     created_at: float
+    route: dict[str, Any]  # RouteInfo: how the edge chose the model (edge.routing), when it routed or fell back
     verdict: dict[str, Any]  # SafetyVerdict
     retrieval: RetrievalDoc
     answer: AnswerDoc

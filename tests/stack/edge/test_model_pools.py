@@ -54,7 +54,7 @@ async def test_each_model_is_listed_and_answered_by_its_own_pool(edge_url: str, 
     assert not await read_topic(settings, "chat.grounded", body["id"])
 
 
-async def test_auto_routes_by_the_request_and_says_why(edge_url: str) -> None:
+async def test_auto_routes_by_the_request_and_says_why(edge_url: str, mongo: Any) -> None:
     async with httpx.AsyncClient(base_url=edge_url, timeout=60) as http:
         await eventually(lambda: _when(listed(http), lambda ids: SMALL in ids), 60, "the small pool listed")
         code = await ask(http, "auto", "Write a Python function that merges two sorted lists.")
@@ -65,6 +65,8 @@ async def test_auto_routes_by_the_request_and_says_why(edge_url: str) -> None:
         assert chat.json()["model"] == SMALL and chat.json()["route"]["reason"].startswith("auto: classifier 0.")  # P(primary) < 0.5
         bad = await ask(http, "no-such-model", "hi")
         assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
+    recorded = await eventually(lambda: mongo.turns.find_one({"_id": code.json()["id"], "route": {"$exists": True}}), 30, "the route recorded")
+    assert recorded["model"] == PRIMARY and recorded["route"]["requested"] == "auto"
 
 
 async def test_a_stopped_pool_falls_back_with_nothing_lost_and_comes_back(edge_url: str, stack: Stack) -> None:
