@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # the exact response cache (inference_workers.response_cache): served model names it is on for, or "*"
     response_cache_models: str = ""
     response_cache_ttl_s: float = 24 * 3600.0
+    # the semantic cache (retrieval_workers.semantic_cache): served model names it is on for, or "*"; a cached
+    # answer to a question this close (cosine, MiniLM) that the guard (core.semantic_guard) lets through
+    semantic_cache_models: str = ""
+    semantic_cache_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     breaker_max_lag: int = 24  # a pool with more interactive turns waiting than this is overloaded: new turns fall back
     breaker_failures: int = 3  # failed turns in a row that open a pool's breaker ...
     breaker_cooldown_s: float = 30.0  # ... for this long (then one turn tries it again)

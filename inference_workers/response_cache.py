@@ -31,6 +31,7 @@ import orjson
 from pymongo import AsyncMongoClient
 
 from core import metrics
+from core.cache_rules import not_cacheable
 from core.config import Settings
 from schemas.events import FinishReason, GroundedTurn
 
@@ -58,17 +59,8 @@ def cache_key(model: str, messages: list[dict[str, Any]], max_tokens: int, stop:
 
 
 def cacheable(turn: GroundedTurn) -> str | None:
-    """Why the turn's answer may not be served from or stored in the cache, or None when it may."""
-    request = turn.request
-    if request.sampling.temperature != 0:
-        return "sampled"
-    if request.pii:
-        return "pii"
-    if turn.verdict.flags:
-        return "flagged"
-    if request.tools or any(m.role == "tool" or m.tool_calls for m in request.messages):
-        return "tools"
-    return None
+    """Why the turn's answer may not be served from or stored in the cache, or None when it may (core.cache_rules)."""
+    return not_cacheable(turn.request, turn.verdict)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ from aiokafka.errors import KafkaError
 from consumers.cancellations import CANCEL_MEMORY_S, CancelledBatches, ControlTail
 from consumers.runtime import ConsumerRuntime, OffsetTracker
 from core import metrics
+from core.cache_rules import first_question, models_on, not_cacheable, tenant_of
 from core.config import Settings
 from core.safety.output import SAFETY_MESSAGE, OutputRail, OutputScreen, OutputVerdict
 from core.tools import INVALID_TOOL_CALL, InvalidToolCall, ToolCallStream, check_calls, forced_prefix
@@ -78,6 +79,7 @@ from inference_workers.response_cache import CachedAnswer, ResponseCache, cache_
 from producers.bus import Outgoing
 from producers.replies import ReplySender, completion, produce_retrying, to_reply
 from schemas.events import (
+    CacheEntry,
     ChatTurnRequest,
     DecodeError,
     EdgeHeartbeat,
@@ -91,7 +93,7 @@ from schemas.events import (
     new_id,
 )
 from topics.pools import ModelPool, pool_named, primary
-from topics.registry import CHAT_CONTROL, SAFETY_REVIEW, topic
+from topics.registry import CACHE_ENTRIES, CHAT_CONTROL, SAFETY_REVIEW, topic
 
 __all__ = ["InferenceWorker", "OffsetTracker", "derived_seed", "observe_turn", "run"]
 
@@ -404,7 +406,7 @@ class InferenceWorker(ConsumerRuntime):
         calling = ToolCallStream(prefix, [t.function.name for t in request.tools]) if tools else None  # tool calls are held back, never streamed as text
         calls: list[ToolCall] = []
         key: str | None = None  # the exact response cache's key, when the turn may use it
-        cached: Literal["exact"] | None = None
+        cached: Literal["exact", "semantic"] | None = None
         try:
             try:
                 orphaned = None if cid in self.cancelled or request in self.cancelled_batches else self.orphaned(turn)
@@ -434,9 +436,16 @@ class InferenceWorker(ConsumerRuntime):
                     if self.cache is not None and cacheable(turn) is None:
                         key = cache_key(self.engine.model_name, messages, max_tokens, list(request.sampling.stop))
                     hit = await self.cache.get(key) if self.cache is not None and key is not None else None
+                    if turn.cached is not None:  # the retrieval worker found it in the semantic cache
+                        hit, cached = (
+                            CachedAnswer(turn.cached.text, turn.cached.finish_reason, turn.cached.prompt_tokens, turn.cached.completion_tokens),
+                            "semantic",
+                        )
+                    elif hit is not None:
+                        cached = "exact"
                     if hit is not None:  # streamed on the bus like a generated answer (inference_workers.response_cache)
                         stages["inference_scheduled"] = stages["first_token"] = time.time()
-                        finish, prompt_tokens, tokens, cached = hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, "exact"
+                        finish, prompt_tokens, tokens = hit.finish_reason, hit.prompt_tokens, hit.completion_tokens
                         for piece in cached_pieces(hit.text):
                             buffer += piece
                             await flush()
@@ -558,9 +567,13 @@ class InferenceWorker(ConsumerRuntime):
                 tool_calls=calls,
                 cache=cached,
             )
-            if self.cache is not None and key is not None and cached is None and error is None and retraction is None and not calls:
-                if finish in ("stop", "length") and not (rail is not None and rail.pii):
+            storable = cached is None and error is None and retraction is None and not calls and not (rail is not None and rail.pii)
+            if storable and finish in ("stop", "length"):
+                if self.cache is not None and key is not None:
                     self.cache.put_soon(key, CachedAnswer(text, finish, prompt_tokens, tokens), self.engine.model_name)
+                entry = self.semantic_entry(turn, text, finish, prompt_tokens, tokens)
+                if entry is not None:  # for the retrieval worker to upsert (retrieval_workers.semantic_cache)
+                    extra.append(Outgoing(topic(CACHE_ENTRIES, self.settings.topic_prefix), entry.to_bytes(), key=entry.key))
             extra.append(to_reply(request, done.to_bytes()))
             observe_turn(done)
             # delivering the completion and committing must not be cut short by a late cancel
@@ -569,6 +582,29 @@ class InferenceWorker(ConsumerRuntime):
             await replies.close()
             self.running.pop(cid, None)
             metrics.RUNNING.labels(request.source).dec()
+
+    def semantic_entry(self, turn: GroundedTurn, text: str, finish: FinishReason, prompt_tokens: int, tokens: int) -> CacheEntry | None:
+        """The semantic cache's entry for a generated answer to a conversation's first question, or None."""
+        request = turn.request
+        if finish not in ("stop", "length") or not models_on(self.settings.semantic_cache_models, self.pool.name) or not_cacheable(request, turn.verdict):
+            return None
+        first = first_question(request)
+        if first is None or not text.strip():
+            return None
+        question, system = first
+        return CacheEntry(
+            correlation_id=turn.correlation_id,
+            conversation_id=turn.conversation_id,
+            tenant=tenant_of(request),
+            model=self.pool.name,
+            system=system,
+            question=question,
+            answer=text,
+            finish_reason="length" if finish == "length" else "stop",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=tokens,
+            expires_at=time.time() + self.settings.response_cache_ttl_s,
+        )
 
     @contextlib.asynccontextmanager
     async def generation_slot(self, request: ChatTurnRequest, stages: dict[str, float]) -> AsyncIterator[None]:

@@ -90,7 +90,7 @@ def completion(
     retrieval_status: str = "",
     retraction: Retraction | None = None,
     tool_calls: list[ToolCall] | None = None,
-    cache: Literal["exact"] | None = None,
+    cache: Literal["exact", "semantic"] | None = None,
 ) -> TurnCompleted:
     """The turn's final event (``chat.turn.completed``): ``seq`` follows the attempt's last token event;
     ``stages`` (wall-clock seconds per stage, :mod:`schemas.timing`) is copied."""

@@ -31,14 +31,17 @@ from consumers.cancellations import CancelledBatches
 from consumers.gate import DownstreamGate
 from consumers.stage import StageWorker
 from core import metrics
+from core.cache_rules import first_question, models_on, not_cacheable, tenant_of
 from core.config import Settings
 from core.embeddings import TextEmbedder, get_embedder
 from core.grounding import assemble
+from core.semantic_guard import conflict
 from producers.bus import Outgoing
 from producers.replies import whole_reply
 from retrieval_workers.query import load_reranker, standalone_query
+from retrieval_workers.semantic_cache import SemanticCache
 from retrieval_workers.store import KnowledgeBase
-from schemas.events import AnyEvent, GroundedTurn, KbIngest, KbSource, RetrievalResult, ScreenedTurn, last_user_text
+from schemas.events import AnyEvent, CachedReply, CacheEntry, Citation, GroundedTurn, KbIngest, KbSource, RetrievalResult, ScreenedTurn, last_user_text
 from topics.pools import pool_named, primary
 from topics.registry import BATCH_GROUNDED, CHAT_SCREENED, INFERENCE, KB_SOURCES, RETRIEVAL, RETRIEVAL_INGEST, topic
 
@@ -51,6 +54,7 @@ class RetrievalStage:
         self.kb = kb or KnowledgeBase(settings.resolved_milvus_uri, settings.milvus_collection)
         self._embedder = embedder
         self.milvus = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")  # one caller at a time
+        self.semantic = SemanticCache(self.kb.client, self.kb.dim) if settings.semantic_cache_models else None
         self.unflushed_since = 0.0  # monotonic time of the first upsert not yet flushed (0: none)
         self.last_upsert = 0.0
         self.cancelled = CancelledBatches(settings)
@@ -107,8 +111,13 @@ class RetrievalStage:
         if event.request in self.cancelled:
             return whole_reply(event.request, "", "cancelled", event.request.model, stages=event.stages, verdict=event.verdict)
         event.mark("retrieval_start")
-        result = await self.retrieve(event)
-        prompt, citations = assemble(event.request.messages, result.passages, self.settings.grounding_placement)
+        cached = await self.semantic_hit(event)
+        citations: list[Citation]
+        if cached is not None:  # the inference worker streams it; no search, no prompt
+            result, prompt, citations = RetrievalResult(status="skipped", reason="semantic cache hit"), list(event.request.messages), []
+        else:
+            result = await self.retrieve(event)
+            prompt, citations = assemble(event.request.messages, result.passages, self.settings.grounding_placement)
         event.mark("retrieval_end")
         grounded = GroundedTurn(
             correlation_id=event.correlation_id,
@@ -119,16 +128,53 @@ class RetrievalStage:
             retrieval=result,
             prompt_messages=prompt,
             citations=citations,
+            cached=cached,
         )
         pool = pool_named(self.settings, event.request.model) or primary(self.settings)  # the model the edge chose (topics.pools)
         out_topic = topic(pool.grounded(event.request.source), self.settings.topic_prefix)
         key = grounded.key if self.settings.conversation_affinity else grounded.correlation_id.encode()  # prefix-cache affinity
         return [Outgoing(out_topic, grounded.to_bytes(), key=key)]
 
+    async def semantic_hit(self, turn: ScreenedTurn) -> CachedReply | None:
+        """The semantic cache's answer for a conversation's first question (retrieval_workers.semantic_cache), or None."""
+        request = turn.request
+        if self.semantic is None or not models_on(self.settings.semantic_cache_models, request.model) or not_cacheable(request, turn.verdict):
+            return None
+        first = first_question(request)
+        if first is None:
+            return None
+        question, system = first
+        loop = asyncio.get_running_loop()
+        try:
+            vector = turn.query_embedding or (await asyncio.to_thread(self.embedder.encode, [question]))[0].tolist()
+            found = await asyncio.wait_for(loop.run_in_executor(self.milvus, self.semantic.nearest, vector, tenant_of(request), request.model, system), 1.0)
+        except Exception as exc:  # the cache is an optimisation: a failed lookup is a miss
+            log.warning("semantic cache lookup failed: %s: %s", type(exc).__name__, exc)
+            metrics.RESPONSE_CACHE.labels("semantic", "unavailable").inc()
+            return None
+        if found is None or found[0] < self.settings.semantic_cache_threshold:
+            metrics.RESPONSE_CACHE.labels("semantic", "miss").inc()
+            return None
+        reason = conflict(question, found[1].question)
+        if reason is not None:
+            metrics.RESPONSE_CACHE.labels("semantic", f"guard_{reason}").inc()
+            log.info("semantic cache: %.3f close, refused by the guard (%s)", found[0], reason)
+            return None
+        metrics.RESPONSE_CACHE.labels("semantic", "hit").inc()
+        return found[1]
+
     async def handle_ingest(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
+        if isinstance(event, CacheEntry):
+            if self.semantic is not None:
+                vector = (await asyncio.to_thread(self.embedder.encode, [event.question]))[0].tolist()
+                await asyncio.get_running_loop().run_in_executor(self.milvus, self.semantic.put, event, vector)
+                metrics.RESPONSE_CACHE.labels("semantic", "stored").inc()
+            return []
         if not isinstance(event, KbIngest):
             raise TypeError(f"unexpected {event.event_type} on {record.topic}")
         loop = asyncio.get_running_loop()
+        if self.semantic is not None:  # an answer may rest on passages that change now
+            await loop.run_in_executor(self.milvus, self.semantic.clear)
         sources = topic(KB_SOURCES, self.settings.topic_prefix)
         if event.op == "delete":
             if not event.source:

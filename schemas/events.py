@@ -251,8 +251,20 @@ class ScreenedTurn(_Event):
     query_embedding: list[float] | None = None  # L2-normalised, all-MiniLM-L6-v2 (384 floats)
 
 
+class CachedReply(_Model):
+    """A semantic-cache hit (retrieval_workers.semantic_cache): the answer given to a close enough question."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    similarity: float  # cosine of the two questions' embeddings
+    question: str  # the question the answer was given to (PII-free: such turns are never cached)
+
+
 class GroundedTurn(_Event):
-    """``chat.grounded``: ready for generation: the prompt with numbered passages, and its sources."""
+    """``chat.grounded``: ready for generation: the prompt with numbered passages, and its sources; or, with
+    ``cached`` set, an answer from the semantic cache for the inference worker to stream as is."""
 
     event_type: Literal["chat.turn.grounded"] = "chat.turn.grounded"
     request: ChatTurnRequest
@@ -260,6 +272,27 @@ class GroundedTurn(_Event):
     retrieval: RetrievalResult
     prompt_messages: list[ChatMessage]
     citations: list[Citation] = Field(default_factory=list)
+    cached: CachedReply | None = None
+
+
+class CacheEntry(_Event):
+    """``cache.entries``: an answer for the semantic cache (from the inference worker, upserted by the
+    retrieval worker, the Milvus owner). Keyed by tenant."""
+
+    event_type: Literal["cache.entry"] = "cache.entry"
+    tenant: str
+    model: str
+    system: str  # SHA-256 of the system prompt the question came with ('' for none)
+    question: str
+    answer: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    expires_at: float
+
+    @property
+    def key(self) -> bytes:
+        return self.tenant.encode()
 
 
 class TokenEvent(_Event):
@@ -314,7 +347,7 @@ class TurnCompleted(_Event):
     batch: BatchRef | None = None  # copied from the request on the batch lane
     retraction: Retraction | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)  # finish_reason "tool_calls": the calls, arguments valid for their schemas
-    cache: Literal["exact"] | None = None  # the answer came from a response cache (inference_workers.response_cache)
+    cache: Literal["exact", "semantic"] | None = None  # the answer came from a response cache (exact: inference_workers.response_cache)
 
 
 ReviewKind = Literal["blocked", "flagged", "retracted"]
@@ -485,6 +518,7 @@ AnyEvent = Annotated[
     | EdgeHeartbeat
     | KbIngest
     | KbSource
+    | CacheEntry
     | DeadLetter
     | BatchCreated
     | BatchCancelled

@@ -104,6 +104,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
         extra_models=f"chatbus-tiny-small={tiny_model_dir}",
         model_fallbacks="chatbus-tiny-small=chatbus-tiny-random",
         response_cache_models="chatbus-tiny-small",  # the exact response cache on the small pool only (test_response_cache.py)
+        semantic_cache_models="chatbus-tiny-small",  # and the semantic cache (first questions only)
         prices={"chatbus-tiny-random": {"prompt": 1.5, "completion": 4.0}},  # USD per million tokens (GET /v1/usage)
         turn_timeout_s=90,
         max_inflight_turns=4,

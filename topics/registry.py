@@ -46,6 +46,7 @@ CHAT_FEEDBACK = "chat.feedback"
 DPO_PAIRS = "dpo.pairs"
 KTO_EXAMPLES = "kto.examples"
 SAFETY_REVIEW = "safety.review"
+CACHE_ENTRIES = "cache.entries"
 
 # The batch lane: the same stages as interactive chat on topics of its own, so every stage can take
 # interactive turns first (see consumers.stage.StageWorker and the inference worker's admission).
@@ -80,6 +81,7 @@ REGISTRY: tuple[TopicSpec, ...] = (
     TopicSpec(
         KTO_EXAMPLES, 3, "record id", "curated KTO examples, TRL conversational unpaired format; a null value deletes a record", 365 * DAY_MS, compacted=True
     ),
+    TopicSpec(CACHE_ENTRIES, 3, "tenant", "answers for the semantic cache, upserted into Milvus by the retrieval worker", DAY_MS),
     TopicSpec(SAFETY_REVIEW, 3, "conversation_id", "turns for human safety review (close blocks, flags, retractions) and reviewers' decisions", 365 * DAY_MS),
 )
 
@@ -95,7 +97,7 @@ class GroupSpec:
 
 SAFETY = GroupSpec("chatbus-safety", (CHAT_REQUESTS, BATCH_REQUESTS))
 RETRIEVAL = GroupSpec("chatbus-retrieval", (CHAT_SCREENED, BATCH_SCREENED))
-RETRIEVAL_INGEST = GroupSpec("chatbus-retrieval-ingest", (KB_INGEST,), stage=False)
+RETRIEVAL_INGEST = GroupSpec("chatbus-retrieval-ingest", (KB_INGEST, CACHE_ENTRIES), stage=False)
 INFERENCE = GroupSpec("chatbus-inference", (CHAT_GROUNDED, BATCH_GROUNDED))
 RECORDER = GroupSpec("chatbus-recorder", (CHAT_REQUESTS, CHAT_SCREENED, CHAT_GROUNDED, CHAT_REPLIES, SAFETY_REVIEW))
 # the batch store: materialises batch.jobs / batch.results (and batch dead letters)

@@ -1,5 +1,6 @@
-"""The exact response cache (inference_workers.response_cache) on the real stack: the session's small
-model pool (``chatbus-tiny-small``, the tiny random model: noise, deterministic at temperature 0) has it on."""
+"""The response caches on the real stack: the session's small model pool (``chatbus-tiny-small``, the tiny
+random model: noise, deterministic at temperature 0) has the exact cache (inference_workers.response_cache)
+and the semantic cache (retrieval_workers.semantic_cache) on."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ pytestmark = pytest.mark.stack
 SMALL = "chatbus-tiny-small"
 
 
-def body(content: str, **extra: Any) -> dict[str, Any]:
-    return {"model": SMALL, "messages": [{"role": "user", "content": content}], "max_tokens": 12, "temperature": 0, **extra}
+HISTORY = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi, how can I help?"}]
+
+
+def body(content: str, history: bool = True, **extra: Any) -> dict[str, Any]:
+    """A temperature-0 turn; with ``history`` a later turn of a conversation, which the semantic cache never takes."""
+    messages = [*(HISTORY if history else []), {"role": "user", "content": content}]
+    return {"model": SMALL, "messages": messages, "max_tokens": 12, "temperature": 0, **extra}
 
 
 async def test_a_repeated_temperature_0_question_is_answered_from_the_cache(edge_url: str, mongo: Any) -> None:
@@ -61,3 +67,24 @@ async def test_sampled_answers_and_turns_with_pii_are_never_cached(edge_url: str
             assert private.status_code == 200 and "cache" not in private.json()
     docs = [d async for d in mongo.response_cache.find({})]
     assert not any(marker in str(d) for d in docs)  # neither stored (nor any PII)
+
+
+async def test_a_paraphrased_first_question_is_answered_from_the_semantic_cache_and_a_negated_one_is_not(edge_url: str) -> None:
+    tag = uuid.uuid4().hex[:6]  # a name of its own, so no earlier run's entry answers
+    async with httpx.AsyncClient(base_url=edge_url, timeout=60) as http:
+        first = await http.post("/v1/chat/completions", json=body(f"How do I enable dark mode in Zorblax{tag}?", history=False))
+        assert first.status_code == 200 and "cache" not in first.json(), first.text
+        original = first.json()["choices"][0]["message"]["content"]
+
+        async def paraphrase() -> dict[str, Any] | None:
+            r = await http.post("/v1/chat/completions", json=body(f"How can I turn on dark mode in Zorblax{tag}?", history=False))
+            return r.json() if r.json().get("cache") == "semantic" else None
+
+        hit = await eventually(paraphrase, 30, "a semantic cache hit")  # the entry is upserted through cache.entries
+        assert hit["choices"][0]["message"]["content"] == original
+        opposite = await http.post("/v1/chat/completions", json=body(f"How do I disable dark mode in Zorblax{tag}?", history=False))
+        assert opposite.status_code == 200 and opposite.json().get("cache") is None  # close, but the guard refuses it
+        other_app = await http.post("/v1/chat/completions", json=body(f"How can I turn on dark mode in Quiblet{tag}?", history=False))
+        assert other_app.json().get("cache") is None  # another name
+        followup = await http.post("/v1/chat/completions", json=body(f"How can I turn on dark mode in Zorblax{tag}?"))
+        assert followup.json().get("cache") != "semantic"  # a later turn of a conversation: never semantic
