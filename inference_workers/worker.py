@@ -433,7 +433,7 @@ class InferenceWorker(ConsumerRuntime):
                         assistant_prefix=prefix,
                     )
                     key = None
-                    if self.cache is not None and cacheable(turn) is None:
+                    if self.cache is not None and turn.cached is None and cacheable(turn) is None:
                         key = cache_key(self.engine.model_name, messages, max_tokens, list(request.sampling.stop))
                     hit = await self.cache.get(key) if self.cache is not None and key is not None else None
                     if turn.cached is not None:  # the retrieval worker found it in the semantic cache
