@@ -154,6 +154,7 @@ class RetrievalStage:
             return None
         if found is None or found[0] < self.settings.semantic_cache_threshold:
             metrics.RESPONSE_CACHE.labels("semantic", "miss").inc()
+            log.debug("semantic cache miss for %s (nearest %s)", turn.correlation_id, None if found is None else round(found[0], 3))
             return None
         reason = conflict(question, found[1].question)
         if reason is not None:
@@ -169,6 +170,7 @@ class RetrievalStage:
                 vector = (await asyncio.to_thread(self.embedder.encode, [event.question]))[0].tolist()
                 await asyncio.get_running_loop().run_in_executor(self.milvus, self.semantic.put, event, vector)
                 metrics.RESPONSE_CACHE.labels("semantic", "stored").inc()
+                log.info("semantic cache: stored an answer of %s", event.model)
             return []
         if not isinstance(event, KbIngest):
             raise TypeError(f"unexpected {event.event_type} on {record.topic}")

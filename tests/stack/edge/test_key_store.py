@@ -90,9 +90,9 @@ async def test_tokens_per_minute_and_budgets_hold_on_every_edge(stack: Stack, mo
                 tokens = first.json()["usage"]["total_tokens"]
                 assert tokens > 0
 
-                async def charged(key_id: str = created["id"]) -> bool:
-                    doc = await mongo.key_budgets.find_one({"key": key_id, "_id": {"$regex": r":\d{4}-\d{2}-\d{2}$"}})
-                    return doc is not None and doc["tokens"] > 0
+                async def charged(key_id: str = created["id"]) -> bool:  # the day's budget, then the month's: both written
+                    docs = [await mongo.key_budgets.find_one({"key": key_id, "_id": {"$regex": p}}) for p in (r":\d{4}-\d{2}-\d{2}$", r":\d{4}-\d{2}$")]
+                    return all(d is not None and d["tokens"] > 0 for d in docs)
 
                 await eventually(charged, 30, "the turn's tokens charged to its key")
                 day = await mongo.key_budgets.find_one({"key": created["id"], "_id": {"$regex": r":\d{4}-\d{2}-\d{2}$"}})
