@@ -144,7 +144,7 @@ async def test_votes_become_pairs_and_a_preference_replaces_them(edge_url: str, 
     assert ka["completion"][0]["role"] == "assistant" and kb["metadata"]["comment"] == "wrong, mail me at [EMAIL]"
     doc = await eventually(lambda: mongo.dpo_pairs.find_one({"_id": ab}), 30, "dpo_pairs document")
     assert doc["chosen"] == pair["chosen"] and doc["metadata"]["source"] == "inferred_from_ratings"
-    vote_doc = await mongo.feedback.find_one({"_id": feedback_id("rating", USER, b)})
+    vote_doc = await eventually(lambda: mongo.feedback.find_one({"_id": feedback_id("rating", USER, b)}), 30, "feedback document of B")
     assert vote_doc["rating"] == "down" and vote_doc["response_id"] == b and vote_doc["updated_at"] > 0
 
     # an explicit preference B over A replaces the inferred pair
@@ -157,14 +157,24 @@ async def test_votes_become_pairs_and_a_preference_replaces_them(edge_url: str, 
         return (await latest(settings, "dpo.pairs")).get(ab, "missing") is None and await mongo.dpo_pairs.find_one({"_id": ab}) is None
 
     await eventually(retracted, 30, "the A>B pair retracted (tombstone and document deleted)")
-    assert await mongo.dpo_pairs.find_one({"_id": ba}) is not None
+    await eventually(lambda: mongo.dpo_pairs.find_one({"_id": ba}), 30, "the B>A pair's document")
 
     # voting again updates the same record: one id, one document
     await vote(edge_url, type="rating", response_id=b, rating="down", reason="style")
     await record_on(settings, "kto.examples", kto_record_id(b), meta_reason="style")
-    docs = [d async for d in mongo.kto_examples.find({"metadata.response_id": b})]
-    assert [d["_id"] for d in docs] == [kto_record_id(b)] and docs[0]["metadata"]["reason"] == "style"
-    assert (await mongo.feedback.find_one({"_id": feedback_id("rating", USER, b)}))["reason"] == "style"
+
+    async def restyled() -> list[dict] | None:
+        # the sink writes the document after the record lands on the topic: wait for it, then check there is one
+        docs = [d async for d in mongo.kto_examples.find({"metadata.response_id": b})]
+        return docs if any(d["metadata"].get("reason") == "style" for d in docs) else None
+
+    docs = await eventually(restyled, 30, "the KTO document of B updated to reason=style")
+    assert [d["_id"] for d in docs] == [kto_record_id(b)]
+
+    async def vote_restyled() -> bool:
+        return ((await mongo.feedback.find_one({"_id": feedback_id("rating", USER, b)})) or {}).get("reason") == "style"
+
+    await eventually(vote_restyled, 30, "the feedback document of B updated to reason=style")
 
     # withdrawing a rating retracts its KTO example
     await vote(edge_url, type="rating", response_id=a, rating=None)
