@@ -2,7 +2,7 @@
 (inference_workers.response_cache) and the semantic cache (retrieval_workers.semantic_cache).
 
 Never cached: sampling above temperature 0 (another answer is as right), turns with PII masked in them,
-turns the input screen flagged, turns offering tools or carrying tool messages. The semantic cache also
+turns the input screen flagged, turns offering tools or carrying tool messages, a rerouted turn continuing a partial answer. The semantic cache also
 takes only a conversation's first question (one user message, an optional system prompt): a follow-up
 ("and the second one?") means something else in every conversation.
 """
@@ -20,6 +20,8 @@ def not_cacheable(request: ChatTurnRequest, verdict: SafetyVerdict) -> str | Non
         return "sampled"
     if request.pii:
         return "pii"
+    if request.continuation is not None:
+        return "continued"
     if verdict.flags or not verdict.allowed:
         return "flagged"
     if request.tools or any(m.role == "tool" or m.tool_calls for m in request.messages):

@@ -30,6 +30,9 @@ from topics.registry import CHAT_REPLIES, topic
 log = logging.getLogger(__name__)
 
 
+ALIASES = 4096  # rerouted turns remembered per edge
+
+
 class TurnTimeout(Exception):
     pass
 
@@ -67,6 +70,10 @@ class TurnStream:
         self.cancel_sent = False  # the edge published a cancel for this turn (at most once)
         self.first_relayed: float | None = None  # wall time the first text was handed out (schemas.timing)
         self.interrupted = False  # the edge is draining: the next wait raises Draining
+        # the answer's text received so far and its token count, kept only for a turn that may be continued
+        # on a fallback pool if its own dies mid-answer (edge.turns ``reroute_stranded``); None: not kept
+        self.received: str | None = None
+        self.received_tokens = 0
 
     @property
     def started(self) -> bool:
@@ -90,6 +97,11 @@ class TurnStream:
 
     def put(self, ev: TokenEvent | TurnCompleted) -> None:
         """Hand the stream its next event (called by the relay)."""
+        if self.received is not None and isinstance(ev, TokenEvent):
+            have = len(self.received)
+            if ev.text_offset <= have < ev.text_offset + len(ev.delta):  # the characters not received before
+                self.received += ev.delta[have - ev.text_offset :]
+            self.received_tokens = max(self.received_tokens, ev.completion_tokens)
         self._events.append(ev)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -164,7 +176,10 @@ class ReplyRelay(BackgroundService):
         self.tp = TopicPartition(topic(CHAT_REPLIES, settings.topic_prefix), settings.reply_partition)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=None, auto_offset_reset="latest", fetch_max_wait_ms=5)
         self.turns: dict[str, TurnStream] = {}
-        self.aliases: dict[str, str] = {}  # a rerouted turn's first correlation id -> the one it was published again as
+        # a rerouted turn's first correlation id -> the one it was published again as, and back (the last
+        # ALIASES kept: a cancel or a resume after the stream closed still finds the turn that runs)
+        self.aliases: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.origins: dict[str, str] = {}
         self.relayed = 0
 
     async def on_start(self) -> None:
@@ -188,10 +203,18 @@ class ReplyRelay(BackgroundService):
         if stream is not None:
             self.turns[new_id] = stream
             self.aliases[correlation_id] = new_id
+            self.origins[new_id] = correlation_id
+            while len(self.aliases) > ALIASES:
+                _, gone = self.aliases.popitem(last=False)
+                self.origins.pop(gone, None)
+
+    def current(self, correlation_id: str) -> str:
+        """The id the turn ``correlation_id`` now runs as (itself unless it was rerouted)."""
+        return self.aliases.get(correlation_id, correlation_id)
 
     def close(self, correlation_id: str) -> None:
         self.turns.pop(correlation_id, None)
-        new_id = self.aliases.pop(correlation_id, None)
+        new_id = self.aliases.get(correlation_id)
         if new_id is not None:
             self.turns.pop(new_id, None)
 

@@ -113,7 +113,8 @@ def resume_event_id(service: ChatService, turn: ChatTurnRequest, delivered: int 
     partition and a time 1 s before the edge published it (margin for clock skew). With ``delivered=0`` it is
     the ``X-Resume-Event-Id`` response header, so a client cut off before its first event can still resume."""
     since_ms = int(turn.stages.get("edge_published", time.time()) * 1000) - 1000
-    return sse_event_id(turn.correlation_id, service.reply_to.partition or 0, since_ms, delivered)
+    # a rerouted turn resumes from the events of the turn it was published again as (edge.turns)
+    return sse_event_id(service.relay.current(turn.correlation_id), service.reply_to.partition or 0, since_ms, delivered)
 
 
 def live_events(service: ChatService, turn: ChatTurnRequest, stream: TurnStream, include_usage: bool) -> AsyncIterator[Event | bytes]:

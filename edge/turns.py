@@ -35,7 +35,7 @@ from edge.routing import NO_WORKER, Route, Router
 from producers.feedback import FeedbackProducer
 from producers.turns import TurnProducer, edge_reply_to
 from schemas.errors import NotFound
-from schemas.events import ChatMessage, ChatTurnRequest
+from schemas.events import ChatMessage, ChatTurnRequest, Continuation, RouteInfo
 from schemas.feedback import prompt_group
 from schemas.openai import ChatCompletionRequest
 from schemas.timing import breakdown
@@ -110,8 +110,8 @@ class ChatService:
         self.monitor = monitor
         self.live = live
         self.router = Router(settings, monitor)  # which model pool answers (edge.routing)
-        # published turns of a model with a fallback that no worker has started yet: rerouted if its pool dies
-        self.unstarted: collections.OrderedDict[str, tuple[ChatTurnRequest, TurnStream]] = collections.OrderedDict()
+        # published turns of a model with a fallback, not finished yet: rerouted if its pool dies (reroute_stranded)
+        self.reroutable: collections.OrderedDict[str, tuple[ChatTurnRequest, TurnStream]] = collections.OrderedDict()
         monitor.listeners.append(self.reroute_stranded)
         self.bus = TurnProducer(settings, producer)
         self.feedback = FeedbackProducer(settings, producer)
@@ -248,19 +248,25 @@ class ChatService:
                 self.cancel_soon(TurnRef(turn.correlation_id, turn.conversation_id), "publish_timeout", stream)
             raise unavailable_error("the message bus did not acknowledge the turn", 5) from exc
         if turn.source == "interactive" and turn.model in self.router.fallbacks:
-            self.unstarted[turn.correlation_id] = (turn, stream)
-            while len(self.unstarted) > RECENT_TURNS:
-                self.unstarted.popitem(last=False)
+            self.reroutable[turn.correlation_id] = (turn, stream)
+            if not turn.tools:
+                stream.received = ""  # keep the answer's text: the fallback continues it if the pool dies mid-answer
+            while len(self.reroutable) > RECENT_TURNS:
+                self.reroutable.popitem(last=False)
         return stream
 
     def reroute_stranded(self) -> None:
-        """After each load reading: the turns this edge published to a pool that now has no live worker,
-        and that no worker started, are published again to the pool's fallback (a new correlation id; the
-        client's stream follows it) and the first is cancelled, so a worker of the pool coming back skips it
-        (cancels are durable). Without this they would wait in the dead pool's topic until the turn timeout."""
-        for cid, (turn, stream) in list(self.unstarted.items()):
-            if stream.started or cid not in self.relay.turns:
-                del self.unstarted[cid]
+        """After each load reading: the unfinished turns this edge published to a pool that now has no live
+        worker are published again to the pool's fallback (a new correlation id; the client's stream follows
+        it) and the first is cancelled, so a worker of the pool coming back skips it (cancels are durable).
+        A turn whose answer had begun streaming goes with that text as its :class:`Continuation`: the
+        fallback's model continues it and the client's stream goes on where it stopped (with ``max_tokens``
+        less what was generated). A begun turn offering tools is not moved (its calls are held back, so
+        there is no text to continue from): it waits for its pool. Without this every stranded turn would
+        wait in the dead pool's topic until the pool came back or the turn timed out."""
+        for cid, (turn, stream) in list(self.reroutable.items()):
+            if stream.done is not None or cid not in self.relay.turns or (stream.started and stream.received is None):
+                del self.reroutable[cid]
                 continue
             pool = pool_named(self.settings, turn.model)
             if pool is None or self.router.why_not(pool) != NO_WORKER:
@@ -269,15 +275,23 @@ class ChatService:
                 route = self.router.route(turn.model, turn.messages)
             except APIError:
                 continue  # no fallback can take it now: it waits (or times out) where it is
-            del self.unstarted[cid]
+            del self.reroutable[cid]
             self.in_background(self._republish(turn, stream, route))
 
     async def _republish(self, turn: ChatTurnRequest, stream: TurnStream, route: Route) -> None:
         first = TurnRef(turn.correlation_id, turn.conversation_id)
-        again = turn.model_copy(deep=True, update={"correlation_id": f"chatcmpl-{uuid.uuid4().hex}", "model": route.pool.name, "route": route.info})
+        update: dict[str, Any] = {"correlation_id": f"chatcmpl-{uuid.uuid4().hex}", "model": route.pool.name, "route": route.info}
+        # what the client has or is about to get of the answer, read with the reroute below (no await between:
+        # nothing of the first turn arrives after it is read, and nothing is relayed from it after the reroute)
+        if stream.received:
+            used = stream.received_tokens
+            update["continuation"] = Continuation(text=stream.received, completion_tokens=used)
+            update["sampling"] = turn.sampling.model_copy(update={"max_tokens": max(1, turn.sampling.max_tokens - used)})
+            update["route"] = RouteInfo(requested=route.requested, reason=route.reason, fallback_from=route.fallback_from, continued_after=len(stream.received))
+        again = turn.model_copy(deep=True, update=update)
         record = self.bus.request(again)
         self.relay.reroute(turn.correlation_id, again.correlation_id)
-        turn.model, turn.route = again.model, again.route  # the answer names the model that gave it
+        turn.model, turn.route = again.model, again.route  # the answer names the model that gave it (and since where)
         try:
             async with asyncio.timeout(self.settings.publish_timeout_s):
                 await self.bus.send(record)
@@ -336,8 +350,8 @@ class ChatService:
 
     def claim(self, cid: str) -> None:
         """A client resumed (or stopped) the turn: the cancel pending since its last client left is off."""
-        pending = self.pending_cancels.pop(cid, None)
-        if pending is not None:
+        pending = self.pending_cancels.pop(cid, None) or self.pending_cancels.pop(self.relay.origins.get(cid, ""), None)
+        if pending is not None:  # (a rerouted turn's resume id names the turn it runs as: its pending cancel is the first id's)
             pending.cancel()
 
     async def stop(self, cid: str, conversations: ConversationStore, owner: str | None = None) -> dict[str, Any]:

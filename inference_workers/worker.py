@@ -380,18 +380,21 @@ class InferenceWorker(ConsumerRuntime):
         if begun is not None:
             begun.started = True
         attempt = new_id()
-        text, buffer, flushes, tokens, prompt_tokens, cached_tokens = "", "", 0, 0, 0, 0
+        # a rerouted turn goes on from the answer its dead pool had streamed (schemas.events.Continuation)
+        continued = request.continuation.text if request.continuation is not None else ""
+        earlier_tokens = request.continuation.completion_tokens if request.continuation is not None else 0
+        text, buffer, flushes, tokens, prompt_tokens, cached_tokens = continued, "", 0, 0, 0, 0
         finish: FinishReason = "stop"
         error: str | None = None
         stages = turn.stages
         streams = request.batch is None  # the batch lane gets the completion only
 
-        replies = ReplySender(self.producer, request, attempt, stages, on_retry=self._bus_retry)
+        replies = ReplySender(self.producer, request, attempt, stages, on_retry=self._bus_retry, start=continued)
 
         async def flush() -> None:
             nonlocal text, buffer, flushes
             if buffer and streams:
-                replies.push(buffer, tokens)
+                replies.push(buffer, earlier_tokens + tokens)
                 flushes += 1
             text, buffer = text + buffer, ""
 
@@ -402,8 +405,9 @@ class InferenceWorker(ConsumerRuntime):
         screening = OutputScreening(screen) if screen is not None else None
         violation: OutputVerdict | None = None
         tools = [t.model_dump(exclude_none=True) for t in request.tools]
-        prefix = forced_prefix(request.tool_choice) if tools and self.engine.applies_prefix else ""
-        calling = ToolCallStream(prefix, [t.function.name for t in request.tools]) if tools else None  # tool calls are held back, never streamed as text
+        prefix = continued or (forced_prefix(request.tool_choice) if tools and self.engine.applies_prefix else "")
+        # tool calls are held back, never streamed as text
+        calling = ToolCallStream(prefix, [t.function.name for t in request.tools]) if tools and not continued else None
         calls: list[ToolCall] = []
         key: str | None = None  # the exact response cache's key, when the turn may use it
         cached: Literal["exact", "semantic"] | None = None
@@ -558,7 +562,7 @@ class InferenceWorker(ConsumerRuntime):
                 text=SAFETY_MESSAGE if retraction is not None else text,
                 model=self.engine.model_name,
                 stages=stages,
-                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens, cached_tokens=cached_tokens),
+                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=earlier_tokens + tokens, cached_tokens=cached_tokens),
                 citations=citations,
                 verdict=turn.verdict,
                 retrieval_status=turn.retrieval.status if turn.retrieval.status == "ok" else f"skipped ({turn.retrieval.reason})",

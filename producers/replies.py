@@ -138,15 +138,18 @@ class ReplySender:
         retry_s: float = 0.5,
         max_retry_s: float = 5.0,
         on_retry: Callable[[BaseException], None] | None = None,
+        start: str = "",
     ) -> None:
+        """``start``: text the client already has (a continued answer, :class:`schemas.events.Continuation`):
+        the first event's ``text_offset`` is its length."""
         self.producer = producer
         self.request = request
         self.attempt = attempt
         self.stages = stages
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self.on_retry = on_retry
-        self.text = ""
-        self.acked = 0  # characters of ``text`` the broker acknowledged
+        self.text = start
+        self.acked = len(start)  # characters of ``text`` the broker acknowledged
         self.seq = 0  # the next token event's seq (events acknowledged so far)
         self.completion_tokens = 0
         self.retries = 0

@@ -220,6 +220,17 @@ class RouteInfo(_Model):
     requested: str  # the ``model`` the client sent ("auto", or a served model's name)
     reason: str  # why this model, e.g. "requested", "auto: code", "fallback: no live worker"
     fallback_from: str | None = None  # the model that should have answered, when this one stands in for it
+    continued_after: int | None = None  # characters of the answer ``fallback_from`` had streamed before its pool died
+
+
+class Continuation(_Model):
+    """An answer already partly streamed to the client by a worker that died: the turn was published again
+    (edge.turns ``reroute_stranded``) and its model continues this text instead of starting over (vLLM's
+    ``continue_final_message``); the token events' ``text_offset`` count from its start, so the client's
+    stream goes on where it stopped. PII-masked like every answer on the bus."""
+
+    text: str
+    completion_tokens: int = Field(default=0, ge=0)  # what the first attempt generated (counted in usage)
 
 
 class ChatTurnRequest(_Event):
@@ -240,6 +251,7 @@ class ChatTurnRequest(_Event):
     parallel_tool_calls: bool = True  # False: at most one call per answer
     tool_choice: str = "auto"  # with tools: "auto" (the model decides), "required" (some call), else the one function's name to call
     route: RouteInfo | None = None  # set when the edge routed the turn ("auto") or fell back; ``model`` is the one chosen
+    continuation: Continuation | None = None  # the answer so far, when a dead pool's started turn was rerouted
 
 
 class ScreenedTurn(_Event):

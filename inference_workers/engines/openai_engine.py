@@ -11,8 +11,11 @@ when it sends one (``include_usage``), else the chunk count. Finish reasons: ``"
 
 Tools: ``req.tools`` and ``req.tool_choice`` go to the upstream, which parses its model's calls; the calls it
 streams back (``delta.tool_calls``, accumulated by ``index``) are handed on as Hermes ``<tool_call>`` text in
-the last delta, so the worker treats every engine's calls alike (:mod:`core.tools`). ``assistant_prefix``
-is not applied (``applies_prefix`` False): the upstream enforces ``tool_choice`` itself.
+the last delta, so the worker treats every engine's calls alike (:mod:`core.tools`). The worker sets no
+tool-call ``assistant_prefix`` here (``applies_prefix`` False): the upstream enforces ``tool_choice`` itself.
+A prefix it does set (a rerouted turn continuing a partial answer) goes as a final assistant message with
+vLLM's ``continue_final_message`` (and ``add_generation_prompt`` false) in the request body; an upstream
+without that parameter ignores or refuses it.
 
 Cancellation: closing the generator (or cancelling its task) closes the HTTP stream, which a
 vLLM-style server takes as an abort of the request.
@@ -128,6 +131,9 @@ class OpenAIEngine(Engine):
             kwargs["stop"] = list(req.stop)
         if req.seed is not None:
             kwargs["seed"] = req.seed
+        if req.assistant_prefix:  # continue the answer so far (vLLM's chat API; others may ignore it)
+            kwargs["messages"].append({"role": "assistant", "content": req.assistant_prefix})
+            kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         if req.tools:
             kwargs["tools"] = req.tools
             kwargs["tool_choice"] = req.tool_choice if req.tool_choice in ("auto", "required") else {"type": "function", "function": {"name": req.tool_choice}}

@@ -10,10 +10,12 @@ import time
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from chatbus.stack import Stack
 from core.config import Settings
+from schemas.events import TurnCompleted
 from tests.conftest import eventually, read_topic
 from topics.pools import pool_named
 
@@ -59,7 +61,12 @@ async def test_auto_routes_by_the_request_and_says_why(edge_url: str, mongo: Any
         await eventually(lambda: _when(listed(http), lambda ids: SMALL in ids), 60, "the small pool listed")
         code = await ask(http, "auto", "Write a Python function that merges two sorted lists.")
         assert code.status_code == 200, code.text
-        assert code.json()["model"] == PRIMARY and code.json()["route"] == {"requested": "auto", "reason": "auto: code", "fallback_from": None}
+        assert code.json()["model"] == PRIMARY and code.json()["route"] == {
+            "requested": "auto",
+            "reason": "auto: code",
+            "fallback_from": None,
+            "continued_after": None,
+        }
         assert code.headers["x-chatbus-route"].startswith(f"model={PRIMARY}; requested=auto; reason=auto: code")
         chat = await ask(http, "auto", "Good evening! How are you?")
         assert chat.json()["model"] == SMALL and chat.json()["route"]["reason"].startswith("auto: classifier 0.")  # P(primary) < 0.5
@@ -116,6 +123,51 @@ async def test_a_stopped_pool_falls_back_with_nothing_lost_and_comes_back(edge_u
     ]
     assert any(a["model"] == SMALL for a in answers[back:])
     assert len(refused) < len(answers), refused
+
+
+async def test_a_pool_killed_mid_answer_is_continued_by_the_fallback(edge_url: str, stack: Stack, settings: Settings) -> None:
+    """SIGKILL the small pool's only worker while it streams an answer: once its consumer group drops the
+    member, the edge publishes the turn again to the fallback with the text streamed so far, the primary's
+    model continues it, and the client's one stream goes on — nothing lost or repeated, one finish. The
+    pool, restarted, skips the first turn (cancelled)."""
+    service = next(name for name in stack.services if name.startswith("inference.chatbus-tiny-small"))
+    text, ids, finish, at_kill = "", [], None, None
+    body = {"model": SMALL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 600, "temperature": 0, "stream": True}
+    async with httpx.AsyncClient(base_url=edge_url, timeout=120) as http:
+        await eventually(lambda: _when(listed(http), lambda ids: SMALL in ids), 60, "the small pool listed")
+        try:
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("id:"):
+                        ids.append(line[3:].strip())
+                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                        continue
+                    chunk = orjson.loads(line[5:])
+                    for choice in chunk.get("choices", []):
+                        text += choice["delta"].get("content") or ""
+                        if at_kill is None and text:
+                            await asyncio.to_thread(stack.kill, service)
+                            at_kill = len(text)
+                        if choice.get("finish_reason"):
+                            finish, route, first = choice["finish_reason"], chunk.get("route"), chunk["id"]
+        finally:
+            await asyncio.to_thread(stack.start, service)
+        assert at_kill is not None and finish in ("stop", "length"), finish
+        assert route is not None and route["fallback_from"] == SMALL and route["reason"] == "fallback: no live worker", route
+        assert at_kill <= route["continued_after"] < len(text)  # the fallback wrote the rest
+        again = ids[-1].split(":")[0]  # the resume id names the turn the stream now follows
+        assert again != first
+        done = [e for e in await read_topic(settings, "chat.replies", again) if isinstance(e, TurnCompleted)]
+        assert len(done) == 1 and done[0].model == PRIMARY and done[0].text == text  # no character lost or repeated
+        assert done[0].usage.completion_tokens <= 600
+        await eventually(lambda: _when(listed(http), lambda ids: SMALL in ids), 120, "the pool back")
+
+    async def skipped() -> list[TurnCompleted]:
+        return [e for e in await read_topic(settings, "chat.replies", first) if isinstance(e, TurnCompleted)]
+
+    ends = await eventually(skipped, 60, "the restarted pool skipping the first turn")
+    assert [e.finish_reason for e in ends] == ["cancelled"]
 
 
 async def _when(values: Any, ok: Any) -> Any:

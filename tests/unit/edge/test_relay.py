@@ -48,3 +48,19 @@ async def test_pieces_send_heartbeats_while_waiting_and_time_out_without_events(
     with pytest.raises(TurnTimeout):
         async for piece in silent.pieces(timeout_s=0.2, heartbeat_s=0.05):
             assert piece is None  # heartbeats until the turn's own timeout
+
+
+async def test_a_continued_answer_goes_on_where_the_dead_attempt_stopped() -> None:
+    """``received`` keeps what arrived (each character once, across attempts); a continuation's events
+    count their offsets from its start, so the client gets the rest and nothing twice."""
+    s = TurnStream("c")
+    s.received = ""
+    s.put(tok("a1", 0, "Once upon", 0))
+    s.put(tok("a2", 0, "Once", 0))  # a redelivered attempt repeats the start
+    s.put(tok("a2", 1, " upon a", 4))
+    assert s.received == "Once upon a"
+    # the pool died: the fallback continues from "Once upon a" (its first event at offset 11)
+    s.put(tok("f", 0, " time", len(s.received)))
+    s.put(TurnCompleted(correlation_id="c", conversation_id="v", attempt="f", seq=1, finish_reason="stop", text="Once upon a time", model="m"))
+    assert "".join([p async for p in s.pieces(1) if p]) == "Once upon a time"
+    assert TurnStream("d").received is None  # not kept unless asked for
