@@ -9,9 +9,9 @@ primary). ``--clients`` clients each ask ``chatbus-tiny-small`` one non-streamed
 
 * *first fallback answer*: when the first answer from the fallback arrived (the pool's consumer group
   drops a killed member after its session timeout, 6 s; the edge reads membership every 0.5 s).
-* *turns in flight at the kill*: sent before it, answered after. Those not started yet are republished to
-  the fallback once the edge sees the pool has no live worker (``edge.turns.reroute_stranded``); one the
-  dead worker had started waits in the pool's topic until a worker of the pool is back.
+* *turns in flight at the kill*: sent before it, answered after. They are republished to the fallback once
+  the edge sees the pool has no live worker (``edge.turns.reroute_stranded``); one whose answer had begun
+  streaming goes with that text, and the fallback continues it (*continued*).
 * *later turns to the fallback*: of the turns sent after the first fallback answer and before the restart,
   the share the fallback answered, and their p50 latency.
 * *lost*: turns that got no answer (an error, a timeout). Target 0.
@@ -123,6 +123,7 @@ async def run(stack: Stack, clients: int, down_s: float) -> dict[str, Any]:
         "first_fallback_answer_s": round(detected - killed, 2),
         "caught_in_flight": len(caught),
         "caught_rerouted": sum(1 for t in caught if t.get("model") == PRIMARY),
+        "caught_continued": sum(1 for t in caught if (t.get("route") or {}).get("continued_after")),
         "longest_wait_s": round(max((t["done"] - t["sent"] for t in caught), default=0.0), 2),
         "after_to_fallback": round(sum(t.get("model") == PRIMARY for t in after) / max(1, len(after)), 3),
         "after_p50_s": round(statistics.median([t["done"] - t["sent"] for t in after]), 3) if after else None,
@@ -163,9 +164,9 @@ def main() -> None:
     lines = [
         f"A pool's only worker SIGKILLed under {r['clients']} clients' steady traffic, restarted {r['down_s']:g} s later (tiny model twice; times from the kill):",
         "",
-        "| answered | lost | first fallback answer | turns in flight at the kill (rerouted) | their longest wait | later turns to the fallback (p50) | pool serving again after its restart |",
+        "| answered | lost | first fallback answer | turns in flight at the kill (rerouted; continued) | their longest wait | later turns to the fallback (p50) | pool serving again after its restart |",
         "|---|---|---|---|---|---|---|",
-        f"| {r['answered']} of {r['turns']} | {r['lost']} | {r['first_fallback_answer_s']} s | {r['caught_in_flight']} ({r['caught_rerouted']}) | {r['longest_wait_s']} s | {r['after_to_fallback']} ({r['after_p50_s']} s; {r['p50_before_s']} s before) | {r['back_after_restart_s']} s |",
+        f"| {r['answered']} of {r['turns']} | {r['lost']} | {r['first_fallback_answer_s']} s | {r['caught_in_flight']} ({r['caught_rerouted']}; {r['caught_continued']}) | {r['longest_wait_s']} s | {r['after_to_fallback']} ({r['after_p50_s']} s; {r['p50_before_s']} s before) | {r['back_after_restart_s']} s |",
     ]
     (OUT / "fallback.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
