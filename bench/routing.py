@@ -7,13 +7,17 @@ apart from the classifier's training set (``core/routing_labels.jsonl``), in oth
 topics. A request labelled ``primary`` needs code, maths or reasoning; ``small`` is chit-chat, a simple fact,
 a short rewrite. Agreement = the router's choice equals the label.
 
-``--answers`` also generates with both packaged models (in-process, transformers on CPU, greedy,
-``--max-tokens``) for each prompt the router sends to the small model and reports, per label, how often the
-answer passes the check: non-empty, at least 3 words, not a refusal, and for ``primary`` prompts that
-ask for code a code block or a ``def``/``function``/``SELECT`` line. A weak judge, said as such: it
-catches a model that cannot attempt the task, not a wrong answer.
+``--answers`` judges the answers against references: ``bench/data/routing_references.jsonl`` (50 prompts
+written for this, 25 ``small`` simple facts and 25 ``primary`` — 15 Python functions, 10 arithmetic or
+algebra questions — none from the router's training or evaluation sets), each with a check: a regular
+expression the answer must match (the fact, the number), or ``assert`` tests the answer's code must pass
+(its code blocks run with the tests in a fresh ``python -I`` with a 10 s timeout: model-written code runs
+on this machine, as HumanEval-style benchmarks do). Both packaged models answer every prompt (in-process,
+transformers on CPU, bf16, greedy; 64 new tokens for a fact, 160 for arithmetic, 256 for code); the router
+(heuristic + classifier, the edge's rule) picks a model per prompt, and the routed answers' pass rate and
+generation time are compared with sending everything to either model.
 
-    .venv/bin/python bench/routing.py [--answers --max-tokens 96]
+    .venv/bin/python bench/routing.py [--answers]
 
 Writes ``bench/results/routing.json`` and ``.md``.
 """
@@ -24,7 +28,9 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,10 +43,8 @@ from core.routing import classify, load_classifier, read_labels  # noqa: E402
 from schemas.events import ChatMessage  # noqa: E402
 
 EVAL = ROOT / "bench" / "data" / "routing_eval.jsonl"
+REFERENCES = ROOT / "bench" / "data" / "routing_references.jsonl"
 OUT = ROOT / "bench" / "results"
-CODE_ASK = re.compile(r"\b(write|implement|script|function|query|code|snippet|class)\b", re.IGNORECASE)
-CODE_ANSWER = re.compile(r"```|^\s*(def |function |class |SELECT |fn |func |public |#include)", re.IGNORECASE | re.MULTILINE)
-REFUSAL = re.compile(r"\b(I can't|I cannot|I'm sorry|as an AI)\b", re.IGNORECASE)
 
 
 def scores(pred: list[bool], gold: list[bool]) -> dict[str, float]:
@@ -54,52 +58,97 @@ def scores(pred: list[bool], gold: list[bool]) -> dict[str, float]:
     }
 
 
-def passes(prompt: str, answer: str, needs_primary: bool) -> bool:
-    """The weak check of the module docstring."""
-    if len(answer.split()) < 3 or REFUSAL.search(answer):
+def code_of(answer: str) -> str:
+    """The Python in an answer: its fenced code blocks, else the answer itself from its first ``def``."""
+    blocks = re.findall(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", answer + "\n```", re.DOTALL | re.IGNORECASE)
+    if blocks:
+        return "\n\n".join(blocks)
+    start = answer.find("def ")
+    return answer[start:] if start >= 0 else ""
+
+
+def judged(answer: str, check: dict[str, Any]) -> bool:
+    """Whether ``answer`` passes its reference ``check`` (``regex``: any pattern matches; ``python``: the
+    answer's code with the tests appended exits 0 within 10 s)."""
+    if "regex" in check:
+        return any(re.search(p, answer, re.IGNORECASE) for p in check["regex"])
+    code = code_of(answer)
+    if not code.strip():
         return False
-    if needs_primary and CODE_ASK.search(prompt):
-        return bool(CODE_ANSWER.search(answer))
-    return True
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", code + "\n\n" + check["python"]], cwd=tmp, capture_output=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            return False
+    return done.returncode == 0
 
 
-def answers(rows: list[tuple[str, bool]], max_tokens: int) -> dict[str, Any]:
-    """Both packaged models' answers to every prompt; pass rates per model and label, and decode tok/s."""
+def budget(row: dict[str, Any]) -> int:
+    if "python" in row["check"]:
+        return 256
+    return 64 if row["label"] == "small" else 160
+
+
+def answers(routed_primary: list[bool]) -> dict[str, Any]:
+    """Both packaged models' answers to the reference prompts, judged (:func:`judged`); per model and label
+    the pass rate and generation time, and the same for the router's choice per prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.catalogue import resolve
     from core.config import Settings
 
+    rows = [json.loads(line) for line in REFERENCES.read_text().splitlines() if line.strip()]
     settings = Settings()
-    out: dict[str, Any] = {}
+    per_model: dict[str, dict[str, list[Any]]] = {}
+    names = []
     for short in ("qwen2.5-coder-0.5b", "smollm2-135m"):
         target = resolve(short, settings.build_dir)
+        names.append(target.served_name)
         tok = AutoTokenizer.from_pretrained(target.path)
         model = AutoModelForCausalLM.from_pretrained(target.path, dtype="bfloat16")
-        passed = {"small": [], "primary": []}
-        tokens = 0
-        seconds = 0.0
-        for prompt, gold in rows:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        got: dict[str, list[Any]] = {"passed": [], "seconds": [], "tokens": [], "answers": []}
+        for row in rows:
+            ids = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
             started = time.perf_counter()
-            gen = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
-            seconds += time.perf_counter() - started
+            gen = model.generate(**ids, max_new_tokens=budget(row), do_sample=False)
+            got["seconds"].append(time.perf_counter() - started)
             new = gen[0][ids["input_ids"].shape[1] :]
-            tokens += len(new)
-            passed["primary" if gold else "small"].append(passes(prompt, tok.decode(new, skip_special_tokens=True), gold))
-        out[target.served_name] = {
-            "pass_small_prompts": round(sum(passed["small"]) / len(passed["small"]), 3),
-            "pass_primary_prompts": round(sum(passed["primary"]) / len(passed["primary"]), 3),
-            "tokens_per_s": round(tokens / seconds, 1),
-        }
-        print(target.served_name, out[target.served_name], flush=True)
-    return out
+            text = tok.decode(new, skip_special_tokens=True)
+            got["tokens"].append(len(new))
+            got["answers"].append(text)
+            got["passed"].append(judged(text, row["check"]))
+        per_model[target.served_name] = got
+        print(target.served_name, sum(got["passed"]), "of", len(rows), flush=True)
+    primary_name, small_name = names
+    choice = [primary_name if p else small_name for p in routed_primary[len(routed_primary) - len(rows) :]]
+
+    def summary(pick: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for label in ("small", "primary"):
+            idx = [k for k, r in enumerate(rows) if r["label"] == label]
+            out[f"pass_{label}"] = round(sum(per_model[pick[k]]["passed"][k] for k in idx) / len(idx), 3)
+        out["pass_all"] = round(sum(per_model[pick[k]]["passed"][k] for k in range(len(rows))) / len(rows), 3)
+        out["seconds"] = round(sum(per_model[pick[k]]["seconds"][k] for k in range(len(rows))), 1)
+        out["share_to_small"] = round(sum(p == small_name for p in pick) / len(rows), 3)
+        return out
+
+    policies = {
+        f"all {primary_name}": summary([primary_name] * len(rows)),
+        f"all {small_name}": summary([small_name] * len(rows)),
+        "routed (edge.routing)": summary(choice),
+    }
+    return {
+        "prompts": len(rows),
+        "policies": policies,
+        "tokens_per_s": {n: round(sum(g["tokens"]) / sum(g["seconds"]), 1) for n, g in per_model.items()},
+        "routed_failures": [r["prompt"] for k, r in enumerate(rows) if not per_model[choice[k]]["passed"][k]],
+        "answers": {n: g["answers"] for n, g in per_model.items()},
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--answers", action="store_true", help="also generate with both packaged models and check the answers")
-    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--answers", action="store_true", help="also answer the reference prompts with both packaged models and judge them")
     args = ap.parse_args()
     rows = read_labels(EVAL)
     gold = [y for _, y in rows]
@@ -125,7 +174,11 @@ def main() -> None:
         "misrouted": [t for (t, g), b in zip(rows, both, strict=True) if b != g],
     }
     if args.answers:
-        report["answers"] = answers(rows, args.max_tokens)
+        refs = [json.loads(line)["prompt"] for line in REFERENCES.read_text().splitlines() if line.strip()]
+        ref_primary = [
+            classify([ChatMessage(role="user", content=t)])[0] or classifier.probability(embedder.encode([t])[0]) >= classifier.threshold for t in refs
+        ]
+        report["answers"] = answers(ref_primary)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "routing.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
@@ -143,9 +196,18 @@ def main() -> None:
     if report["misrouted"]:
         lines += ["", "Misrouted by the edge's rule: " + "; ".join(f"`{t}`" for t in report["misrouted"])]
     if args.answers:
-        lines += ["", "| model | answers passing the check, small prompts | primary prompts | decode tok/s |", "|---|---|---|---|"]
-        for name, a in report["answers"].items():
-            lines.append(f"| {name} | {a['pass_small_prompts']} | {a['pass_primary_prompts']} | {a['tokens_per_s']} |")
+        a = report["answers"]
+        lines += [
+            "",
+            f"Answers judged against references ({a['prompts']} prompts of `bench/data/routing_references.jsonl`, half simple facts, half code "
+            "with tests or arithmetic; both models in-process on CPU, greedy):",
+            "",
+            "| policy | pass, simple prompts | pass, code and maths | pass, all | share to the small model | generation time |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, p in a["policies"].items():
+            lines.append(f"| {name} | {p['pass_small']} | {p['pass_primary']} | {p['pass_all']} | {p['share_to_small']} | {p['seconds']} s |")
+        lines += ["", "Decode tok/s: " + ", ".join(f"{n} {v}" for n, v in a["tokens_per_s"].items())]
     (OUT / "routing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

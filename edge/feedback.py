@@ -17,6 +17,7 @@ they leave the edge.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -88,6 +89,21 @@ def parse_feedback(payload: object) -> FeedbackRequest:
     return validate_body(FeedbackRequest, payload)
 
 
+def as_recorded(req: FeedbackRequest, turns: dict[str, TurnInfo], current: Callable[[str], str]) -> tuple[FeedbackRequest, dict[str, TurnInfo]]:
+    """The request and its turns under the ids their answers are recorded with: a turn rerouted to a
+    fallback pool (edge.turns ``reroute_stranded``) keeps its first id for the client, its answer is the
+    second's. ``current`` maps an id to the one its turn runs as (the edge's relay remembers its own)."""
+    ids = {rid: current(rid) for rid in req.response_ids}
+    if all(k == v for k, v in ids.items()):
+        return req, turns
+    update: dict[str, Any] = {"rejected_ids": [ids[r] for r in req.rejected_ids], "rejected_id": None}
+    if req.response_id is not None:
+        update["response_id"] = ids[req.response_id]
+    if req.chosen_id is not None:
+        update["chosen_id"] = ids[req.chosen_id]
+    return req.model_copy(update=update), {ids[k]: v for k, v in turns.items()}
+
+
 def feedback_event(req: FeedbackRequest, turns: dict[str, TurnInfo], key: bytes | None = None) -> FeedbackEvent:
     """The event for a validated request whose responses were all found (``turns`` by id); 400 if a
     preference names responses that are not siblings. ``user`` becomes its pseudonym under ``key``
@@ -128,6 +144,7 @@ async def create_feedback(request: Request) -> Response:
         if info is None:
             raise NotFound(f"No completed response found with id '{rid}'.", type="NotFoundError", param="response_id", code="response_not_found")
         turns[rid] = info
+    req, turns = as_recorded(req, turns, service.relay.current)
     event = feedback_event(req, turns, request.app.state.settings.pseudonym_key_bytes())
     try:
         await service.feedback.publish(event)
