@@ -11,7 +11,9 @@ A stack of its own serving SmolLM2-135M-Instruct (a real model, transformers on 
   near-miss (a negation, an opposite, another entity) must not be.
 
 TTFT is the client's: from sending the request to the first content chunk of the SSE stream (greedy,
-``max_tokens`` 48). A question the input screen blocks is left out (counted).
+``max_tokens`` 48). A question the input screen blocks is left out (counted). Some pairs share their
+first question: asked again it is already a hit, so the exact run does not count it twice, and the semantic
+run asks the pair's second question against the entry there is.
 
     .venv/bin/python bench/cache_ttft.py [--model smollm2-135m] [--pairs 40]
 
@@ -75,17 +77,23 @@ def measure(settings: Settings, mode: str, pairs: list[dict[str, Any]], max_toke
     stack.up(("kafka", "ferretdb", "safety", "retrieval", "inference", "recorder", "edge"), wait=False)
     misses: list[dict[str, Any]] = []
     seconds: list[dict[str, Any]] = []
+    repeats: list[dict[str, Any]] = []
     try:
         stack.wait_ready(timeout_s=600)
         with httpx.Client(timeout=300) as http:
             ask(http, stack.edge_url, run.model_name, "Hello! What can you help me with?", max_tokens)  # warm-up
             for pair in pairs:
                 first = ask(http, stack.edge_url, run.model_name, pair["a"], max_tokens)
-                if first["finish_reason"] not in ("stop", "length") or first["cache"] is not None:
-                    misses.append({**first, "skipped": True})  # blocked by the screen, or served from an earlier entry
+                if first["finish_reason"] not in ("stop", "length"):
+                    misses.append({**first, "skipped": True})  # blocked by the input screen
                     continue
-                misses.append(first)
-                time.sleep(SETTLE_S)
+                if first["cache"] is not None:  # the same first question as an earlier pair's: already cached
+                    repeats.append(first)
+                    if mode == "exact":
+                        continue
+                else:
+                    misses.append(first)
+                    time.sleep(SETTLE_S)
                 again = ask(http, stack.edge_url, run.model_name, pair["a"] if mode == "exact" else pair["b"], max_tokens)
                 seconds.append({**again, "same": True if mode == "exact" else pair["same"], "first_text": first["text"]})
     finally:
@@ -96,6 +104,7 @@ def measure(settings: Settings, mode: str, pairs: list[dict[str, Any]], max_toke
         "mode": mode,
         "pairs": len(pairs),
         "skipped": len(misses) - len(asked),
+        "repeated_first_questions": len(repeats),
         "miss_ttft_p50_ms": pct([m["ttft_s"] for m in asked if m["ttft_s"] is not None], 0.5),
         "miss_ttft_p90_ms": pct([m["ttft_s"] for m in asked if m["ttft_s"] is not None], 0.9),
         "hit_ttft_p50_ms": pct([h["ttft_s"] for h in hits if h["ttft_s"] is not None], 0.5),
@@ -112,7 +121,7 @@ def measure(settings: Settings, mode: str, pairs: list[dict[str, Any]], max_toke
         row["hit_rate"] = round(sum(s["cache"] == mode for s in same) / max(1, len(same)), 3)
         row["false_hit_rate"] = round(sum(s["cache"] == mode for s in near) / max(1, len(near)), 3)
         row["false_hits"] = [s["question"] for s in near if s["cache"] == mode]
-    row["turns"] = misses + seconds
+    row["turns"] = misses + repeats + seconds
     print(json.dumps({k: v for k, v in row.items() if k != "turns"}), flush=True)
     return row
 
@@ -143,9 +152,9 @@ def main() -> None:
         f"Response caches through the whole stack ({settings.model_name}, transformers on CPU, greedy, {args.max_tokens} tokens; "
         f"held-out labelled pairs; {time.time() - started:.0f} s in all):",
         "",
-        "| cache | second turns | hits | hit rate | false-hit rate | TTFT of a miss p50 / p90 | TTFT of a hit p50 / p90 | blocked or skipped |",
+        "| cache | second turns | hits | hit rate | false-hit rate | TTFT of a miss p50 / p90 | TTFT of a hit p50 / p90 | blocked by the input screen |",
         "|---|---|---|---|---|---|---|---|",
-        f"| exact (the same question again) | {exact['pairs'] - exact['skipped']} | {exact['hits']} | {exact['hit_rate']} | — | "
+        f"| exact (the same question again) | {len([t for t in exact['turns'] if 'same' in t])} | {exact['hits']} | {exact['hit_rate']} | — | "
         f"{exact['miss_ttft_p50_ms']} / {exact['miss_ttft_p90_ms']} ms | {exact['hit_ttft_p50_ms']} / {exact['hit_ttft_p90_ms']} ms | {exact['skipped']} |",
         f"| semantic (paraphrase / near-miss, threshold {settings.semantic_cache_threshold}) | {semantic['paraphrases']} / {semantic['near_misses']} | "
         f"{semantic['hits']} | {semantic['hit_rate']} | {semantic['false_hit_rate']} | {semantic['miss_ttft_p50_ms']} / {semantic['miss_ttft_p90_ms']} ms | "

@@ -113,8 +113,7 @@ def resume_event_id(service: ChatService, turn: ChatTurnRequest, delivered: int 
     partition and a time 1 s before the edge published it (margin for clock skew). With ``delivered=0`` it is
     the ``X-Resume-Event-Id`` response header, so a client cut off before its first event can still resume."""
     since_ms = int(turn.stages.get("edge_published", time.time()) * 1000) - 1000
-    # a rerouted turn resumes from the events of the turn it was published again as (edge.turns)
-    return sse_event_id(service.relay.current(turn.correlation_id), service.reply_to.partition or 0, since_ms, delivered)
+    return sse_event_id(turn.correlation_id, service.reply_to.partition or 0, since_ms, delivered)
 
 
 def live_events(service: ChatService, turn: ChatTurnRequest, stream: TurnStream, include_usage: bool) -> AsyncIterator[Event | bytes]:
@@ -167,7 +166,9 @@ def on_client_close(service: ChatService, turn: ChatTurnRequest, stream: TurnStr
 
 def resumed_events(service: ChatService, cid: str, partition: int, since_ms: int, delivered: int, include_usage: bool) -> AsyncIterator[Event | bytes]:
     """The rest of a streamed turn after ``delivered`` characters, read back from its reply partition
-    (from ``since_ms``) and then live: no character lost or repeated (:meth:`TurnStream.splice`)."""
+    (from ``since_ms``) and then live: no character lost or repeated (:meth:`TurnStream.splice`). A turn this
+    edge rerouted after the id was handed out is followed as the turn it runs as."""
+    cid = service.relay.current(cid)
     stream = TurnStream(cid)
     stream.delivered = delivered
     chunks = ChunkBuilder(cid, service.settings.model_name, include_usage)

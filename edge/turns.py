@@ -351,7 +351,7 @@ class ChatService:
     def claim(self, cid: str) -> None:
         """A client resumed (or stopped) the turn: the cancel pending since its last client left is off."""
         pending = self.pending_cancels.pop(cid, None) or self.pending_cancels.pop(self.relay.origins.get(cid, ""), None)
-        if pending is not None:  # (a rerouted turn's resume id names the turn it runs as: its pending cancel is the first id's)
+        if pending is not None:  # (a resumed rerouted turn is claimed as the turn it runs as: its pending cancel is the first id's)
             pending.cancel()
 
     async def stop(self, cid: str, conversations: ConversationStore, owner: str | None = None) -> dict[str, Any]:

@@ -156,9 +156,10 @@ async def test_a_pool_killed_mid_answer_is_continued_by_the_fallback(edge_url: s
         assert at_kill is not None and finish in ("stop", "length"), finish
         assert route is not None and route["fallback_from"] == SMALL and route["reason"] == "fallback: no live worker", route
         assert at_kill <= route["continued_after"] < len(text)  # the fallback wrote the rest
-        again = ids[-1].split(":")[0]  # the resume id names the turn the stream now follows
-        assert again != first
-        done = [e for e in await read_topic(settings, "chat.replies", again) if isinstance(e, TurnCompleted)]
+        assert ids and all(i.split(":")[0] == first for i in ids)  # the client resumes it by the id it knows
+        conversation = (await read_topic(settings, "chat.replies", first))[0].conversation_id
+        replies = [e for e in await read_topic(settings, "chat.replies") if getattr(e, "conversation_id", None) == conversation]
+        done = [e for e in replies if isinstance(e, TurnCompleted) and e.correlation_id != first]  # the turn published again
         assert len(done) == 1 and done[0].model == PRIMARY and done[0].text == text  # no character lost or repeated
         assert done[0].usage.completion_tokens <= 600
         await eventually(lambda: _when(listed(http), lambda ids: SMALL in ids), 120, "the pool back")
