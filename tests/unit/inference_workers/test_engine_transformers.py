@@ -411,6 +411,19 @@ async def test_openai_engine_streams_and_reports_usage() -> None:
     assert eng.model_name == "shown" and eng.active_requests == 0
 
 
+async def test_openai_engine_continues_an_answer_with_vllms_continue_final_message() -> None:
+    async with _SseServer() as server:
+        eng = OpenAIEngine(f"http://127.0.0.1:{server.port}/v1", api_key=None, model="up")
+        await eng.start()
+        try:
+            await collect(eng, GenerationRequest("o-2", USER, max_tokens=9, assistant_prefix="Once upon"))
+        finally:
+            await eng.stop()
+    sent = server.bodies[0]
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Once upon"} and sent["messages"][:-1] == USER
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+
+
 async def test_openai_engine_cancel_closes_the_upstream_stream() -> None:
     async with _SseServer() as server:
         eng = OpenAIEngine(f"http://127.0.0.1:{server.port}/v1", api_key="k", model="up")
