@@ -10,6 +10,10 @@ result, which would make a batch of n lines cost O(n²) in the database). An ope
 crash cannot keep a batch open for ever. At-least-once with idempotent upserts (:mod:`batches.store`); a database outage
 is retried, never dropped (:class:`consumers.stage.RetryLater`).
 
+Budgets: a line's tokens are charged to its batch's stored key (:mod:`core.quotas`, the day's and month's
+budgets, not tokens per minute) when its completion is first stored, so a redelivered result is not charged
+twice.
+
 Rebuild: the store is a view of the topics. ``chatbus batch rebuild`` (:mod:`batches.rebuild`) replays
 every batch still within the topics' retention through :meth:`BatchCollector.apply`.
 """
@@ -30,6 +34,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 from batches.store import OPEN, BatchStore, parse_request_id
 from consumers.stage import RetryLater, StageWorker
 from core.config import Settings
+from core.quotas import charge_tokens
 from producers.bus import Outgoing
 from schemas.events import AnyEvent, BatchCancelled, BatchCreated, DeadLetter, TurnCompleted
 from topics.registry import BATCH_LANE, BATCH_RESULTS, BATCHES, CHAT_DLQ, topic
@@ -39,15 +44,18 @@ log = logging.getLogger(__name__)
 FINALIZE_EVERY_S = 0.5
 RECONCILE_IDLE_S = 10.0
 VALIDATING_STALE_S = 600.0
+OWNERS_KEPT = 4096  # batch owners looked up and kept (then forgotten all at once)
 
 
 class BatchCollector:
-    def __init__(self, settings: Settings, store: BatchStore) -> None:
+    def __init__(self, settings: Settings, store: BatchStore, *, charging: bool = True) -> None:
         self.settings = settings
         self.store = store
+        self.charging = charging  # charge completed lines to their key's budget (not when rebuilding: charged once already)
         self.batch_topics = {topic(t, settings.topic_prefix) for t in (*BATCH_LANE.values(), BATCH_RESULTS)}
         self.dirty: set[str] = set()  # batches with new events since their last completion check
         self.last_event: dict[str, float] = {}  # batch id -> monotonic time of its latest event
+        self.owners: dict[str, str | None] = {}  # batch id -> the stored key its lines are charged to (None: no budget)
 
     async def handle(self, event: AnyEvent, record: ConsumerRecord) -> Sequence[Outgoing]:
         batch_id = self.batch_of(event)
@@ -114,6 +122,18 @@ class BatchCollector:
                 log.warning("batches: finalising failed (%s); retrying", type(exc).__name__)
             await asyncio.sleep(FINALIZE_EVERY_S)
 
+    async def charge(self, batch_id: str, tokens: int) -> None:
+        """Charge a line's tokens to its batch's stored key's budget (:func:`core.quotas.charge_tokens`; not
+        to its tokens per minute). Once per line: only when the line first completes. A crash between the
+        line's write and its charge leaves those tokens uncharged (the README's error bound)."""
+        if batch_id not in self.owners:
+            if len(self.owners) >= OWNERS_KEPT:
+                self.owners.clear()
+            self.owners[batch_id] = await self.store.budgeted_owner(batch_id)
+        owner = self.owners[batch_id]
+        if owner is not None:
+            await charge_tokens(self.store.db, owner, tokens, time.time(), per_minute=False)
+
     def batch_of(self, event: AnyEvent) -> str | None:
         """The batch an event is about (None: not an event for the batch store)."""
         if isinstance(event, BatchCreated | BatchCancelled):
@@ -136,7 +156,8 @@ class BatchCollector:
         elif isinstance(event, BatchCancelled):
             await self.store.set_status(batch_id, "cancelling", only_from=("validating", "in_progress"))
         elif isinstance(event, TurnCompleted):
-            await self.store.record_result(event)
+            if await self.store.record_result(event) and self.charging and event.usage.total_tokens:
+                await self.charge(batch_id, event.usage.total_tokens)
         elif isinstance(event, DeadLetter):
             reason = f"the {event.worker} stage could not process this request"
             await self.store.record_failure(_line_id(event), _custom_id(event.value), "dead_lettered", reason)

@@ -15,6 +15,7 @@ The body is validated exactly like ``POST /v1/chat/completions`` (same 400 reaso
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import orjson
@@ -89,8 +90,10 @@ def parse_line(raw: bytes, number: int, settings: Settings) -> BatchLine:
     return BatchLine(number, custom_id, request)
 
 
-def parse_batch(data: bytes, settings: Settings) -> ParsedBatch:
-    """Every line of an input file, valid or not. Raises :class:`BatchFileError` for the file as a whole."""
+def parse_batch(data: bytes, settings: Settings, allowed_models: Collection[str] = ()) -> ParsedBatch:
+    """Every line of an input file, valid or not; with ``allowed_models`` (a key's), a line naming another
+    model (after ``auto`` is resolved) is invalid, ``model_not_allowed``. Raises :class:`BatchFileError` for
+    the file as a whole."""
     if len(data) > settings.max_batch_file_bytes:
         raise BatchFileError(f"the file is larger than {settings.max_batch_file_bytes} bytes")
     parsed = ParsedBatch([], [])
@@ -111,6 +114,10 @@ def parse_batch(data: bytes, settings: Settings) -> ParsedBatch:
             parsed.invalid.append(BatchLineError(line=number, custom_id=line.custom_id, code="duplicate_custom_id", message=message))
             continue
         seen.add(line.custom_id)
+        if allowed_models and line.request.model not in allowed_models:
+            message = f"line {number}: this key may not use the model '{line.request.model}'; it may use {', '.join(allowed_models)}"
+            parsed.invalid.append(BatchLineError(line=number, custom_id=line.custom_id, code="model_not_allowed", message=message))
+            continue
         parsed.lines.append(line)
     if parsed.total == 0:
         raise BatchFileError("the file has no requests")

@@ -26,7 +26,7 @@ async def rebuild(settings: Settings) -> int:
     try:
         store = BatchStore(client[settings.mongo_db])
         await store.ensure_indexes()
-        collector = BatchCollector(settings, store)
+        collector = BatchCollector(settings, store, charging=False)  # the lines were charged when first collected
         applied = 0
         for name in (BATCH_JOBS, BATCH_RESULTS, CHAT_DLQ):  # batches before their lines
             for record in await read_records(settings, topic(name, settings.topic_prefix), timeout_s=60):

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -117,8 +117,10 @@ class BatchService:
         progress: bool = False,
         owner: str | None = None,
         tenant: str | None = None,
+        allowed_models: Collection[str] = (),
     ) -> dict[str, Any]:
-        """Validate the input file and publish its lines; returns the OpenAI batch object."""
+        """Validate the input file and publish its lines; returns the OpenAI batch object. A line naming a
+        model outside ``allowed_models`` (when given: the key's) is invalid (``model_not_allowed``)."""
         if endpoint != CHAT_COMPLETIONS:
             raise InvalidRequest(f"endpoint: only {CHAT_COMPLETIONS} is supported", param="endpoint")
         if completion_window != "24h":
@@ -141,7 +143,7 @@ class BatchService:
             if existing["status"] != "validating":
                 return await self.store.openai_batch(existing)  # submitted before: nothing runs twice
         try:
-            parsed = await asyncio.to_thread(parse_batch, data, self.settings)
+            parsed = await asyncio.to_thread(parse_batch, data, self.settings, allowed_models)
         except BatchFileError as exc:
             created = BatchCreated(batch_id=batch_id, input_file_id=input_file_id, input_sha256=sha, metadata=metadata, total=0, owner=owner)
             await self.store.create_batch(created, "failed", key_sha)

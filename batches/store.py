@@ -29,6 +29,7 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.pii import mask_pii
+from core.quotas import KEYS
 from core.tools import INVALID_TOOL_CALL
 from schemas.events import BatchCreated, BatchLineError, TurnCompleted
 from schemas.openai import completion_body
@@ -191,7 +192,9 @@ class BatchStore:
             fields = {"batch_id": batch_id, "line": e.line, "custom_id": e.custom_id, "status": "failed", "error": error}
             await self._finish(request_id(batch_id, e.line), fields, overwrite=False)
 
-    async def record_result(self, done: TurnCompleted) -> None:
+    async def record_result(self, done: TurnCompleted) -> bool:
+        """Store a line's result; True when this made the line ``completed`` (a replay of a completion that
+        was already stored is False, so what follows a completion happens once)."""
         ref = done.batch
         assert ref is not None
         cid = done.correlation_id
@@ -206,7 +209,7 @@ class BatchStore:
             fields.update(status="failed", error={"code": "invalid_tool_call", "message": done.error})
         else:
             fields.update(status="failed", error={"code": "generation_error", "message": "generation failed for this request"})
-        await self._finish(cid, fields)
+        return await self._finish(cid, fields) and fields["status"] == "completed"
 
     async def record_failure(self, correlation_id: str, custom_id: str | None, code: str, message: str) -> None:
         """A line that will never complete (dead-lettered by a stage): failed, unless it already has a result."""
@@ -218,32 +221,43 @@ class BatchStore:
         fields = {"batch_id": batch_id, "line": line, "custom_id": custom_id, "status": "failed", "error": error}
         await self._finish(correlation_id, fields, overwrite=False)
 
-    async def _finish(self, cid: str, fields: dict[str, Any], *, overwrite: bool = True) -> None:
+    async def _finish(self, cid: str, fields: dict[str, Any], *, overwrite: bool = True) -> bool:
         """Give a line its final result and keep its batch's ``counts`` exact.
 
         One atomic ``findAndModify`` by ``_id`` (every write here filters on ``_id`` alone: FerretDB
         scans the collection for any other filter) returns the line as it was, so a replayed result
         counts nothing twice, and a result that replaces another final one moves the count. With
         ``overwrite=False`` (a dead letter) a line that already has a result keeps it. A crash between
-        the two writes leaves a counter short; :meth:`reconcile` recounts exactly.
+        the two writes leaves a counter short; :meth:`reconcile` recounts exactly. True when the line's
+        status changed.
         """
         if not overwrite:
             current = await self.requests.find_one({"_id": cid}, {"status": 1})
             if current is not None and current.get("status") in FINAL:
-                return
+                return False
         # (no projection: FerretDB v1's findAndModify does not implement ``fields``)
         before = await self.requests.find_one_and_update({"_id": cid}, {"$set": fields}, upsert=True)
         old = (before or {}).get("status")
         if before is not None and old == "completed" and fields["status"] != "completed":
             # a redelivered line cancelled or failed after it had completed: keep the completion
             await self.requests.replace_one({"_id": cid}, before)
-            return
+            return False
         if old == fields["status"]:
-            return
+            return False
         inc = {f"counts.{fields['status']}": 1}
         if old in FINAL:
             inc[f"counts.{old}"] = -1
         await self.batches.update_one({"_id": fields["batch_id"]}, {"$inc": inc})
+        return True
+
+    async def budgeted_owner(self, batch_id: str) -> str | None:
+        """The batch's owner when it is a stored key (``api_keys``, :mod:`core.quotas`), whose budget its lines
+        are charged to; None for a batch sent with a static key, through an open edge, or from the CLI."""
+        batch = await self.batches.find_one({"_id": batch_id}, {"owner": 1})
+        owner = (batch or {}).get("owner")
+        if not isinstance(owner, str) or await self.db[KEYS].find_one({"_id": owner}, {"_id": 1}) is None:
+            return None
+        return owner
 
     async def counts(self, batch_id: str, batch: dict[str, Any] | None = None) -> dict[str, int]:
         """Lines with a final result, by status (the counters kept by :meth:`_finish`; never more than exact)."""

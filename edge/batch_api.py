@@ -18,7 +18,7 @@ from batches.service import BatchService
 from edge.admission import decide, refuse
 from edge.auth import owner_of, protected
 from edge.http import ORJSONResponse, ascii_int, limit_param, read_json
-from edge.keys import tenant_of
+from edge.keys import admit_batch, tenant_of
 from edge.turns import ChatService
 
 
@@ -67,6 +67,7 @@ async def create_batch(request: Request) -> Response:
     if not decision.admit:  # batch work is shed before interactive work
         service.live.rejected("batch")
         raise refuse(decision, "batch", load, batches.settings)
+    allowed_models = await admit_batch(request)  # a spent token budget is a 429 before anything is published
     payload = await read_json(request, batches.settings.max_request_bytes)
     if not isinstance(payload, dict) or not isinstance(payload.get("input_file_id"), str):
         raise InvalidRequest("input_file_id: required", param="input_file_id")
@@ -81,6 +82,7 @@ async def create_batch(request: Request) -> Response:
         batch_key=request.headers.get("idempotency-key"),
         owner=owner_of(request),
         tenant=tenant_of(request),  # the fair queue counts its lines as the key's tenant's (inference_workers.fair)
+        allowed_models=allowed_models,
     )
     return ORJSONResponse(batch)
 

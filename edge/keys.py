@@ -18,7 +18,11 @@ with a 6-character hint for people to tell keys apart; the key itself is printed
   tokens per minute, 429 ``insufficient_quota`` (OpenAI's code for a spent quota) for the budget, with
   ``Retry-After`` until the window or period ends. Error bound: turns admitted while under the limit are
   charged when they end, so a key can pass its limit by the tokens of the turns it had in flight; the
-  tokens of a turn whose client left before its end are not charged.
+  tokens of a turn whose client left before its end are not charged. **Batches**: a submission is refused
+  (429 ``insufficient_quota``) while the budget is spent, each line's tokens are charged to the budget by the
+  ``batches`` worker as the line completes (not to tokens per minute: as OpenAI's, batch work is held to
+  limits of its own), and a line naming a model the key may not use is an invalid line
+  (``model_not_allowed``); a batch admitted under the budget can pass it by its own lines' tokens.
 * **Concurrent requests** (``max_parallel``, LiteLLM's ``max_parallel_requests``): each admitted chat request
   holds a lease in ``key_leases`` until its answer ends (released then; on an edge crash it expires after
   ``turn_timeout_s``). A request finding ``max_parallel`` live leases gets a 429; two requests racing for
@@ -47,16 +51,13 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 from starlette.requests import Request
 
+from core.quotas import KEYS, WINDOW_S, WINDOWS, budget_period, charge_tokens, charged_tokens
 from edge.auth import key_owner
 from edge.errors import APIError
 
 log = logging.getLogger(__name__)
 
-KEYS = "api_keys"
-WINDOWS = "rate_windows"
-BUDGETS = "key_budgets"
 LEASES = "key_leases"
-WINDOW_S = 60
 KEY_PREFIX = "cb-"
 
 
@@ -105,18 +106,6 @@ def rate_headers(limit: int, count: int, now: float, what: str = "requests") -> 
     }
 
 
-def budget_period(period: str, now: float) -> tuple[str, float]:
-    """The UTC budget period holding ``now``: its id (``2026-12-04`` for a day, ``2026-12`` for a month) and
-    when it ends (epoch seconds)."""
-    t = datetime.fromtimestamp(now, UTC)
-    if period == "day":
-        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start.strftime("%Y-%m-%d"), start.timestamp() + 86400
-    start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return start.strftime("%Y-%m"), end.timestamp()
-
-
 class KeyStore:
     """The ``api_keys`` and ``rate_windows`` collections."""
 
@@ -160,19 +149,12 @@ class KeyStore:
 
     async def charge(self, key_id: str, tokens: int, now: float) -> None:
         """Charge ``tokens`` (a finished turn's prompt + completion) to ``key_id``: its minute window and its
-        day's and month's budgets."""
-        window = int(now // WINDOW_S)
-        await self.db[WINDOWS].update_one(
-            {"_id": f"{key_id}:{window}"}, {"$inc": {"tokens": tokens}, "$setOnInsert": {"key": key_id, "window": window}}, upsert=True
-        )
-        for period in ("day", "month"):
-            pid, _ = budget_period(period, now)
-            await self.db[BUDGETS].update_one({"_id": f"{key_id}:{pid}"}, {"$inc": {"tokens": tokens}, "$setOnInsert": {"key": key_id}}, upsert=True)
+        day's and month's budgets (:func:`core.quotas.charge_tokens`)."""
+        await charge_tokens(self.db, key_id, tokens, now)
 
     async def charged(self, key_id: str, period: str, now: float) -> int:
         """Tokens charged to ``key_id`` in the budget ``period`` (``day`` or ``month``) holding ``now``."""
-        doc = await self.db[BUDGETS].find_one({"_id": f"{key_id}:{budget_period(period, now)[0]}"})
-        return int(doc.get("tokens", 0)) if doc else 0
+        return await charged_tokens(self.db, key_id, period, now)
 
     async def _window_tokens(self, key_id: str, now: float) -> int:
         doc = await self.db[WINDOWS].find_one({"_id": f"{key_id}:{int(now // WINDOW_S)}"})
@@ -192,18 +174,7 @@ class KeyStore:
             )
         now = time.time()
         limits = record.limits
-        if limits.budget_tokens is not None:
-            spent = await self.charged(record.id, limits.budget_period, now)
-            if spent >= limits.budget_tokens:
-                pid, ends = budget_period(limits.budget_period, now)
-                raise APIError(
-                    429,
-                    f"You exceeded your current quota: this key's budget of {limits.budget_tokens} tokens for {pid} is spent "
-                    f"({spent} tokens used); it renews at {datetime.fromtimestamp(ends, UTC).isoformat()}.",
-                    type="insufficient_quota",
-                    code="insufficient_quota",
-                    headers={"Retry-After": str(max(1, math.ceil(ends - now)))},
-                )
+        await self.check_budget(record, now)
         headers: dict[str, str] = {}
         if limits.tpm is not None:
             used = await self._window_tokens(record.id, now)
@@ -232,6 +203,24 @@ class KeyStore:
                 headers=headers,
             )
         return headers
+
+    async def check_budget(self, record: KeyRecord, now: float) -> None:
+        """A 429 ``insufficient_quota`` (with ``Retry-After`` until the period renews) when what was charged to
+        ``record`` in its budget period (turns and batch lines) has reached its ``budget_tokens``."""
+        limits = record.limits
+        if limits.budget_tokens is None:
+            return
+        spent = await self.charged(record.id, limits.budget_period, now)
+        if spent >= limits.budget_tokens:
+            pid, ends = budget_period(limits.budget_period, now)
+            raise APIError(
+                429,
+                f"You exceeded your current quota: this key's budget of {limits.budget_tokens} tokens for {pid} is spent "
+                f"({spent} tokens used); it renews at {datetime.fromtimestamp(ends, UTC).isoformat()}.",
+                type="insufficient_quota",
+                code="insufficient_quota",
+                headers={"Retry-After": str(max(1, math.ceil(ends - now)))},
+            )
 
     async def lease(self, record: KeyRecord, now: float, ttl_s: float) -> str | None:
         """Take one of ``record``'s ``max_parallel`` slots for a request: the lease id to :meth:`release`
@@ -263,6 +252,18 @@ class KeyStore:
             await self.db[LEASES].delete_one({"_id": lease_id})
         except PyMongoError as exc:
             log.warning("could not release lease %s (it expires on its own): %s", lease_id.split(":")[0], type(exc).__name__)
+
+
+async def admit_batch(request: Request) -> list[str]:
+    """A batch submission by the request's stored key: a 429 when its token budget is spent
+    (:meth:`KeyStore.check_budget`); else the models its lines may name (empty: all; nothing for a static key
+    or an open edge). A batch is not held to the per-minute limits (OpenAI's batch limits are apart from them)."""
+    record = getattr(request.state, "key_record", None)
+    if not isinstance(record, KeyRecord):
+        return []
+    store: KeyStore = request.app.state.key_store
+    await store.check_budget(record, time.time())
+    return list(record.limits.models)
 
 
 def tenant_of(request: Request) -> str | None:

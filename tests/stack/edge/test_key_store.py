@@ -143,3 +143,48 @@ async def test_a_keys_concurrent_requests_are_capped_across_edges(stack: Stack, 
             again = await http.post(f"{urls[1]}/v1/chat/completions", json=short, headers=auth)
             assert again.status_code == 200, again.text
             await eventually(free, 30, "the non-streamed answer's lease given back")
+
+
+async def test_a_keys_batches_are_charged_to_its_budget(stack: Stack, mongo: Any) -> None:
+    """A batch sent with a stored key: a line naming a model the key may not use is an invalid line, each
+    completed line's tokens are charged to the key's day and month budgets by the ``batches`` worker (not to
+    its tokens per minute), and once the budget is spent the next batch is a 429 ``insufficient_quota``."""
+    created = json.loads(chatbus(stack, "create", "--tenant", "acme", "--budget-tokens", "1", "--budget-period", "day", "--models", MODEL, "--json"))
+    key_id = created["id"]
+    auth = {"Authorization": f"Bearer {created['key']}"}
+
+    def line(custom_id: str, model: str = MODEL) -> bytes:
+        body = {"model": model, "messages": [{"role": "user", "content": f"Name a colour ({custom_id})."}], "max_tokens": 4}
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}).encode()
+
+    data = b"\n".join([line("a"), line("b"), line("other", "chatbus-tiny-small")])
+    with edge_process(stack, 6, key_store="true") as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=90, headers=auth) as http:
+            uploaded = (await http.post("/v1/files", files={"file": ("b.jsonl", data)}, data={"purpose": "batch"})).json()
+            batch = {"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+            r = await http.post("/v1/batches", json=batch)
+            assert r.status_code == 200, r.text
+            batch_id = r.json()["id"]
+
+            async def ended() -> bool:
+                return (await http.get(f"/v1/batches/{batch_id}")).json()["status"] in ("completed", "failed", "expired", "cancelled")
+
+            await eventually(ended, 120, "the batch ended")
+            done = (await http.get(f"/v1/batches/{batch_id}")).json()
+            assert done["status"] == "completed" and done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}, done
+            errors = [json.loads(x) for x in (await http.get(f"/v1/files/{done['error_file_id']}/content")).content.splitlines()]
+            assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("other", "model_not_allowed")]
+            output = [json.loads(x) for x in (await http.get(f"/v1/files/{done['output_file_id']}/content")).content.splitlines()]
+            tokens = sum(o["response"]["body"]["usage"]["total_tokens"] for o in output)
+            assert len(output) == 2 and tokens > 1
+
+            async def charged() -> bool:
+                docs = [await mongo.key_budgets.find_one({"key": key_id, "_id": {"$regex": p}}) for p in (r":\d{4}-\d{2}-\d{2}$", r":\d{4}-\d{2}$")]
+                return all(d is not None and d["tokens"] == tokens for d in docs)
+
+            await eventually(charged, 30, "the lines' tokens charged to the key's budgets, once each")
+            assert await mongo.rate_windows.count_documents({"key": key_id}) == 0  # not to its tokens per minute
+            refused = await http.post("/v1/batches", json=batch)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "insufficient_quota" and int(refused.headers["Retry-After"]) >= 1
+            assert (await http.get("/v1/batches")).json()["data"][0]["id"] == batch_id  # nothing new was created

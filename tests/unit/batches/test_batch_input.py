@@ -48,6 +48,16 @@ def test_each_bad_line_is_reported_with_its_number_and_the_rest_is_kept() -> Non
     assert parsed.total == 8
 
 
+def test_a_line_naming_a_model_the_key_may_not_use_is_invalid() -> None:
+    settings = Settings(served_model_name="chatbus-tiny-random", extra_models="chatbus-tiny-small=/nowhere", auto_small_model="chatbus-tiny-small")
+    data = b"\n".join([openai_line("ok"), openai_line("other", model="chatbus-tiny-small"), openai_line("ok")])
+    parsed = parse_batch(data, settings, allowed_models=["chatbus-tiny-random"])
+    assert [x.custom_id for x in parsed.lines] == ["ok"]
+    assert [(e.line, e.code) for e in parsed.invalid] == [(2, "model_not_allowed"), (3, "duplicate_custom_id")]
+    assert "may not use the model 'chatbus-tiny-small'" in parsed.invalid[0].message
+    assert len(parse_batch(data, settings).lines) == 2  # no list: every served model
+
+
 def test_a_file_that_cannot_be_a_batch_is_refused_as_a_whole() -> None:
     with pytest.raises(BatchFileError, match="no requests"):
         parse_batch(b"\n\n", SETTINGS)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from core.quotas import budget_period
 from edge.auth import key_owner
-from edge.keys import budget_period, new_key, rate_headers
+from edge.keys import new_key, rate_headers
 
 
 def test_a_new_key_is_random_and_its_identity_is_a_hash() -> None:
