@@ -254,37 +254,41 @@ class KeyStore:
             log.warning("could not release lease %s (it expires on its own): %s", lease_id.split(":")[0], type(exc).__name__)
 
 
+def key_record(request: Request) -> KeyRecord | None:
+    """The request's stored key (set by :class:`edge.auth.RequireAPIKey`); None for a static key or an open edge."""
+    record = getattr(request.state, "key_record", None)
+    return record if isinstance(record, KeyRecord) else None
+
+
+def _store(request: Request) -> KeyStore:
+    store: KeyStore = request.app.state.key_store
+    return store
+
+
 async def admit_batch(request: Request) -> list[str]:
     """A batch submission by the request's stored key: a 429 when its token budget is spent
     (:meth:`KeyStore.check_budget`); else the models its lines may name (empty: all; nothing for a static key
     or an open edge). A batch is not held to the per-minute limits (OpenAI's batch limits are apart from them)."""
-    record = getattr(request.state, "key_record", None)
-    if not isinstance(record, KeyRecord):
+    record = key_record(request)
+    if record is None:
         return []
-    store: KeyStore = request.app.state.key_store
-    await store.check_budget(record, time.time())
+    await _store(request).check_budget(record, time.time())
     return list(record.limits.models)
 
 
 def tenant_of(request: Request) -> str | None:
     """The tenant of the request's stored key (None for a static key or an open edge)."""
-    record = getattr(request.state, "key_record", None)
-    return record.tenant if isinstance(record, KeyRecord) else None
+    record = key_record(request)
+    return record.tenant if record is not None else None
 
 
 async def lease_key(request: Request, ttl_s: float) -> str | None:
     """:meth:`KeyStore.lease` for the request's stored key (None for a static key, an open edge, or no cap)."""
-    record = getattr(request.state, "key_record", None)
-    if not isinstance(record, KeyRecord):
-        return None
-    store: KeyStore = request.app.state.key_store
-    return await store.lease(record, time.time(), ttl_s)
+    record = key_record(request)
+    return None if record is None else await _store(request).lease(record, time.time(), ttl_s)
 
 
 async def admit_key(request: Request, model: str | None = None) -> dict[str, str]:
     """:meth:`KeyStore.admit` for the request's stored key (nothing for a static key or an open edge)."""
-    record = getattr(request.state, "key_record", None)
-    if not isinstance(record, KeyRecord):
-        return {}
-    store: KeyStore = request.app.state.key_store
-    return await store.admit(record, model)
+    record = key_record(request)
+    return {} if record is None else await _store(request).admit(record, model)
