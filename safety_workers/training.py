@@ -238,7 +238,7 @@ PASTE_FRAMES = (
     "{doc}\n\nTL;DR?",
 )
 PASTED_DOCS = 900  # documents per source at most
-INJECTED_SHARE = 0.3  # of the pasted documents, those that carry a latent injection (label ``injection``)
+INJECTED_SHARE = 0.3  # of the pasted documents, those that carry a latent injection (label ``latent_injection``)
 
 
 def _pick(key: str, n: int) -> int:
@@ -258,10 +258,10 @@ def pasted_documents(docs: Path, injections: list[tuple[str, str]]) -> list[Exam
     ``latent_injection`` (an indirect injection in the document, as garak's latentinjection probes build
     them): no head is fitted on them, they only measure the ``injection`` head (``meta.metrics``); fitted
     as injections they taught it nothing it could find in a whole-document score and cost it a quarter of
-    its jailbreak recall. Each example is
-    split by its document (``group``), and an injection (``(text, template)``, :func:`latent_injections`)
-    only goes into a document of its template's split, so the held-out injected documents carry
-    instructions no training text had."""
+    its jailbreak recall. Each example is split by its document (``group``), and an injection (``(text,
+    template)``, :func:`latent_injections`) only goes into a document of its template's split, so the
+    held-out injected documents carry instructions no training text had. Python source and package
+    descriptions are this interpreter's and this virtual environment's (pinned by ``constraints.txt``)."""
     import sysconfig
 
     from bs4 import BeautifulSoup
@@ -284,12 +284,13 @@ def pasted_documents(docs: Path, injections: list[tuple[str, str]]) -> list[Exam
         for name, raw in items[:PASTED_DOCS]:
             paragraphs = [" ".join(p.split()) for p in raw.split("\n\n") if p.strip()] if source != "pasted_code" else raw.split("\n\n")
             doc: list[str] = []
-            length = _pick(name + "len", 4000) + 1000  # characters
+            size, length = 0, _pick(name + "len", 4000) + 1000  # characters
             for p in paragraphs:
-                if sum(len(x) for x in doc) > length:
+                if size > length:
                     break
                 doc.append(p)
-            if sum(len(x) for x in doc) < 800:
+                size += len(p)
+            if size < 800:
                 continue
             group = f"{source}:{name}"
             split = _bucket(group)
